@@ -1,0 +1,28 @@
+"""The one attention interface every backend implements.
+
+A step's new tokens have already been written to the cache (LayerKV.write) when a backend
+runs, so each sequence attends to its first `seq_len` cached positions, reached through its
+block table. Query token i of a sequence sits at position `seq_len - query_len + i` and sees
+every position up to and including its own (causal, aligned at the end).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from shard.forward_context import AttentionMetadata
+from shard.kv_cache import LayerKV
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Once per step, before the first layer: precompute what every layer shares."""
+
+    def forward(
+        self, q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """q: [T, num_heads, head_dim] -> [T, num_heads, head_dim]."""

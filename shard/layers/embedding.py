@@ -1,0 +1,58 @@
+"""Vocabulary-parallel token embedding and LM head.
+
+Each rank holds rows [rank * V/world, (rank + 1) * V/world) of the embedding matrix. The
+embedding looks up the ids it owns (zeros elsewhere) and all-reduces; the LM head computes its
+slice of the logits and all-gathers them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shard.distributed import Dist
+from shard.weights import Weights
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, weight: torch.Tensor, dist: Dist):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [V / world, hidden]
+        self.dist = dist
+        self.start = dist.rank * weight.shape[0]
+
+    @classmethod
+    def load(cls, weights: Weights, name: str) -> "VocabParallelEmbedding":
+        return cls(weights.get_sharded(name, dim=0), weights.dist)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
+        if self.dist.world_size == 1:
+            return nn.functional.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0)
+        return self.dist.all_reduce(out)
+
+
+class ParallelLMHead(nn.Module):
+    def __init__(self, weight: torch.Tensor, dist: Dist):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [V / world, hidden]
+        self.dist = dist
+
+    @classmethod
+    def load(cls, weights: Weights, name: str) -> "ParallelLMHead":
+        return cls(weights.get_sharded(name, dim=0), weights.dist)
+
+    @classmethod
+    def tied(cls, embedding: VocabParallelEmbedding) -> "ParallelLMHead":
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        head.weight = embedding.weight  # the same Parameter: tied, no copy
+        head.dist = embedding.dist
+        return head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] float32
+        logits = nn.functional.linear(hidden, self.weight)
+        return self.dist.all_gather_last_dim(logits).float()

@@ -1,0 +1,50 @@
+"""Linear layers that know how their weight is split across tensor-parallel ranks (Megatron):
+
+  ColumnParallelLinear  output features split: each rank computes its slice of the output.
+                        Several checkpoint tensors can be fused into one matmul (q|k|v, gate|up).
+  RowParallelLinear     input features split: each rank computes a partial sum, all-reduced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shard.distributed import Dist
+from shard.weights import Weights
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [out / world, in]
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def load(cls, weights: Weights, prefixes: list[str], bias: bool = False) -> "ColumnParallelLinear":
+        """Fuses `prefix.weight` of every prefix along the output dimension, each one sharded."""
+        weight = torch.cat([weights.get_sharded(f"{p}.weight", dim=0) for p in prefixes], dim=0)
+        b = torch.cat([weights.get_sharded(f"{p}.bias", dim=0) for p in prefixes]) if bias else None
+        return cls(weight, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)  # [T, in] -> [T, out / world]
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dist: Dist):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in / world]
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.dist = dist
+
+    @classmethod
+    def load(cls, weights: Weights, prefix: str, bias: bool = False) -> "RowParallelLinear":
+        weight = weights.get_sharded(f"{prefix}.weight", dim=1)
+        b = weights.get(f"{prefix}.bias") if bias else None
+        return cls(weight, b, weights.dist)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x, self.weight)  # [T, in / world] -> [T, out], partial sum
+        out = self.dist.all_reduce(out)
+        return out if self.bias is None else out + self.bias

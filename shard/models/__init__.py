@@ -1,0 +1,33 @@
+"""One registry from the Hugging Face `architectures` name to our model class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from shard.distributed import SINGLE, Dist
+from shard.models.config import ModelConfig
+from shard.models.llama import LlamaForCausalLM
+from shard.weights import Weights
+
+MODEL_CLASSES = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu",
+               dist: Dist = SINGLE):
+    """Builds the model for `model_dir`'s architecture and loads this rank's weights."""
+    config = ModelConfig.from_dir(Path(model_dir))
+    model_class = MODEL_CLASSES.get(config.architecture)
+    if model_class is None:
+        supported = ", ".join(sorted(MODEL_CLASSES))
+        raise ValueError(f"architecture {config.architecture!r} is not supported ({supported})")
+    weights = Weights(Path(model_dir), dtype, device, dist)
+    with torch.device(device):
+        model = model_class(config, weights)
+    weights.close()
+    return model.eval()

@@ -1,0 +1,87 @@
+"""Reads a Hugging Face checkpoint's safetensors files, whole or one rank's slice at a time.
+
+Only safetensors are read: pickle checkpoints (`*.bin`, `*.pt`, `*.pth`) can run arbitrary
+code when loaded, so a directory that only has those is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from shard.distributed import SINGLE, Dist
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def list_safetensors(model_dir: Path) -> dict[str, Path]:
+    """Maps every tensor name to the file that holds it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise CheckpointError(
+                f"{model_dir} holds only pickle checkpoints ({', '.join(pickles)}); they are "
+                "refused because loading them can execute code. Convert them to safetensors."
+            )
+        raise CheckpointError(f"no *.safetensors file in {model_dir}")
+    names: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names.update({name: file for name in f.keys()})
+    return names
+
+
+class Weights:
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 dist: Dist = SINGLE):
+        self.model_dir = Path(model_dir)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.dist = dist
+        self.routing = list_safetensors(self.model_dir)
+        self._handles: dict[Path, object] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.routing
+
+    def _slice(self, name: str):
+        if name not in self.routing:
+            raise CheckpointError(f"tensor {name!r} not found in {self.model_dir}")
+        file = self.routing[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file].get_slice(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor, in the model dtype."""
+        return self._cast(self._slice(name)[:])
+
+    def get_sharded(self, name: str, dim: int) -> torch.Tensor:
+        """This rank's contiguous part of `dim`, read straight from the file."""
+        part = self._slice(name)
+        size = part.get_shape()[dim]
+        world, rank = self.dist.world_size, self.dist.rank
+        if size % world:
+            raise CheckpointError(f"{name}: dimension {dim} of size {size} cannot be split in {world}")
+        block = size // world
+        index = [slice(None)] * len(part.get_shape())
+        index[dim] = slice(rank * block, (rank + 1) * block)
+        return self._cast(part[tuple(index)])
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+    def close(self) -> None:
+        self._handles.clear()
