@@ -1,0 +1,40 @@
+"""Builds a shard from its config (threads, model, attention backend, generator) and runs
+its gRPC server until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import torch
+
+from shard.attention import get_backend
+from shard.config import ShardConfig
+from shard.generator import Generator
+from shard.model_runner import ModelRunner
+from shard.models import load_model
+from shard.server import DEFAULT_MAX_PREFILL_TOKENS, TextGenerationService, serve
+
+log = logging.getLogger(__name__)
+
+
+def build_service(config: ShardConfig) -> TextGenerationService:
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = torch.device(config.device)
+    model = load_model(config.model_dir, config.torch_dtype, device)
+    backend = get_backend(config.attention, device)
+    runner = ModelRunner(model, backend, config.block_size, device, config.torch_dtype)
+    generator = Generator(runner, model.config.eos_token_ids, DEFAULT_MAX_PREFILL_TOKENS)
+    log.info("loaded %s (%s, %s, attention %s, %d threads)", config.model_id, config.dtype,
+             device, backend.name, torch.get_num_threads())
+    return TextGenerationService(config, generator, backend.name)
+
+
+async def run_forever(config: ShardConfig, service: TextGenerationService) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(config, service, stop)

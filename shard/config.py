@@ -1,0 +1,74 @@
+"""The shard process's configuration: one frozen dataclass, built from the CLI, validated once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """KV cache budget: an absolute size, or a fraction of the memory free after warmup."""
+    bytes: int | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "MemoryBudget":
+        """'0.3' -> 30 % of free memory; '4GiB', '500MB', '1000000' -> bytes."""
+        value = text.strip().lower()
+        try:
+            number = float(value)
+        except ValueError:
+            match = re.fullmatch(r"([0-9.]+)\s*([a-z]*)", value)
+            if not match or match.group(2) not in _SIZE_UNITS:
+                raise ValueError(f"invalid KV cache memory {text!r} (e.g. 0.3, 4GiB, 500MB)")
+            return cls(bytes=int(float(match.group(1)) * _SIZE_UNITS[match.group(2)]))
+        if 0 < number <= 1:
+            return cls(fraction=number)
+        if number > 1:
+            return cls(bytes=int(number))
+        raise ValueError(f"invalid KV cache memory {text!r}: must be > 0")
+
+    def resolve(self, free_bytes: int) -> int:
+        return self.bytes if self.bytes is not None else int(free_bytes * self.fraction)
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    model_dir: str  # a resolved local Hugging Face directory
+    model_id: str  # what the user asked for, for Info and logs
+    uds_path: str = "/tmp/text-generation-server"
+    rank: int = 0
+    world_size: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    attention: str = "auto"
+    block_size: int = 16
+    kv_cache_memory: MemoryBudget = MemoryBudget(fraction=0.3)
+    num_threads: int | None = None
+    use_prefix_caching: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def socket_path(self) -> str:
+        return f"{self.uds_path}-{self.rank}"
+
+    def socket_url(self, rank: int) -> str:
+        return f"unix://{self.uds_path}-{rank}"

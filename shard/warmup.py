@@ -1,0 +1,79 @@
+"""Warmup: run the largest prefill the router will ever send (profiling peak memory), then
+size the paged KV cache from the memory budget. Reports how many tokens the cache holds."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from shard.batch import Batch, RequestState
+from shard.config import MemoryBudget
+from shard.generator import Generator
+from shard.sampler import RequestSampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WarmupResult:
+    max_supported_total_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def profile_batch(prompt_lens: list[int], params: list[SamplingParams], block_size: int,
+                  vocab_size: int) -> Batch:
+    """Requests of the given lengths with sequential blocks from 1 (block 0 stays reserved)."""
+    requests, next_block = [], 1
+    for i, (n, p) in enumerate(zip(prompt_lens, params)):
+        num_blocks = (n + 1 + block_size - 1) // block_size
+        blocks = list(range(next_block, next_block + num_blocks))
+        next_block += num_blocks
+        ids = [(i * 7919 + k) % vocab_size for k in range(n)]
+        requests.append(RequestState(
+            id=i, token_ids=ids, num_prompt_tokens=n, blocks=blocks, slots=[], cache_len=0,
+            scheduled=n, sampler=RequestSampler(p), max_new_tokens=2, ignore_eos=True,
+            prefill_logprobs=True, top_n_tokens=5, block_size=block_size,
+        ))
+    return Batch(0, requests, block_size)
+
+
+def run_warmup(generator: Generator, prompt_lens: list[int], params: list[SamplingParams],
+               budget: MemoryBudget, max_input: int | None, max_total: int | None) -> WarmupResult:
+    runner = generator.runner
+    bs = runner.block_size
+    blocks_needed = 1 + sum((n + 1 + bs - 1) // bs for n in prompt_lens)
+    runner.allocate_cache(blocks_needed)
+    batch = profile_batch(prompt_lens, params, bs, runner.config.vocab_size)
+    generator.step(batch)  # the prefill: peak activation memory
+    generator.step(batch)  # one decode step
+    del batch
+    runner.allocate_cache(1)
+    gc.collect()
+    free = free_memory_bytes(runner.device)
+    cache_bytes = budget.resolve(free)
+    num_blocks = max(cache_bytes // runner.bytes_per_block(), 2)
+    num_blocks = min(num_blocks, (2**32 - 1) // bs)
+    runner.allocate_cache(num_blocks)
+    total = num_blocks * bs
+    log.info("KV cache: %d blocks of %d tokens (%.2f GiB, %.0f%% of %.2f GiB free)",
+             num_blocks, bs, num_blocks * runner.bytes_per_block() / 2**30,
+             100 * cache_bytes / max(free, 1), free / 2**30)
+    max_total = max_total or min(runner.config.max_position_embeddings, total)
+    max_input = max_input or max_total - 1
+    return WarmupResult(total, max_input, max_total)
