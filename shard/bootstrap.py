@@ -24,7 +24,7 @@ def build_service(config: ShardConfig) -> TextGenerationService:
         torch.set_num_threads(config.num_threads)
     device = torch.device(config.device)
     model = load_model(config.model_dir, config.torch_dtype, device)
-    backend = get_backend(config.attention, device)
+    backend = get_backend(config.attention, device, block_size=config.block_size)
     runner = ModelRunner(model, backend, config.block_size, device, config.torch_dtype)
     generator = Generator(runner, model.config.eos_token_ids, DEFAULT_MAX_PREFILL_TOKENS)
     log.info("loaded %s (%s, %s, attention %s, %d threads)", config.model_id, config.dtype,

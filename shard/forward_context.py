@@ -22,7 +22,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B + 1] int32: cumulative new-token counts (cu_seqlens_q)
     seq_lens: torch.Tensor  # [B] int32: tokens in the cache after this step (cache_len + new)
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0 (block 0 is reserved)
-    query_lens_list: list[int]  # the same as query_start_loc, as Python ints
+    query_lens_list: list[int]  # [B] new tokens of each sequence (diffs of query_start_loc)
     seq_lens_list: list[int]  # the same as seq_lens, as Python ints
     block_size: int
     # Filled once per step by the attention backend's `prepare` (e.g. gather indices, masks).

@@ -1,0 +1,351 @@
+"""Per-request next-token choice for a batch (TGI's HeterogeneousNextTokenChooser semantics).
+
+Per row, in order:
+  1. repetition penalty and frequency penalty (every row that sets them),
+  2. warpers temperature -> top_k -> top_p -> typical_p (only rows that sample),
+  3. greedy rows take the argmax, sampling rows draw from the softmax with their own
+     seeded generator, so a request's tokens depend only on its seed and its logits,
+     never on the other rows of the batch.
+Logprobs are the log_softmax of the final (penalized, warped) scores.
+
+Each processor runs once per step on just the rows that need it, with per-row
+parameters as tensors; only the random draw loops over sampling rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shard import logits_processors as lp
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """A request's NextTokenChooserParameters; zero values from the proto mean "unset"."""
+
+    temperature: float = 1.0  # 0 or 1.0: no temperature warp
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0 or 0: off
+    typical_p: float = 1.0  # 1.0 or 0: off
+    do_sample: bool = False
+    seed: int = 0
+    repetition_penalty: float = 1.0  # 1.0 or 0: off
+    frequency_penalty: float = 0.0
+    watermark: bool = False  # accepted, not implemented
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> SamplingParams:
+        """Build from a generate.proto NextTokenChooserParameters (or anything alike)."""
+        return cls(
+            temperature=float(msg.temperature),
+            top_k=int(msg.top_k),
+            top_p=float(msg.top_p),
+            typical_p=float(msg.typical_p),
+            do_sample=bool(msg.do_sample),
+            seed=int(msg.seed),
+            repetition_penalty=float(msg.repetition_penalty),
+            frequency_penalty=float(msg.frequency_penalty),
+            watermark=bool(msg.watermark),
+        )
+
+    @property
+    def uses_temperature(self) -> bool:
+        return self.temperature > 0 and self.temperature != 1.0
+
+    @property
+    def uses_top_k(self) -> bool:
+        return self.top_k > 0
+
+    @property
+    def uses_top_p(self) -> bool:
+        return 0 < self.top_p < 1.0
+
+    @property
+    def uses_typical_p(self) -> bool:
+        return 0 < self.typical_p < 1.0
+
+    @property
+    def uses_repetition_penalty(self) -> bool:
+        return self.repetition_penalty > 0 and self.repetition_penalty != 1.0
+
+    @property
+    def uses_frequency_penalty(self) -> bool:
+        return self.frequency_penalty != 0.0
+
+    @property
+    def has_warpers(self) -> bool:
+        return self.uses_temperature or self.uses_top_k or self.uses_top_p or self.uses_typical_p
+
+    @property
+    def is_greedy(self) -> bool:
+        """No sampling: do_sample is off and no warper is set (a warper turns sampling on)."""
+        return not (self.do_sample or self.has_warpers)
+
+
+class RequestSampler:
+    """One request's sampling state; it lives as long as the request, across batch changes.
+
+    The flags and effective parameters are resolved once here so the per-step batch
+    assembly in `sample` is only attribute reads.
+    """
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.sampling = not params.is_greedy
+        self.generator: torch.Generator | None = None  # CPU: one uniform per step
+        if self.sampling:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        # Effective values; None means "off".
+        self.rep_penalty = params.repetition_penalty if params.uses_repetition_penalty else None
+        self.freq_penalty = params.frequency_penalty if params.uses_frequency_penalty else None
+        self.penalized = self.rep_penalty is not None or self.freq_penalty is not None
+        self.temperature = params.temperature if params.uses_temperature else None
+        self.top_k = params.top_k if params.uses_top_k else None
+        self.top_p = params.top_p if params.uses_top_p else None
+        self.typical_p = params.typical_p if params.uses_typical_p else None
+
+
+@dataclass
+class SampleOutput:
+    next_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor  # [B] float32: logprob of next_ids under the final distribution
+    top_ids: torch.Tensor | None = None  # [B, n] int64 when top_n > 0, by logprob descending
+    top_logprobs: torch.Tensor | None = None  # [B, n] float32
+
+
+def sample(
+    logits: torch.Tensor,
+    samplers: Sequence[RequestSampler],
+    histories: Sequence[Sequence[int]],
+    top_n: int = 0,
+) -> SampleOutput:
+    """Choose the next token of every row. logits [B, V]; histories: prompt + generated ids.
+
+    `logits` is never modified. Rows that neither sample nor penalize are read in place.
+    """
+    scores = logits.float()  # [B, V]
+    touched = [i for i, s in enumerate(samplers) if s.sampling or s.penalized]
+    if not touched:  # fast path: all greedy, no penalties
+        return _choose(scores, top_n)
+    sub = [samplers[i] for i in touched]
+    x = scores[touched]  # [T, V] copy of the rows we modify
+    x = _penalize(x, sub, [histories[i] for i in touched])
+    drawn = [j for j, s in enumerate(sub) if s.sampling]
+    if drawn:
+        x = _apply_rows(x, drawn, _warp, [sub[j] for j in drawn])
+    out_t = _choose(x, top_n, drawn, [sub[j].generator for j in drawn])
+    if len(touched) == len(samplers):
+        return out_t
+    return _merge(_choose_untouched(scores, touched, top_n), touched, out_t)
+
+
+# _choose works on row chunks of about this many elements (float32: 2 MB, an L2 cache),
+# so its several passes over a chunk hit cache instead of memory: ~2x at B=256.
+_CHUNK_ELEMS = 1 << 19
+
+
+def _choose(
+    scores: torch.Tensor,
+    top_n: int,
+    drawn: Sequence[int] = (),
+    generators: Sequence[torch.Generator | None] = (),
+) -> SampleOutput:
+    """Argmax (or a draw for the sorted rows `drawn`), logprobs, top-n; scores [R, V]."""
+    rows, vocab = scores.shape
+    step = max(1, _CHUNK_ELEMS // vocab)
+    if rows <= step:
+        return _choose_chunk(scores, top_n, drawn, generators)
+    parts = []
+    for start in range(0, rows, step):
+        lo, hi = bisect.bisect_left(drawn, start), bisect.bisect_left(drawn, start + step)
+        chunk_drawn = [j - start for j in drawn[lo:hi]]
+        parts.append(
+            _choose_chunk(scores[start : start + step], top_n, chunk_drawn, generators[lo:hi])
+        )
+    return _cat(parts)
+
+
+def _choose_chunk(
+    scores: torch.Tensor,
+    top_n: int,
+    drawn: Sequence[int],
+    generators: Sequence[torch.Generator | None],
+) -> SampleOutput:
+    """_choose on one chunk of rows, scores [C, V].
+
+    Built on log_softmax/softmax: their kernels stay fast on -inf (filtered) entries,
+    where exp() and logsumexp() take a slow path.
+    """
+    logprobs_all = torch.log_softmax(scores, dim=-1)  # [C, V]
+    logprobs, next_ids = logprobs_all.max(dim=-1)  # [C]; max() is faster than argmax() on CPU
+    if drawn:
+        next_ids[drawn] = _draw(scores[drawn].softmax(dim=-1), generators)
+        logprobs = logprobs_all.gather(1, next_ids.unsqueeze(1)).squeeze(1)
+    out = SampleOutput(next_ids=next_ids, logprobs=logprobs)
+    if top_n > 0:
+        top = torch.topk(logprobs_all, min(top_n, scores.size(1)), dim=-1)  # sorted descending
+        out.top_ids, out.top_logprobs = top.indices, top.values
+    return out
+
+
+def _cat(parts: list[SampleOutput]) -> SampleOutput:
+    """Concatenate the outputs of consecutive row chunks."""
+
+    def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if ts[0] is None else torch.cat(ts)  # type: ignore[arg-type]
+
+    return SampleOutput(
+        torch.cat([p.next_ids for p in parts]),
+        torch.cat([p.logprobs for p in parts]),
+        cat([p.top_ids for p in parts]),
+        cat([p.top_logprobs for p in parts]),
+    )
+
+
+def _choose_untouched(scores: torch.Tensor, touched: list[int], top_n: int) -> SampleOutput:
+    """Greedy choice for the rows not in `touched`, as a [B]-row output (touched rows junk).
+
+    Either run over the whole batch (wasted work on the touched rows) or copy the
+    untouched rows out first (a copy of those); pick whichever moves less memory.
+    """
+    batch = scores.size(0)
+    if 2 * len(touched) < batch:
+        return _choose(scores, top_n)
+    mask = torch.ones(batch, dtype=torch.bool)
+    mask[touched] = False
+    rest = mask.nonzero().squeeze(1)  # [U]
+    out_u = _choose(scores[rest], top_n)
+    return _merge(_empty_output(batch, out_u), rest, out_u)
+
+
+def _empty_output(batch: int, like: SampleOutput) -> SampleOutput:
+    def grow(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.new_empty((batch, *t.shape[1:]))
+
+    return SampleOutput(
+        grow(like.next_ids), grow(like.logprobs), grow(like.top_ids), grow(like.top_logprobs)
+    )
+
+
+def _merge(out: SampleOutput, rows: list[int] | torch.Tensor, part: SampleOutput) -> SampleOutput:
+    """Write `part` (one row per entry of rows) into those rows of `out`, in place."""
+    out.next_ids[rows] = part.next_ids
+    out.logprobs[rows] = part.logprobs
+    if out.top_ids is not None and part.top_ids is not None and out.top_logprobs is not None:
+        out.top_ids[rows] = part.top_ids
+        out.top_logprobs[rows] = part.top_logprobs
+    return out
+
+
+def _apply_rows(x: torch.Tensor, rows: list[int], fn: Callable, *args: Any) -> torch.Tensor:
+    """fn(x[rows], *args) written back into x [R, V]; no gather when rows are all of x."""
+    if len(rows) == x.size(0):
+        return fn(x, *args)
+    x[rows] = fn(x[rows], *args)
+    return x
+
+
+def _param(samplers: Sequence[RequestSampler], name: str, device: torch.device) -> torch.Tensor:
+    """One parameter of every sampler as a tensor [R]."""
+    return torch.tensor([getattr(s, name) for s in samplers], device=device)
+
+
+def _penalize(
+    x: torch.Tensor, samplers: list[RequestSampler], histories: list[Sequence[int]]
+) -> torch.Tensor:
+    """Repetition then frequency penalty, in place, on the rows of x [T, V] that set them.
+
+    Only the (row, token) pairs of the penalized rows' histories are read and written;
+    rows without one of the penalties get its neutral value (1.0 / 0.0).
+    """
+    rows = [j for j, s in enumerate(samplers) if s.penalized]
+    if not rows:
+        return x
+    hist_rows, ids = lp.history_index([histories[j] for j in rows], x.size(1))  # [N], [N]
+    hist_rows = torch.tensor(rows)[hist_rows].to(x.device)  # rows of x
+    ids = ids.to(x.device)
+    if any(s.rep_penalty is not None for s in samplers):
+        penalty = _param_or(samplers, "rep_penalty", 1.0, x.device)  # [T]
+        x = lp.apply_repetition_penalty(x, hist_rows, ids, penalty)
+    if any(s.freq_penalty is not None for s in samplers):
+        penalty = _param_or(samplers, "freq_penalty", 0.0, x.device)  # [T]
+        lengths = torch.tensor([len(h) for h in histories], device=x.device)  # [T]
+        x = lp.apply_frequency_penalty(x, hist_rows, ids, lengths, penalty)
+    return x
+
+
+def _param_or(
+    samplers: Sequence[RequestSampler], name: str, default: float, device: torch.device
+) -> torch.Tensor:
+    """One parameter of every sampler as a float32 tensor [R], `default` where it is off."""
+    values = [getattr(s, name) for s in samplers]
+    return torch.tensor([default if v is None else v for v in values], device=device)
+
+
+_WARPERS = (
+    ("temperature", lp.apply_temperature),
+    ("top_k", lp.apply_top_k),
+    ("top_p", lp.apply_top_p),
+    ("typical_p", lp.apply_typical_p),
+)
+
+
+def _warp(x: torch.Tensor, samplers: list[RequestSampler]) -> torch.Tensor:
+    """Apply the warpers, in order, to the rows of x [S, V] that set them (in place)."""
+    for name, fn in _WARPERS:
+        rows = [j for j, s in enumerate(samplers) if getattr(s, name) is not None]
+        if rows:
+            param = _param([samplers[j] for j in rows], name, x.device)  # [R]
+            x = _apply_rows(x, rows, fn, param)
+    return x
+
+
+_DRAW_BLOCK = 1024  # vocabulary block size of the two-level inverse-CDF draw
+
+
+def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Sample one id per row of probs [S, V] by inverse CDF, each row with its generator.
+
+    Each row takes exactly one uniform from its own generator per step, so its tokens do
+    not depend on the rest of the batch. The CDF is two-level (cumsum over per-block
+    sums, then within the chosen block) in float64: accurate for a 150k vocabulary
+    without a slow float64 cumsum over every token. Zero-probability tokens are never
+    chosen.
+    """
+    u = torch.empty(len(generators), 1, dtype=torch.float64)  # [S, 1]
+    for j, gen in enumerate(generators):
+        u[j].uniform_(generator=gen)
+    blocks = _blocked(probs)  # [S, nb, blk]
+    block_sums = blocks.sum(dim=-1).to(torch.float64)  # [S, nb]
+    block, rem = _invert(block_sums, u.to(probs.device))  # [S], [S, 1]
+    inner = blocks[torch.arange(blocks.size(0), device=probs.device), block]  # [S, blk]
+    offset, _ = _invert(inner.to(torch.float64), rem / block_sums.gather(1, block[:, None]))
+    return block * blocks.size(2) + offset
+
+
+def _invert(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse CDF of weights [S, N] (non-negative, positive sum) at u [S, 1] in [0, 1).
+
+    Returns the chosen index [S] (always a positive weight) and the mass left within it,
+    target - cdf_before [S, 1], for a second-level draw.
+    """
+    cdf = weights.cumsum(dim=-1)  # [S, N]
+    total = cdf[:, -1:]  # [S, 1]
+    # Strictly below the total, so the search never runs past the last positive weight.
+    target = torch.minimum(u * total, torch.nextafter(total, cdf.new_zeros(())))
+    idx = torch.searchsorted(cdf, target, right=True)  # [S, 1]: first cdf > target
+    before = cdf.gather(1, idx) - weights.gather(1, idx)  # [S, 1]
+    return idx.squeeze(1), (target - before).clamp_min_(0)
+
+
+def _blocked(probs: torch.Tensor) -> torch.Tensor:
+    """probs [S, V] as [S, nb, blk] blocks, zero-padded at the end when V % blk != 0."""
+    pad = -probs.size(1) % _DRAW_BLOCK
+    if pad:
+        probs = torch.nn.functional.pad(probs, (0, pad))
+    return probs.view(probs.size(0), -1, _DRAW_BLOCK)
