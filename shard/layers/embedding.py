@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from shard.distributed import Dist
+from shard.layers.linear import linear
 from shard.weights import Weights
 
 
@@ -54,5 +55,5 @@ class ParallelLMHead(nn.Module):
         return head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] float32
-        logits = nn.functional.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         return self.dist.all_gather_last_dim(logits).float()
