@@ -83,5 +83,22 @@ def serve(
     asyncio.run(run_forever(config, service))
 
 
+@app.command()
+def prepare(
+    model_id: Optional[str] = typer.Option(None, help="Local HF directory, .gguf file or Hub repo id; default: SmolLM2-135M-Instruct"),
+    revision: Optional[str] = typer.Option(None),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where converted models live"),
+    json_output: bool = typer.Option(False, "--json-output"),
+) -> None:
+    """Resolves (and converts once, for .gguf) the model; prints its local directory last."""
+    setup_logging(json_output, "info", 0)
+    from shard.model_files import resolve_model_dir
+    from shard.weights import list_safetensors
+
+    model_dir = resolve_model_dir(model_id, revision, cache_dir)
+    list_safetensors(model_dir)  # refuses pickle-only checkpoints before any shard starts
+    print(model_dir, flush=True)
+
+
 if __name__ == "__main__":
     app()

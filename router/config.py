@@ -1,0 +1,59 @@
+"""The router process's configuration: one frozen dataclass, built from the CLI and the
+shards' Warmup answer, validated once and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_id: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    tokenizer_dir: str = ""  # local directory with tokenizer.json (+ tokenizer_config.json)
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    master_shard_uds_path: str = "/tmp/text-generation-server-0"
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None  # None: the shards decide at warmup
+    max_total_tokens: int | None = None
+    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    max_client_batch_size: int = 4
+    validation_workers: int = 2
+    payload_limit: int = 2_000_000
+    api_key: str | None = None
+    cors_allow_origin: tuple[str, ...] = field(default_factory=tuple)
+    json_output: bool = False
+    graceful_shutdown_timeout: float = 90.0
+    enable_prefill_logprobs: bool = False
+
+    def __post_init__(self):
+        checks = [
+            (self.validation_workers > 0, "`validation_workers` must be > 0"),
+            (self.max_batch_size is None or self.max_batch_size > 0, "`max_batch_size` must be > 0"),
+            (self.max_concurrent_requests > 0, "`max_concurrent_requests` must be > 0"),
+            (self.max_input_tokens is None or self.max_total_tokens is None
+             or self.max_input_tokens < self.max_total_tokens,
+             "`max_input_tokens` must be < `max_total_tokens`"),
+            (self.max_batch_total_tokens is None or self.max_total_tokens is None
+             or self.max_total_tokens <= self.max_batch_total_tokens,
+             "`max_total_tokens` must be <= `max_batch_total_tokens`"),
+            (self.max_batch_total_tokens is None
+             or self.max_batch_prefill_tokens <= self.max_batch_total_tokens,
+             "`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def with_limits(self, max_input_tokens: int, max_total_tokens: int,
+                    max_batch_total_tokens: int) -> "RouterConfig":
+        """The config once Warmup has told the limits the shards can serve."""
+        return replace(self, max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
+                       max_batch_total_tokens=max_batch_total_tokens)
