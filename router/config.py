@@ -36,24 +36,40 @@ class RouterConfig:
     def __post_init__(self):
         checks = [
             (self.validation_workers > 0, "`validation_workers` must be > 0"),
-            (self.max_batch_size is None or self.max_batch_size > 0, "`max_batch_size` must be > 0"),
+            (
+                self.max_batch_size is None or self.max_batch_size > 0,
+                "`max_batch_size` must be > 0",
+            ),
             (self.max_concurrent_requests > 0, "`max_concurrent_requests` must be > 0"),
-            (self.max_input_tokens is None or self.max_total_tokens is None
-             or self.max_input_tokens < self.max_total_tokens,
-             "`max_input_tokens` must be < `max_total_tokens`"),
-            (self.max_batch_total_tokens is None or self.max_total_tokens is None
-             or self.max_total_tokens <= self.max_batch_total_tokens,
-             "`max_total_tokens` must be <= `max_batch_total_tokens`"),
-            (self.max_batch_total_tokens is None
-             or self.max_batch_prefill_tokens <= self.max_batch_total_tokens,
-             "`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`"),
+            (
+                self.max_input_tokens is None
+                or self.max_total_tokens is None
+                or self.max_input_tokens < self.max_total_tokens,
+                "`max_input_tokens` must be < `max_total_tokens`",
+            ),
+            (
+                self.max_batch_total_tokens is None
+                or self.max_total_tokens is None
+                or self.max_total_tokens <= self.max_batch_total_tokens,
+                "`max_total_tokens` must be <= `max_batch_total_tokens`",
+            ),
+            (
+                self.max_batch_total_tokens is None
+                or self.max_batch_prefill_tokens <= self.max_batch_total_tokens,
+                "`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
-    def with_limits(self, max_input_tokens: int, max_total_tokens: int,
-                    max_batch_total_tokens: int) -> "RouterConfig":
+    def with_limits(
+        self, max_input_tokens: int, max_total_tokens: int, max_batch_total_tokens: int
+    ) -> RouterConfig:
         """The config once Warmup has told the limits the shards can serve."""
-        return replace(self, max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
-                       max_batch_total_tokens=max_batch_total_tokens)
+        return replace(
+            self,
+            max_input_tokens=max_input_tokens,
+            max_total_tokens=max_total_tokens,
+            max_batch_total_tokens=max_batch_total_tokens,
+        )

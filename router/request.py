@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class SamplingParameters:
     """Mirrors the proto's NextTokenChooserParameters."""
+
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0

@@ -30,8 +30,21 @@ from shard.model_files import resolve_model_dir  # noqa: E402
 
 
 def start_shard(model_dir: Path, dtype: str, socket_prefix: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "shard", "serve", "--model-id", str(model_dir), "--dtype", dtype,
-           "--uds-path", socket_prefix, "--kv-cache-memory", "1GiB", "--exit-with-parent"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shard",
+        "serve",
+        "--model-id",
+        str(model_dir),
+        "--dtype",
+        dtype,
+        "--uds-path",
+        socket_prefix,
+        "--kv-cache-memory",
+        "1GiB",
+        "--exit-with-parent",
+    ]
     return subprocess.Popen(cmd, cwd=ROOT)
 
 
@@ -53,11 +66,17 @@ def requests(batch_size: int, prompt_len: int, new_tokens: int, block_size: int,
     for i in range(batch_size):
         blocks = list(range(block, block + per_request))
         block += per_request
-        out.append(pb.Request(
-            id=i, input_ids=[(17 * i + 31 * k) % 4000 + 100 for k in range(prompt_len)], blocks=blocks,
-            parameters=pb.NextTokenChooserParameters(),
-            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=new_tokens,
-                                                              ignore_eos_token=True)))
+        out.append(
+            pb.Request(
+                id=i,
+                input_ids=[(17 * i + 31 * k) % 4000 + 100 for k in range(prompt_len)],
+                blocks=blocks,
+                parameters=pb.NextTokenChooserParameters(),
+                stopping_parameters=pb.StoppingCriteriaParameters(
+                    max_new_tokens=new_tokens, ignore_eos_token=True
+                ),
+            )
+        )
     return out
 
 
@@ -71,12 +90,17 @@ def shard_decode_tps(stub, batch_size: int, prompt_len: int, new_tokens: int) ->
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def transformers_decode_tps(model_dir: Path, dtype: str, batch_size: int, prompt_len: int,
-                            new_tokens: int) -> float:
+def transformers_decode_tps(
+    model_dir: Path, dtype: str, batch_size: int, prompt_len: int, new_tokens: int
+) -> float:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    ids = torch.tensor([[(17 * i + 31 * k) % 4000 + 100 for k in range(prompt_len)] for i in range(batch_size)])
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype)
+    ).eval()
+    ids = torch.tensor(
+        [[(17 * i + 31 * k) % 4000 + 100 for k in range(prompt_len)] for i in range(batch_size)]
+    )
     with torch.inference_mode():
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
@@ -88,7 +112,9 @@ def transformers_decode_tps(model_dir: Path, dtype: str, batch_size: int, prompt
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-id", default=None)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch-sizes", default="1,16")
@@ -97,8 +123,10 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     model_dir = resolve_model_dir(args.model_id)
-    print(f"model {model_dir}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model {model_dir}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'dtype':<10}{'batch':>6}{'shard tok/s':>14}{'transformers tok/s':>20}{'ratio':>8}")
     for dtype in args.dtypes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -109,9 +137,17 @@ def main() -> None:
                 for b in map(int, args.batch_sizes.split(",")):
                     shard_decode_tps(stub, b, args.prompt_len, 8)  # warm the code paths
                     ours = shard_decode_tps(stub, b, args.prompt_len, args.new_tokens)
-                    base = (float("nan") if args.no_baseline else
-                            transformers_decode_tps(model_dir, dtype, b, args.prompt_len, args.new_tokens))
-                    print(f"{dtype:<10}{b:>6}{ours:>14.1f}{base:>20.1f}{ours / base:>8.2f}", flush=True)
+                    base = (
+                        float("nan")
+                        if args.no_baseline
+                        else transformers_decode_tps(
+                            model_dir, dtype, b, args.prompt_len, args.new_tokens
+                        )
+                    )
+                    print(
+                        f"{dtype:<10}{b:>6}{ours:>14.1f}{base:>20.1f}{ours / base:>8.2f}",
+                        flush=True,
+                    )
             finally:
                 proc.terminate()
                 proc.wait(30)

@@ -83,7 +83,9 @@ def request_from_pb(pb, block_size: int, num_blocks: int, vocab_size: int) -> Re
     if max(ids) >= vocab_size:
         raise InvalidRequest(f"request {pb.id}: token id {max(ids)} >= vocab size {vocab_size}")
     if pb.cache_len >= len(ids):
-        raise InvalidRequest(f"request {pb.id}: cache_len {pb.cache_len} >= prompt length {len(ids)}")
+        raise InvalidRequest(
+            f"request {pb.id}: cache_len {pb.cache_len} >= prompt length {len(ids)}"
+        )
     blocks = list(pb.blocks)
     if blocks and (max(blocks) >= num_blocks):
         raise InvalidRequest(f"request {pb.id}: block {max(blocks)} >= num_blocks {num_blocks}")
@@ -93,12 +95,18 @@ def request_from_pb(pb, block_size: int, num_blocks: int, vocab_size: int) -> Re
     remaining = len(ids) - pb.cache_len
     chunk = pb.chunk_len if pb.HasField("chunk_len") and pb.chunk_len > 0 else remaining
     state = RequestState(
-        id=pb.id, token_ids=ids, num_prompt_tokens=len(ids), blocks=blocks, slots=slots,
-        cache_len=pb.cache_len, scheduled=min(chunk, remaining),
+        id=pb.id,
+        token_ids=ids,
+        num_prompt_tokens=len(ids),
+        blocks=blocks,
+        slots=slots,
+        cache_len=pb.cache_len,
+        scheduled=min(chunk, remaining),
         sampler=RequestSampler(SamplingParams.from_proto(pb.parameters)),
         max_new_tokens=pb.stopping_parameters.max_new_tokens,
         ignore_eos=pb.stopping_parameters.ignore_eos_token,
-        prefill_logprobs=pb.prefill_logprobs, top_n_tokens=pb.top_n_tokens,
+        prefill_logprobs=pb.prefill_logprobs,
+        top_n_tokens=pb.top_n_tokens,
         block_size=block_size,
         prompt_logprobs=[math.nan] * (pb.cache_len + 1) if pb.prefill_logprobs else [],
     )

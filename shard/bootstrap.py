@@ -27,8 +27,14 @@ def build_service(config: ShardConfig) -> TextGenerationService:
     backend = get_backend(config.attention, device, block_size=config.block_size)
     runner = ModelRunner(model, backend, config.block_size, device, config.torch_dtype)
     generator = Generator(runner, model.config.eos_token_ids, DEFAULT_MAX_PREFILL_TOKENS)
-    log.info("loaded %s (%s, %s, attention %s, %d threads)", config.model_id, config.dtype,
-             device, backend.name, torch.get_num_threads())
+    log.info(
+        "loaded %s (%s, %s, attention %s, %d threads)",
+        config.model_id,
+        config.dtype,
+        device,
+        backend.name,
+        torch.get_num_threads(),
+    )
     return TextGenerationService(config, generator, backend.name)
 
 

@@ -18,8 +18,12 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"timestamp": self.formatTime(record), "level": record.levelname,
-                 "target": record.name, "message": record.getMessage()}
+        entry = {
+            "timestamp": self.formatTime(record),
+            "level": record.levelname,
+            "target": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -27,8 +31,11 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(json_output: bool, level: str, rank: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_output else logging.Formatter(
-        f"%(asctime)s %(levelname)s shard[{rank}] %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if json_output
+        else logging.Formatter(f"%(asctime)s %(levelname)s shard[{rank}] %(name)s: %(message)s")
+    )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
@@ -47,36 +54,50 @@ def main() -> None:
 
 @app.command()
 def serve(
-    model_id: Optional[str] = typer.Option(None, help="Local HF directory, .gguf file or Hub repo id; default: SmolLM2-135M-Instruct"),
+    model_id: Optional[str] = typer.Option(
+        None, help="Local HF directory, .gguf file or Hub repo id; default: SmolLM2-135M-Instruct"
+    ),
     revision: Optional[str] = typer.Option(None),
-    uds_path: str = typer.Option("/tmp/text-generation-server", help="Socket path prefix; rank r listens on {uds_path}-{r}"),
+    uds_path: str = typer.Option(
+        "/tmp/text-generation-server", help="Socket path prefix; rank r listens on {uds_path}-{r}"
+    ),
     rank: int = typer.Option(0, envvar="RANK"),
     world_size: int = typer.Option(1, envvar="WORLD_SIZE"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     device: str = typer.Option("cpu"),
     attention: str = typer.Option("auto", help="auto, sdpa, torch or flash"),
     block_size: int = typer.Option(16, help="Tokens per KV cache block"),
-    kv_cache_memory: str = typer.Option("0.3", help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory"),
+    kv_cache_memory: str = typer.Option(
+        "0.3", help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory"
+    ),
     num_threads: Optional[int] = typer.Option(None, help="torch intra-op threads"),
     cache_dir: Optional[Path] = typer.Option(None, help="Where converted models live"),
     json_output: bool = typer.Option(False, "--json-output"),
     log_level: str = typer.Option("info"),
-    parent_death_signal: bool = typer.Option(False, "--exit-with-parent", help="Exit when the parent process dies"),
+    parent_death_signal: bool = typer.Option(
+        False, "--exit-with-parent", help="Exit when the parent process dies"
+    ),
 ) -> None:
     """Loads the model and serves the TextGenerationService on a unix socket until SIGTERM."""
     setup_logging(json_output, log_level, rank)
     if parent_death_signal:
         exit_with_parent()
     from shard.bootstrap import build_service, run_forever
-
     from shard.config import MemoryBudget, ShardConfig
     from shard.model_files import resolve_model_dir
 
     model_dir = resolve_model_dir(model_id, revision, cache_dir)
     config = ShardConfig(
-        model_dir=str(model_dir), model_id=model_id or str(model_dir), uds_path=uds_path,
-        rank=rank, world_size=world_size, dtype=dtype, device=device, attention=attention,
-        block_size=block_size, kv_cache_memory=MemoryBudget.parse(kv_cache_memory),
+        model_dir=str(model_dir),
+        model_id=model_id or str(model_dir),
+        uds_path=uds_path,
+        rank=rank,
+        world_size=world_size,
+        dtype=dtype,
+        device=device,
+        attention=attention,
+        block_size=block_size,
+        kv_cache_memory=MemoryBudget.parse(kv_cache_memory),
         num_threads=num_threads,
     )
     service = build_service(config)
@@ -85,7 +106,9 @@ def serve(
 
 @app.command()
 def prepare(
-    model_id: Optional[str] = typer.Option(None, help="Local HF directory, .gguf file or Hub repo id; default: SmolLM2-135M-Instruct"),
+    model_id: Optional[str] = typer.Option(
+        None, help="Local HF directory, .gguf file or Hub repo id; default: SmolLM2-135M-Instruct"
+    ),
     revision: Optional[str] = typer.Option(None),
     cache_dir: Optional[Path] = typer.Option(None, help="Where converted models live"),
     json_output: bool = typer.Option(False, "--json-output"),

@@ -8,13 +8,22 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
 
 
 @dataclass(frozen=True)
 class MemoryBudget:
     """KV cache budget: an absolute size, or a fraction of the memory free after warmup."""
+
     bytes: int | None = None
     fraction: float | None = None
 
@@ -27,7 +36,9 @@ class MemoryBudget:
         except ValueError:
             match = re.fullmatch(r"([0-9.]+)\s*([a-z]*)", value)
             if not match or match.group(2) not in _SIZE_UNITS:
-                raise ValueError(f"invalid KV cache memory {text!r} (e.g. 0.3, 4GiB, 500MB)")
+                raise ValueError(
+                    f"invalid KV cache memory {text!r} (e.g. 0.3, 4GiB, 500MB)"
+                ) from None
             return cls(bytes=int(float(match.group(1)) * _SIZE_UNITS[match.group(2)]))
         if 0 < number <= 1:
             return cls(fraction=number)

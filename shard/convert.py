@@ -7,8 +7,8 @@ Tensor mapping (GGUF -> HF; torch shapes, i.e. GGUF dims reversed; N = layer ind
 
     token_embd.weight          -> model.embed_tokens.weight                [vocab, hidden]
     blk.N.attn_q.weight        -> model.layers.N.self_attn.q_proj.weight   [heads*head_dim, hidden]
-    blk.N.attn_k.weight        -> model.layers.N.self_attn.k_proj.weight   [kv_heads*head_dim, hidden]
-    blk.N.attn_v.weight        -> model.layers.N.self_attn.v_proj.weight   [kv_heads*head_dim, hidden]
+    blk.N.attn_k.weight        -> model.layers.N.self_attn.k_proj.weight   [kv*head_dim, hidden]
+    blk.N.attn_v.weight        -> model.layers.N.self_attn.v_proj.weight   [kv*head_dim, hidden]
     blk.N.attn_output.weight   -> model.layers.N.self_attn.o_proj.weight   [hidden, heads*head_dim]
     blk.N.ffn_gate.weight      -> model.layers.N.mlp.gate_proj.weight      [intermediate, hidden]
     blk.N.ffn_up.weight        -> model.layers.N.mlp.up_proj.weight        [intermediate, hidden]

@@ -45,6 +45,7 @@ class StepTimings:
 @dataclass
 class StepPlan:
     """The flat inputs of one forward and where each request's rows are."""
+
     active: list[RequestState]
     input_ids: list[int]
     positions: list[int]
@@ -73,8 +74,12 @@ def plan_step(requests: list[RequestState], block_size: int, device) -> StepPlan
             sample_rows.append((i, len(logit_rows)))
             logit_rows.append(len(ids) - 1)
     meta = AttentionMetadata.build(
-        [r.scheduled for r in active], [r.cache_len + r.scheduled for r in active],
-        [r.blocks for r in active], slots, block_size, device,
+        [r.scheduled for r in active],
+        [r.cache_len + r.scheduled for r in active],
+        [r.blocks for r in active],
+        slots,
+        block_size,
+        device,
     )
     return StepPlan(active, ids, positions, meta, logit_rows, prompt_rows, sample_rows)
 
@@ -84,16 +89,18 @@ def record_prompt_logprobs(plan: StepPlan, logprobs: torch.Tensor) -> None:
     for i, (lo, hi) in plan.prompt_rows.items():
         r = plan.active[i]
         start = r.cache_len
-        next_tokens = r.token_ids[start + 1:start + 1 + (hi - lo)]
+        next_tokens = r.token_ids[start + 1 : start + 1 + (hi - lo)]
         n = min(len(next_tokens), r.num_prompt_tokens - start - 1)
         if n > 0:
-            rows = logprobs[lo:lo + n]
+            rows = logprobs[lo : lo + n]
             picked = rows.gather(1, torch.tensor(next_tokens[:n]).unsqueeze(1)).squeeze(1)
             r.prompt_logprobs += picked.tolist()
 
 
 class Generator:
-    def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], max_prefill_tokens: int):
+    def __init__(
+        self, runner: ModelRunner, eos_token_ids: tuple[int, ...], max_prefill_tokens: int
+    ):
         self.runner = runner
         self.eos_token_ids = set(eos_token_ids)
         self.max_prefill_tokens = max_prefill_tokens
@@ -122,7 +129,9 @@ class Generator:
         chosen = [plan.active[i] for i, _ in plan.sample_rows]
         rows = torch.tensor([row for _, row in plan.sample_rows], dtype=torch.int64)
         top_n = max(r.top_n_tokens for r in chosen)
-        out = sample(logits[rows], [r.sampler for r in chosen], [r.token_ids for r in chosen], top_n)
+        out = sample(
+            logits[rows], [r.sampler for r in chosen], [r.token_ids for r in chosen], top_n
+        )
         next_ids, logprobs = out.next_ids.tolist(), out.logprobs.tolist()
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
@@ -130,15 +139,20 @@ class Generator:
         for k, r in enumerate(chosen):
             g = self._append_token(r, next_ids[k], logprobs[k])
             if top_ids is not None and r.top_n_tokens:
-                g.top_ids, g.top_logprobs = top_ids[k][:r.top_n_tokens], top_lps[k][:r.top_n_tokens]
+                g.top_ids, g.top_logprobs = (
+                    top_ids[k][: r.top_n_tokens],
+                    top_lps[k][: r.top_n_tokens],
+                )
             generations.append(g)
         return generations
 
     def _append_token(self, r: RequestState, token_id: int, logprob: float) -> Generation:
         g = Generation(r.id, token_id, logprob)
         if r.num_generated == 0 and r.prefill_logprobs:
-            g.prefill_ids = r.token_ids[:r.num_prompt_tokens]
-            g.prefill_logprobs = (r.prompt_logprobs + [math.nan] * r.num_prompt_tokens)[:r.num_prompt_tokens]
+            g.prefill_ids = r.token_ids[: r.num_prompt_tokens]
+            g.prefill_logprobs = (r.prompt_logprobs + [math.nan] * r.num_prompt_tokens)[
+                : r.num_prompt_tokens
+            ]
         r.token_ids.append(token_id)
         if r.num_generated >= r.max_new_tokens:
             g.finish_reason = FINISH_LENGTH

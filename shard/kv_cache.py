@@ -40,8 +40,10 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.layers = [
-            LayerKV(torch.zeros(shape, dtype=dtype, device=device),
-                    torch.zeros(shape, dtype=dtype, device=device))
+            LayerKV(
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(num_layers)
         ]
 

@@ -10,8 +10,9 @@ from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 
-def resolve_model_dir(model_id: str | None, revision: str | None = None,
-                      cache_dir: Path | None = None) -> Path:
+def resolve_model_dir(
+    model_id: str | None, revision: str | None = None, cache_dir: Path | None = None
+) -> Path:
     cache_dir = cache_dir or default_cache_dir()
     if not model_id:
         return ensure_converted(default_gguf_path(), cache_dir)

@@ -17,8 +17,14 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model, backend: AttentionBackend, block_size: int,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model,
+        backend: AttentionBackend,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.model = model
         self.config = model.config
         self.backend = backend
@@ -34,22 +40,35 @@ class ModelRunner:
 
     def bytes_per_block(self) -> int:
         c = self.config
-        return KVCache.bytes_per_block(c.num_layers, self.block_size, self.num_kv_heads,
-                                       c.head_dim, self.dtype)
+        return KVCache.bytes_per_block(
+            c.num_layers, self.block_size, self.num_kv_heads, c.head_dim, self.dtype
+        )
 
     def allocate_cache(self, num_blocks: int) -> None:
         self.kv_cache = None  # free the old cache before allocating the new one
         c = self.config
-        self.kv_cache = KVCache(c.num_layers, num_blocks, self.block_size, self.num_kv_heads,
-                                c.head_dim, self.dtype, self.device)
+        self.kv_cache = KVCache(
+            c.num_layers,
+            num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            c.head_dim,
+            self.dtype,
+            self.device,
+        )
 
     @property
     def num_blocks(self) -> int:
         return self.kv_cache.num_blocks
 
     @torch.inference_mode()
-    def forward(self, input_ids: list[int], positions: list[int], meta: AttentionMetadata,
-                logit_rows: list[int]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        meta: AttentionMetadata,
+        logit_rows: list[int],
+    ) -> torch.Tensor:
         """Runs the step; returns float32 logits [len(logit_rows), vocab] for those token rows."""
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)  # [T]
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)  # [T]

@@ -52,23 +52,34 @@ def rpc(method):
 
 
 def generation_to_pb(g: Generation) -> pb.Generation:
-    out = pb.Generation(request_id=g.request_id, tokens=pb.Tokens(ids=[g.token_id], logprobs=[g.logprob]))
+    out = pb.Generation(
+        request_id=g.request_id, tokens=pb.Tokens(ids=[g.token_id], logprobs=[g.logprob])
+    )
     if g.prefill_ids is not None:
         out.prefill_tokens.CopyFrom(pb.Tokens(ids=g.prefill_ids, logprobs=g.prefill_logprobs))
     if g.top_ids:
         out.top_tokens.append(pb.Tokens(ids=g.top_ids, logprobs=g.top_logprobs))
     if g.finish_reason is not None:
-        out.generated_text.CopyFrom(pb.GeneratedText(
-            generated_tokens=g.generated_tokens, finish_reason=g.finish_reason, seed=g.seed,
-        ))
+        out.generated_text.CopyFrom(
+            pb.GeneratedText(
+                generated_tokens=g.generated_tokens,
+                finish_reason=g.finish_reason,
+                seed=g.seed,
+            )
+        )
     return out
 
 
 def cached_batch_to_pb(batch: Batch | None) -> pb.CachedBatch | None:
     if batch is None or not len(batch) or batch.all_stopped:
         return None
-    return pb.CachedBatch(id=batch.id, request_ids=batch.request_ids, size=len(batch),
-                          max_tokens=batch.max_tokens, current_tokens=batch.current_tokens)
+    return pb.CachedBatch(
+        id=batch.id,
+        request_ids=batch.request_ids,
+        size=len(batch),
+        max_tokens=batch.max_tokens,
+        current_tokens=batch.current_tokens,
+    )
 
 
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
@@ -82,10 +93,16 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
     async def Info(self, request, context):
         return pb.InfoResponse(
-            requires_padding=False, dtype=self.config.dtype, device_type=self.runner.device.type,
-            speculate=0, support_chunking=True, use_prefix_caching=self.config.use_prefix_caching,
-            attention_impl=self.attention_impl, block_size=self.runner.block_size,
-            vocab_size=self.runner.config.vocab_size, world_size=self.config.world_size,
+            requires_padding=False,
+            dtype=self.config.dtype,
+            device_type=self.runner.device.type,
+            speculate=0,
+            support_chunking=True,
+            use_prefix_caching=self.config.use_prefix_caching,
+            attention_impl=self.attention_impl,
+            block_size=self.runner.block_size,
+            vocab_size=self.runner.config.vocab_size,
+            world_size=self.config.world_size,
         )
 
     async def Health(self, request, context):
@@ -114,21 +131,30 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         self.cache.clear()
         self.generator.max_prefill_tokens = request.max_prefill_tokens or DEFAULT_MAX_PREFILL_TOKENS
         reqs = list(request.batch.requests)
-        lens = [len(r.input_ids) or r.truncate or 1 for r in reqs] or [self.generator.max_prefill_tokens]
+        lens = [len(r.input_ids) or r.truncate or 1 for r in reqs] or [
+            self.generator.max_prefill_tokens
+        ]
         params = [SamplingParams.from_proto(r.parameters) for r in reqs] or [SamplingParams()]
         result = run_warmup(
-            self.generator, lens, params, self.config.kv_cache_memory,
+            self.generator,
+            lens,
+            params,
+            self.config.kv_cache_memory,
             request.max_input_tokens if request.HasField("max_input_tokens") else None,
             request.max_total_tokens if request.HasField("max_total_tokens") else None,
         )
-        return pb.WarmupResponse(max_supported_total_tokens=result.max_supported_total_tokens,
-                                 max_input_tokens=result.max_input_tokens,
-                                 max_total_tokens=result.max_total_tokens)
+        return pb.WarmupResponse(
+            max_supported_total_tokens=result.max_supported_total_tokens,
+            max_input_tokens=result.max_input_tokens,
+            max_total_tokens=result.max_total_tokens,
+        )
 
     def _new_batch(self, batch_pb) -> Batch:
         c = self.runner.config
-        requests = [request_from_pb(r, self.runner.block_size, self.runner.num_blocks, c.vocab_size)
-                    for r in batch_pb.requests]
+        requests = [
+            request_from_pb(r, self.runner.block_size, self.runner.num_blocks, c.vocab_size)
+            for r in batch_pb.requests
+        ]
         return Batch(batch_pb.id, requests, self.runner.block_size)
 
     @rpc
@@ -141,8 +167,9 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             batch = Batch.concatenate([self.cache.pop(request.cached_batch.id), batch])
             concat_ns = time.perf_counter_ns() - concat_start
         generations, timings = self.generator.step(batch)
-        return pb.PrefillResponse(**self._step_response(batch, generations, timings, start),
-                                  concat_ns=concat_ns)
+        return pb.PrefillResponse(
+            **self._step_response(batch, generations, timings, start), concat_ns=concat_ns
+        )
 
     @rpc
     def Decode(self, request):
@@ -156,24 +183,31 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             batches = [Batch.concatenate(batches)]
             concat_ns = time.perf_counter_ns() - concat_start
         generations, timings = self.generator.step(batches[0])
-        return pb.DecodeResponse(**self._step_response(batches[0], generations, timings, start),
-                                 concat_ns=concat_ns)
+        return pb.DecodeResponse(
+            **self._step_response(batches[0], generations, timings, start), concat_ns=concat_ns
+        )
 
-    def _step_response(self, batch: Batch, generations: list[Generation], timings: StepTimings,
-                       start_ns: int) -> dict:
+    def _step_response(
+        self, batch: Batch, generations: list[Generation], timings: StepTimings, start_ns: int
+    ) -> dict:
         self.cache.put(batch)
         return dict(
             generations=[generation_to_pb(g) for g in generations],
-            batch=cached_batch_to_pb(batch), forward_ns=timings.forward_ns,
-            decode_ns=timings.decode_ns, total_ns=time.perf_counter_ns() - start_ns,
+            batch=cached_batch_to_pb(batch),
+            forward_ns=timings.forward_ns,
+            decode_ns=timings.decode_ns,
+            total_ns=time.perf_counter_ns() - start_ns,
         )
 
 
-async def serve(config: ShardConfig, service: TextGenerationService,
-                stop: asyncio.Event) -> None:
+async def serve(config: ShardConfig, service: TextGenerationService, stop: asyncio.Event) -> None:
     """Serves on the rank's unix socket (mode 0600) until `stop` is set."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 * 2**20),
-                                      ("grpc.max_send_message_length", 256 * 2**20)])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 256 * 2**20),
+            ("grpc.max_send_message_length", 256 * 2**20),
+        ]
+    )
     pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
     path = config.socket_path
     if os.path.exists(path):

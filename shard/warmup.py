@@ -36,8 +36,9 @@ def free_memory_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def profile_batch(prompt_lens: list[int], params: list[SamplingParams], block_size: int,
-                  vocab_size: int) -> Batch:
+def profile_batch(
+    prompt_lens: list[int], params: list[SamplingParams], block_size: int, vocab_size: int
+) -> Batch:
     """Requests of the given lengths with sequential blocks from 1 (block 0 stays reserved)."""
     requests, next_block = [], 1
     for i, (n, p) in enumerate(zip(prompt_lens, params)):
@@ -45,16 +46,34 @@ def profile_batch(prompt_lens: list[int], params: list[SamplingParams], block_si
         blocks = list(range(next_block, next_block + num_blocks))
         next_block += num_blocks
         ids = [(i * 7919 + k) % vocab_size for k in range(n)]
-        requests.append(RequestState(
-            id=i, token_ids=ids, num_prompt_tokens=n, blocks=blocks, slots=[], cache_len=0,
-            scheduled=n, sampler=RequestSampler(p), max_new_tokens=2, ignore_eos=True,
-            prefill_logprobs=True, top_n_tokens=5, block_size=block_size,
-        ))
+        requests.append(
+            RequestState(
+                id=i,
+                token_ids=ids,
+                num_prompt_tokens=n,
+                blocks=blocks,
+                slots=[],
+                cache_len=0,
+                scheduled=n,
+                sampler=RequestSampler(p),
+                max_new_tokens=2,
+                ignore_eos=True,
+                prefill_logprobs=True,
+                top_n_tokens=5,
+                block_size=block_size,
+            )
+        )
     return Batch(0, requests, block_size)
 
 
-def run_warmup(generator: Generator, prompt_lens: list[int], params: list[SamplingParams],
-               budget: MemoryBudget, max_input: int | None, max_total: int | None) -> WarmupResult:
+def run_warmup(
+    generator: Generator,
+    prompt_lens: list[int],
+    params: list[SamplingParams],
+    budget: MemoryBudget,
+    max_input: int | None,
+    max_total: int | None,
+) -> WarmupResult:
     runner = generator.runner
     bs = runner.block_size
     blocks_needed = 1 + sum((n + 1 + bs - 1) // bs for n in prompt_lens)
@@ -71,9 +90,14 @@ def run_warmup(generator: Generator, prompt_lens: list[int], params: list[Sampli
     num_blocks = min(num_blocks, (2**32 - 1) // bs)
     runner.allocate_cache(num_blocks)
     total = num_blocks * bs
-    log.info("KV cache: %d blocks of %d tokens (%.2f GiB, %.0f%% of %.2f GiB free)",
-             num_blocks, bs, num_blocks * runner.bytes_per_block() / 2**30,
-             100 * cache_bytes / max(free, 1), free / 2**30)
+    log.info(
+        "KV cache: %d blocks of %d tokens (%.2f GiB, %.0f%% of %.2f GiB free)",
+        num_blocks,
+        bs,
+        num_blocks * runner.bytes_per_block() / 2**30,
+        100 * cache_bytes / max(free, 1),
+        free / 2**30,
+    )
     max_total = max_total or min(runner.config.max_position_embeddings, total)
     max_input = max_input or max_total - 1
     return WarmupResult(total, max_input, max_total)

@@ -44,8 +44,13 @@ def list_safetensors(model_dir: Path) -> dict[str, Path]:
 
 
 class Weights:
-    def __init__(self, model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 dist: Dist = SINGLE):
+    def __init__(
+        self,
+        model_dir: Path,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        dist: Dist = SINGLE,
+    ):
         self.model_dir = Path(model_dir)
         self.dtype = dtype
         self.device = torch.device(device)
@@ -74,7 +79,9 @@ class Weights:
         size = part.get_shape()[dim]
         world, rank = self.dist.world_size, self.dist.rank
         if size % world:
-            raise CheckpointError(f"{name}: dimension {dim} of size {size} cannot be split in {world}")
+            raise CheckpointError(
+                f"{name}: dimension {dim} of size {size} cannot be split in {world}"
+            )
         block = size // world
         index = [slice(None)] * len(part.get_shape())
         index[dim] = slice(rank * block, (rank + 1) * block)

@@ -8,9 +8,17 @@ import pytest
 import torch
 
 TINY_LLAMA = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
-    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
@@ -24,8 +32,11 @@ def save_tiny_model(path: Path, seed: int = 0, **overrides) -> Path:
     with torch.no_grad():  # transformers zero-initializes biases and norms: make them random
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
-                param.copy_(1 + 0.1 * torch.randn_like(param) if "norm" in name
-                            else 0.1 * torch.randn_like(param))
+                param.copy_(
+                    1 + 0.1 * torch.randn_like(param)
+                    if "norm" in name
+                    else 0.1 * torch.randn_like(param)
+                )
     model.save_pretrained(path, safe_serialization=True)
     return path
 

@@ -11,9 +11,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_generated_stubs_are_fresh(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-Ipb=proto", f"--python_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", "proto/generate.proto"],
-        cwd=ROOT, check=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Ipb=proto",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            "proto/generate.proto",
+        ],
+        cwd=ROOT,
+        check=True,
     )
     for name in ("generate_pb2.py", "generate_pb2_grpc.py", "generate_pb2.pyi"):
         fresh = (tmp_path / "pb" / name).read_text()

@@ -1,9 +1,9 @@
 """Attention backends and the one place that picks one.
 
-  torch  per-sequence pure-PyTorch reference (slow, any device)
-  sdpa   one batched scaled_dot_product_attention call per layer (the CPU path)
-  flash  flash-attn 2 paged kernels (CUDA; needs flash_attn and block_size % 256 == 0)
-  auto   flash on CUDA when flash_attn is importable (and the block size suits it), else sdpa
+torch  per-sequence pure-PyTorch reference (slow, any device)
+sdpa   one batched scaled_dot_product_attention call per layer (the CPU path)
+flash  flash-attn 2 paged kernels (CUDA; needs flash_attn and block_size % 256 == 0)
+auto   flash on CUDA when flash_attn is importable (and the block size suits it), else sdpa
 """
 
 from __future__ import annotations

@@ -111,13 +111,24 @@ class FlashPagedAttention:
             step = meta.prepared["flash"]
         if step.decode_only:  # T == B: one new token per sequence
             out = self.kvcache_fn(
-                q.unsqueeze(1), cache.key, cache.value,  # [B, 1, H, D], paged cache
-                cache_seqlens=step.seq_lens, block_table=step.block_tables,
-                softmax_scale=scale, causal=True,
+                q.unsqueeze(1),
+                cache.key,
+                cache.value,  # [B, 1, H, D], paged cache
+                cache_seqlens=step.seq_lens,
+                block_table=step.block_tables,
+                softmax_scale=scale,
+                causal=True,
             )  # [B, 1, H, D]
             return out.squeeze(1)
         return self.varlen_fn(
-            q, cache.key, cache.value,  # [T, H, D], paged cache
-            step.cu_seqlens_q, step.cu_seqlens_k, step.max_query_len, step.max_seq_len,
-            softmax_scale=scale, causal=True, block_table=step.block_tables,
+            q,
+            cache.key,
+            cache.value,  # [T, H, D], paged cache
+            step.cu_seqlens_q,
+            step.cu_seqlens_k,
+            step.max_query_len,
+            step.max_seq_len,
+            softmax_scale=scale,
+            causal=True,
+            block_table=step.block_tables,
         )  # [T, H, D]

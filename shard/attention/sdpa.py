@@ -142,7 +142,8 @@ def build_group(meta: AttentionMetadata, seq_ids: list[int]) -> SdpaGroup:
         max_query_len=q_max,
         max_seq_len=s_max,
         slot_index=slot_index(meta.block_tables[ids], meta.block_size, s_max),
-        mask=None if uniform and (q_max == 1 or is_causal)
+        mask=None
+        if uniform and (q_max == 1 or is_causal)
         else causal_mask(q_lens_t, s_lens_t, q_max, s_max),
         is_causal=is_causal,
         tokens=None if whole_step else tokens,
@@ -181,8 +182,10 @@ def gather_kv(
     key = (cache.key.dtype, cache.key.device, num_kv_heads, head_dim)
     if key not in step.workspace:
         rows = step.workspace_rows
-        step.workspace[key] = (cache.key.new_empty(rows, num_kv_heads, head_dim),
-                               cache.value.new_empty(rows, num_kv_heads, head_dim))
+        step.workspace[key] = (
+            cache.key.new_empty(rows, num_kv_heads, head_dim),
+            cache.value.new_empty(rows, num_kv_heads, head_dim),
+        )
     used = group.num_seqs * group.max_seq_len
     k_buf, v_buf = (b[:used] for b in step.workspace[key])  # [G * Lmax, KV, D]
     torch.index_select(cache.key.view(-1, num_kv_heads, head_dim), 0, group.slot_index, out=k_buf)
@@ -199,8 +202,12 @@ def attend_group(
     q = q if group.tokens is None else q.index_select(0, group.tokens)  # [Tg, H, D]
     k, v = gather_kv(cache, group, step, q.dtype)  # [G, KV, Lmax, D]
     out = F.scaled_dot_product_attention(
-        pad_queries(q, group), k, v,  # [G, H, Qmax, D]
-        attn_mask=group.mask, is_causal=group.is_causal, scale=scale,
+        pad_queries(q, group),
+        k,
+        v,  # [G, H, Qmax, D]
+        attn_mask=group.mask,
+        is_causal=group.is_causal,
+        scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )  # [G, H, Qmax, D]
     return unpad_output(out, group)

@@ -14,7 +14,9 @@ def gather_context(cache: LayerKV, block_table: torch.Tensor, seq_len: int):
     block_size = cache.key.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
     blocks = block_table[:num_blocks].long()
-    k = cache.key[blocks].flatten(0, 1)[:seq_len]  # [num_blocks * block_size, kv, d] -> [seq_len, kv, d]
+    k = cache.key[blocks].flatten(0, 1)[
+        :seq_len
+    ]  # [num_blocks * block_size, kv, d] -> [seq_len, kv, d]
     v = cache.value[blocks].flatten(0, 1)[:seq_len]
     return k, v
 
@@ -47,6 +49,6 @@ class TorchReferenceAttention:
         start = 0
         for i, (n, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
             k, v = gather_context(cache, meta.block_tables[i], seq_len)
-            out[start:start + n] = attend(q[start:start + n], k, v, scale)
+            out[start : start + n] = attend(q[start : start + n], k, v, scale)
             start += n
         return out

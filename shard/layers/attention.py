@@ -22,16 +22,20 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads = config.num_heads // world
         self.num_kv_heads = config.num_kv_heads // world
-        self.scale = config.head_dim ** -0.5
+        self.scale = config.head_dim**-0.5
         self.qkv_proj = ColumnParallelLinear.load(
-            weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"],
+            weights,
+            [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"],
             bias=config.attention_bias,
         )
         # Qwen2 has biases on q, k, v only; Llama's attention_bias puts one on o_proj too.
         o_bias = config.attention_bias and weights.has(f"{prefix}.o_proj.bias")
         self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", bias=o_bias)
-        self.split = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                      self.num_kv_heads * self.head_dim]
+        self.split = [
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        ]
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [T, hidden]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)

@@ -1,8 +1,8 @@
 """Linear layers that know how their weight is split across tensor-parallel ranks (Megatron):
 
-  ColumnParallelLinear  output features split: each rank computes its slice of the output.
-                        Several checkpoint tensors can be fused into one matmul (q|k|v, gate|up).
-  RowParallelLinear     input features split: each rank computes a partial sum, all-reduced.
+ColumnParallelLinear  output features split: each rank computes its slice of the output.
+                      Several checkpoint tensors can be fused into one matmul (q|k|v, gate|up).
+RowParallelLinear     input features split: each rank computes a partial sum, all-reduced.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ class ColumnParallelLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def load(cls, weights: Weights, prefixes: list[str], bias: bool = False) -> "ColumnParallelLinear":
+    def load(
+        cls, weights: Weights, prefixes: list[str], bias: bool = False
+    ) -> "ColumnParallelLinear":
         """Fuses `prefix.weight` of every prefix along the output dimension, each one sharded."""
         weight = torch.cat([weights.get_sharded(f"{p}.weight", dim=0) for p in prefixes], dim=0)
         b = torch.cat([weights.get_sharded(f"{p}.bias", dim=0) for p in prefixes]) if bias else None

@@ -10,7 +10,7 @@ import torch
 
 def base_inv_freq(rotary_dim: int, theta: float) -> torch.Tensor:  # [rotary_dim // 2]
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
-    return 1.0 / (theta ** exponents)
+    return 1.0 / (theta**exponents)
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -41,8 +41,14 @@ def scaled_inv_freq(rotary_dim: int, theta: float, scaling: dict) -> torch.Tenso
 class RotaryEmbedding:
     """Holds a cos/sin table for positions [0, max_positions), grown on demand."""
 
-    def __init__(self, rotary_dim: int, theta: float, scaling: dict, max_positions: int,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        rotary_dim: int,
+        theta: float,
+        scaling: dict,
+        max_positions: int,
+        device: torch.device | str = "cpu",
+    ):
         self.inv_freq = scaled_inv_freq(rotary_dim, theta, scaling).to(device)
         self._build(max_positions)
 

@@ -18,8 +18,9 @@ MODEL_CLASSES = {
 }
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu",
-               dist: Dist = SINGLE):
+def load_model(
+    model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu", dist: Dist = SINGLE
+):
     """Builds the model for `model_dir`'s architecture and loads this rank's weights."""
     config = ModelConfig.from_dir(Path(model_dir))
     model_class = MODEL_CLASSES.get(config.architecture)

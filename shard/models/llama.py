@@ -60,12 +60,16 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = ParallelLMHead.load(weights, "lm_head.weight")
         self.rotary = RotaryEmbedding(
-            config.head_dim, config.rope_theta, config.rope_scaling,
-            config.max_position_embeddings, weights.device,
+            config.head_dim,
+            config.rope_theta,
+            config.rope_scaling,
+            config.max_position_embeddings,
+            weights.device,
         )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] (after the final norm)."""
         x = self.embed_tokens(input_ids)
         self.rotary.ensure(ctx.attn.max_seq_len)

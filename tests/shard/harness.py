@@ -18,11 +18,22 @@ from shard.server import serve
 
 
 class ShardHarness:
-    def __init__(self, model_dir: Path, socket_prefix: Path, dtype: str = "float32",
-                 block_size: int = 16, kv_bytes: int = 64 * 2**20, attention: str = "auto"):
+    def __init__(
+        self,
+        model_dir: Path,
+        socket_prefix: Path,
+        dtype: str = "float32",
+        block_size: int = 16,
+        kv_bytes: int = 64 * 2**20,
+        attention: str = "auto",
+    ):
         self.config = ShardConfig(
-            model_dir=str(model_dir), model_id=str(model_dir), uds_path=str(socket_prefix),
-            dtype=dtype, block_size=block_size, attention=attention,
+            model_dir=str(model_dir),
+            model_id=str(model_dir),
+            uds_path=str(socket_prefix),
+            dtype=dtype,
+            block_size=block_size,
+            attention=attention,
             kv_cache_memory=MemoryBudget(bytes=kv_bytes),
         )
         self.service = build_service(self.config)
@@ -80,22 +91,41 @@ class Params:
     top_n_tokens: int = 0
 
 
-def make_request(request_id: int, input_ids: list[int], alloc: BlockAllocator, p: Params,
-                 cache_len: int = 0, chunk_len: int | None = None,
-                 blocks: list[int] | None = None) -> pb.Request:
+def make_request(
+    request_id: int,
+    input_ids: list[int],
+    alloc: BlockAllocator,
+    p: Params,
+    cache_len: int = 0,
+    chunk_len: int | None = None,
+    blocks: list[int] | None = None,
+) -> pb.Request:
     total = len(input_ids) + p.max_new_tokens
     if blocks is None:
         blocks, slots = alloc.allocate(total)
     else:
         slots = [b * alloc.block_size + k for b in blocks for k in range(alloc.block_size)][:total]
     return pb.Request(
-        id=request_id, input_ids=input_ids, blocks=blocks, slots=slots, cache_len=cache_len,
-        chunk_len=chunk_len, prefill_logprobs=p.prefill_logprobs, top_n_tokens=p.top_n_tokens,
+        id=request_id,
+        input_ids=input_ids,
+        blocks=blocks,
+        slots=slots,
+        cache_len=cache_len,
+        chunk_len=chunk_len,
+        prefill_logprobs=p.prefill_logprobs,
+        top_n_tokens=p.top_n_tokens,
         parameters=pb.NextTokenChooserParameters(
-            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=1.0,
-            do_sample=p.do_sample, seed=p.seed, repetition_penalty=p.repetition_penalty),
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            typical_p=1.0,
+            do_sample=p.do_sample,
+            seed=p.seed,
+            repetition_penalty=p.repetition_penalty,
+        ),
         stopping_parameters=pb.StoppingCriteriaParameters(
-            max_new_tokens=p.max_new_tokens, ignore_eos_token=p.ignore_eos),
+            max_new_tokens=p.max_new_tokens, ignore_eos_token=p.ignore_eos
+        ),
     )
 
 

@@ -57,8 +57,14 @@ class Case:
 
 
 def make_case(
-    query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int,
-    block_size: int, dtype: torch.dtype, seed: int = 0, layout_seed: int = 0,
+    query_lens: list[int],
+    seq_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    layout_seed: int = 0,
 ) -> Case:
     """layout_seed picks the block ids, seed the data (same layout_seed = same step)."""
     gen = torch.Generator().manual_seed(seed)
@@ -73,25 +79,26 @@ def make_case(
     tables, keys, values, new_slots = [], [], [], []
     for n, length, count in zip(query_lens, seq_lens, needed):
         table, ids = ids[:count], ids[count:]
-        slots = torch.tensor([table[p // block_size] * block_size + p % block_size
-                              for p in range(length)])
+        slots = torch.tensor(
+            [table[p // block_size] * block_size + p % block_size for p in range(length)]
+        )
         k = torch.randn(length, num_kv_heads, HEAD_DIM, generator=gen).to(dtype)
         v = torch.randn(length, num_kv_heads, HEAD_DIM, generator=gen).to(dtype)
         cache.write(k, v, slots)  # cached context and this step's new tokens alike
         tables.append(table)
         keys.append(k)
         values.append(v)
-        new_slots += slots[length - n:].tolist()
+        new_slots += slots[length - n :].tolist()
     q = torch.randn(sum(query_lens), num_heads, HEAD_DIM, generator=gen).to(dtype)
     meta = AttentionMetadata.build(query_lens, seq_lens, tables, new_slots, block_size)
-    return Case(q, keys, values, cache, meta, HEAD_DIM ** -0.5)
+    return Case(q, keys, values, cache, meta, HEAD_DIM**-0.5)
 
 
 def dense_reference(case: Case) -> torch.Tensor:
     """Plain causal attention per sequence, float64, from contiguous K/V: [T, H, D]."""
     outs, start = [], 0
     for n, k, v in zip(case.meta.query_lens_list, case.keys, case.values):
-        q = case.q[start:start + n].double()  # [n, H, D]
+        q = case.q[start : start + n].double()  # [n, H, D]
         start += n
         length, num_heads = k.shape[0], q.shape[1]
         group = num_heads // k.shape[1]
@@ -99,8 +106,8 @@ def dense_reference(case: Case) -> torch.Tensor:
             pos = length - n + i  # the query's own position; it sees keys 0..pos
             heads = []
             for h in range(num_heads):
-                kh = k[:pos + 1, h // group].double()  # [pos + 1, D]
-                vh = v[:pos + 1, h // group].double()
+                kh = k[: pos + 1, h // group].double()  # [pos + 1, D]
+                vh = v[: pos + 1, h // group].double()
                 weights = torch.softmax(kh @ q[i, h] * case.scale, dim=0)  # [pos + 1]
                 heads.append(weights @ vh)
             outs.append(torch.stack(heads))  # [H, D]
@@ -122,8 +129,9 @@ def assert_close(out: torch.Tensor, case: Case, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv")
 @pytest.mark.parametrize("block_size", [1, 16, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend_cls", [TorchReferenceAttention, SdpaPagedAttention],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "backend_cls", [TorchReferenceAttention, SdpaPagedAttention], ids=lambda c: c.name
+)
 def test_backend_matches_dense_reference(backend_cls, dtype, block_size, heads, case_name):
     query_lens, seq_lens = CASES[case_name]
     case = make_case(query_lens, seq_lens, *heads, block_size, dtype)
@@ -145,13 +153,16 @@ def test_sdpa_same_output_for_every_layer_of_a_step():
         assert_close(out, layer, torch.float32)
 
 
-@pytest.mark.parametrize(("query_lens", "seq_lens", "expected"), [
-    ([1] * 16, list(range(280, 312, 2)), [list(range(16))]),  # decode-only: one call
-    ([512], [512], [[0]]),  # one prompt: one call
-    ([20, 15, 25, 18], [20, 15, 25, 18], [[0, 1, 2, 3]]),  # short prompts: padded together
-    ([1, 256, 1, 1], [300, 256, 290, 310], [[1], [0, 2, 3]]),  # mixed: decodes apart
-    ([1, 100, 1, 3], [40, 300, 2000, 70], [[1, 3], [0, 2]]),  # a 3-token chunk joins the prompt
-])
+@pytest.mark.parametrize(
+    ("query_lens", "seq_lens", "expected"),
+    [
+        ([1] * 16, list(range(280, 312, 2)), [list(range(16))]),  # decode-only: one call
+        ([512], [512], [[0]]),  # one prompt: one call
+        ([20, 15, 25, 18], [20, 15, 25, 18], [[0, 1, 2, 3]]),  # short prompts: padded together
+        ([1, 256, 1, 1], [300, 256, 290, 310], [[1], [0, 2, 3]]),  # mixed: decodes apart
+        ([1, 100, 1, 3], [40, 300, 2000, 70], [[1, 3], [0, 2]]),  # a 3-token chunk joins the prompt
+    ],
+)
 def test_sdpa_groups_sequences_to_bound_padding(query_lens, seq_lens, expected):
     assert plan_groups(query_lens, seq_lens) == expected
     case = make_case(query_lens, seq_lens, 4, 2, 16, torch.float32)
@@ -178,7 +189,7 @@ def _fake_attention(q, k, v, softmax_scale, causal):
     sq, num_heads, head_dim = q.shape
     sk, num_kv_heads = k.shape[0], k.shape[1]
     assert num_heads % num_kv_heads == 0
-    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     kv_head = torch.arange(num_heads) // (num_heads // num_kv_heads)  # [H]
     scores = torch.einsum("qhd,khd->hqk", q.float(), k[:, kv_head].float()) * scale
     if causal:
@@ -196,9 +207,22 @@ def _paged(cache, table, length):
 
 
 def fake_flash_attn_varlen_func(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-    deterministic=False, return_attn_probs=False, block_table=None,
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
 ):
     """q: (total_q, nheads, headdim); k/v: (total_k, nheads_k, headdim), or with block_table
     (batch_size, max_num_blocks_per_seq) int32 the paged (num_blocks, page_block_size, nheads_k,
@@ -220,9 +244,24 @@ def fake_flash_attn_varlen_func(
 
 
 def fake_flash_attn_with_kvcache(
-    q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
-    cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
-    window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
     return_softmax_lse=False,
 ):
     """q: (batch_size, seqlen, nheads, headdim); k_cache/v_cache paged (num_blocks,

@@ -27,7 +27,9 @@ class PagedSequence:
         self.cache_len = 0
 
     def slots(self, start: int, end: int) -> list[int]:
-        return [self.blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)]
+        return [
+            self.blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)
+        ]
 
 
 def run_step(model, cache, seqs: list[PagedSequence], counts: list[int]) -> torch.Tensor:
@@ -35,12 +37,15 @@ def run_step(model, cache, seqs: list[PagedSequence], counts: list[int]) -> torc
     ids, positions, slots = [], [], []
     for seq, n in zip(seqs, counts):
         start = seq.cache_len
-        ids += seq.token_ids[start:start + n]
+        ids += seq.token_ids[start : start + n]
         positions += list(range(start, start + n))
         slots += seq.slots(start, start + n)
     meta = AttentionMetadata.build(
-        counts, [s.cache_len + n for s, n in zip(seqs, counts)], [s.blocks for s in seqs],
-        slots, BLOCK_SIZE,
+        counts,
+        [s.cache_len + n for s, n in zip(seqs, counts)],
+        [s.blocks for s in seqs],
+        slots,
+        BLOCK_SIZE,
     )
     ctx = ForwardContext(meta, cache, TorchReferenceAttention())
     with torch.inference_mode():
@@ -72,7 +77,11 @@ def random_sequences(n: int, rng: random.Random) -> list[PagedSequence]:
     seqs = []
     for _ in range(n):
         length = rng.randint(3, 30)
-        seqs.append(PagedSequence([rng.randrange(128) for _ in range(length)], [free.pop() for _ in range(8)]))
+        seqs.append(
+            PagedSequence(
+                [rng.randrange(128) for _ in range(length)], [free.pop() for _ in range(8)]
+            )
+        )
     return seqs
 
 
@@ -86,12 +95,12 @@ def test_prefill_then_decode_matches_transformers(ours, tiny_llama_hf):
     for n in prompt_lens:
         offsets.append(offsets[-1] + n)
     for i, seq in enumerate(seqs):
-        expected = hf_logits(tiny_llama_hf, seq.token_ids[:prompt_lens[i]])
-        torch.testing.assert_close(logits[offsets[i]:offsets[i + 1]], expected, atol=1e-4, rtol=0)
-    for step in range(2):  # two decode steps through the paged cache, all sequences together
+        expected = hf_logits(tiny_llama_hf, seq.token_ids[: prompt_lens[i]])
+        torch.testing.assert_close(logits[offsets[i] : offsets[i + 1]], expected, atol=1e-4, rtol=0)
+    for _ in range(2):  # two decode steps through the paged cache, all sequences together
         logits = run_step(ours, cache, seqs, [1] * len(seqs))
         for i, seq in enumerate(seqs):
-            expected = hf_logits(tiny_llama_hf, seq.token_ids[:seq.cache_len])[-1]
+            expected = hf_logits(tiny_llama_hf, seq.token_ids[: seq.cache_len])[-1]
             torch.testing.assert_close(logits[i], expected, atol=1e-4, rtol=0)
 
 
@@ -108,18 +117,28 @@ def test_cached_prefix_and_chunked_prefill(ours, tiny_llama_hf):
         logits = run_step(ours, cache, [s for s, _ in active], [n for _, n in active])
         row = 0
         for seq, n in active:
-            expected = hf_logits(tiny_llama_hf, seq.token_ids[:seq.cache_len])[-n:]
-            torch.testing.assert_close(logits[row:row + n], expected, atol=1e-4, rtol=0)
+            expected = hf_logits(tiny_llama_hf, seq.token_ids[: seq.cache_len])[-n:]
+            torch.testing.assert_close(logits[row : row + n], expected, atol=1e-4, rtol=0)
             row += n
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-    dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
-    dict(tie_word_embeddings=True, num_key_value_heads=1),
-    dict(attention_bias=True),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        ),
+        dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        dict(tie_word_embeddings=True, num_key_value_heads=1),
+        dict(attention_bias=True),
+    ],
+)
 def test_config_variants_match_transformers(tmp_path, overrides):
     import transformers
 

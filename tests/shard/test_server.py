@@ -17,8 +17,12 @@ BLOCK_SIZE = 4
 
 @pytest.fixture(scope="module")
 def shard(tiny_llama_dir, tmp_path_factory):
-    harness = ShardHarness(tiny_llama_dir, tmp_path_factory.mktemp("sock") / "shard",
-                           block_size=BLOCK_SIZE, kv_bytes=4 * 2**20)
+    harness = ShardHarness(
+        tiny_llama_dir,
+        tmp_path_factory.mktemp("sock") / "shard",
+        block_size=BLOCK_SIZE,
+        kv_bytes=4 * 2**20,
+    )
     response = harness.stub.Warmup(pb.WarmupRequest(max_prefill_tokens=256))
     harness.num_blocks = response.max_supported_total_tokens // BLOCK_SIZE
     yield harness
@@ -35,7 +39,7 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     with torch.inference_mode():
         for _ in range(n):
             ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -45,7 +49,11 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def test_info_and_discovery(shard):
     info = shard.stub.Info(pb.InfoRequest())
-    assert (info.block_size, info.support_chunking, info.requires_padding) == (BLOCK_SIZE, True, False)
+    assert (info.block_size, info.support_chunking, info.requires_padding) == (
+        BLOCK_SIZE,
+        True,
+        False,
+    )
     assert info.dtype == "float32" and info.device_type == "cpu"
     urls = shard.stub.ServiceDiscovery(pb.ServiceDiscoveryRequest()).urls
     assert list(urls) == [f"unix://{shard.config.uds_path}-0"]
@@ -62,11 +70,16 @@ def test_greedy_alone_and_batched_match_transformers(shard, alloc, tiny_llama_hf
     ps = prompts(6)
     expected = [hf_greedy(tiny_llama_hf, p, 10) for p in ps]
     for i, p in enumerate(ps):
-        out = generate(shard.stub, [make_request(i, p, alloc, Params(max_new_tokens=10))], batch_id=i)
+        out = generate(
+            shard.stub, [make_request(i, p, alloc, Params(max_new_tokens=10))], batch_id=i
+        )
         assert out[i] == expected[i]
     alloc = BlockAllocator(shard.num_blocks, BLOCK_SIZE)
     lengths = [3, 10, 7, 10, 1, 5]  # requests finish at different steps and get filtered out
-    batch = [make_request(100 + i, p, alloc, Params(max_new_tokens=n)) for i, (p, n) in enumerate(zip(ps, lengths))]
+    batch = [
+        make_request(100 + i, p, alloc, Params(max_new_tokens=n))
+        for i, (p, n) in enumerate(zip(ps, lengths))
+    ]
     out = generate(shard.stub, batch, batch_id=100)
     assert [out[100 + i] for i in range(6)] == [e[:n] for e, n in zip(expected, lengths)]
     assert len(shard.service.cache) == 0
@@ -80,8 +93,9 @@ def test_prefill_merges_into_running_batch_and_decode_merges_batches(shard, allo
     tokens = {0: list(first.generations[0].tokens.ids), 1: [], 2: []}
     # A new request joins the running batch: one forward computes its prompt and r0's next token.
     r1 = make_request(1, ps[1], alloc, Params(max_new_tokens=6))
-    second = shard.stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=2, requests=[r1], size=1),
-                                                  cached_batch=first.batch))
+    second = shard.stub.Prefill(
+        pb.PrefillRequest(batch=pb.Batch(id=2, requests=[r1], size=1), cached_batch=first.batch)
+    )
     for g in second.generations:
         tokens[g.request_id] += g.tokens.ids
     r2 = make_request(2, ps[2], alloc, Params(max_new_tokens=6))
@@ -101,14 +115,22 @@ def test_chunked_prefill_and_cached_prefix(shard, alloc, tiny_llama_hf):
     prompt = prompts(1, seed=2)[0] + list(range(10, 40))
     expected = hf_greedy(tiny_llama_hf, prompt, 5)
     # Chunked: only 7 tokens now; the shard computes the rest in later steps.
-    out = generate(shard.stub, [make_request(0, prompt, alloc, Params(max_new_tokens=5), chunk_len=7)])
+    out = generate(
+        shard.stub, [make_request(0, prompt, alloc, Params(max_new_tokens=5), chunk_len=7)]
+    )
     assert out[0] == expected
     # Prefix cache: request 1 writes the prompt; request 2 reuses its first 3 blocks (12 tokens).
     first = make_request(1, prompt, alloc, Params(max_new_tokens=1))
     generate(shard.stub, [first], batch_id=5)
     extra = alloc.allocate(len(prompt) + 5 - 12)[0]
-    reuse = make_request(2, prompt, alloc, Params(max_new_tokens=5), cache_len=12,
-                         blocks=list(first.blocks[:3]) + extra)
+    reuse = make_request(
+        2,
+        prompt,
+        alloc,
+        Params(max_new_tokens=5),
+        cache_len=12,
+        blocks=list(first.blocks[:3]) + extra,
+    )
     assert generate(shard.stub, [reuse], batch_id=6)[2] == expected
 
 
@@ -117,8 +139,12 @@ def test_seeded_sampling_is_independent_of_the_batch(shard, alloc):
     sampled = Params(max_new_tokens=12, do_sample=True, temperature=0.8, top_k=20, seed=1234)
     alone = generate(shard.stub, [make_request(0, ps[0], alloc, sampled)], batch_id=10)[0]
     alloc = BlockAllocator(shard.num_blocks, BLOCK_SIZE)
-    others = [Params(max_new_tokens=12, do_sample=True, seed=7 + i, top_p=0.9) if i % 2 else
-              Params(max_new_tokens=5 + i) for i in range(7)]
+    others = [
+        Params(max_new_tokens=12, do_sample=True, seed=7 + i, top_p=0.9)
+        if i % 2
+        else Params(max_new_tokens=5 + i)
+        for i in range(7)
+    ]
     batch = [make_request(i + 1, ps[i + 1], alloc, p) for i, p in enumerate(others)]
     batch.insert(3, make_request(0, ps[0], alloc, sampled))
     assert generate(shard.stub, batch, batch_id=11)[0] == alone
@@ -150,7 +176,9 @@ def test_logprobs_prefill_logprobs_and_top_tokens(shard, alloc, tiny_llama_hf):
 def test_bad_requests_fail_the_rpc_and_the_shard_keeps_serving(shard, alloc, tiny_llama_hf):
     bad = [
         make_request(0, [1, 2, 10_000], alloc, Params()),  # token id outside the vocabulary
-        pb.Request(id=1, input_ids=[1, 2], blocks=[shard.num_blocks + 5]),  # block outside the cache
+        pb.Request(
+            id=1, input_ids=[1, 2], blocks=[shard.num_blocks + 5]
+        ),  # block outside the cache
         pb.Request(id=2, input_ids=[], blocks=[1]),  # no prompt
         pb.Request(id=3, input_ids=list(range(3, 40)), blocks=[1]),  # prompt larger than its blocks
     ]
@@ -168,8 +196,11 @@ def test_bad_requests_fail_the_rpc_and_the_shard_keeps_serving(shard, alloc, tin
 
 def test_filter_and_clear_leave_no_state(shard, alloc):
     ps = prompts(4, seed=6)
-    batch = pb.Batch(id=40, requests=[make_request(i, p, alloc, Params(max_new_tokens=20))
-                                      for i, p in enumerate(ps)], size=4)
+    batch = pb.Batch(
+        id=40,
+        requests=[make_request(i, p, alloc, Params(max_new_tokens=20)) for i, p in enumerate(ps)],
+        size=4,
+    )
     response = shard.stub.Prefill(pb.PrefillRequest(batch=batch))
     filtered = shard.stub.FilterBatch(pb.FilterBatchRequest(batch_id=40, request_ids=[1, 3]))
     assert list(filtered.batch.request_ids) == [1, 3] and filtered.batch.size == 2
@@ -178,8 +209,13 @@ def test_filter_and_clear_leave_no_state(shard, alloc):
     assert sorted(g.request_id for g in response.generations) == [1, 3]
     shard.stub.ClearCache(pb.ClearCacheRequest(id=40))
     assert len(shard.service.cache) == 0 and shard.service.cache.num_requests == 0
-    shard.stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=41, requests=[
-        make_request(9, ps[0], alloc, Params(max_new_tokens=20))])))
+    shard.stub.Prefill(
+        pb.PrefillRequest(
+            batch=pb.Batch(
+                id=41, requests=[make_request(9, ps[0], alloc, Params(max_new_tokens=20))]
+            )
+        )
+    )
     shard.stub.ClearCache(pb.ClearCacheRequest())
     assert len(shard.service.cache) == 0
 

@@ -27,8 +27,9 @@ def prompt_ids(tokenizer) -> list[list[int]]:
     out = []
     for i, text in enumerate(SMOLLM2_PROMPTS):
         if i % 2 == 0:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         else:
             ids = tokenizer(text)["input_ids"]
@@ -45,14 +46,15 @@ def expected(smollm2_dir, prompt_ids) -> list[list[int]]:
     with torch.inference_mode():
         for ids in prompt_ids:
             generated = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
-            outs.append(generated[0, len(ids):].tolist())
+            outs.append(generated[0, len(ids) :].tolist())
     return outs
 
 
 @pytest.fixture(scope="module")
 def shard(smollm2_dir, tmp_path_factory):
-    harness = ShardHarness(smollm2_dir, tmp_path_factory.mktemp("sock") / "shard",
-                           kv_bytes=256 * 2**20)
+    harness = ShardHarness(
+        smollm2_dir, tmp_path_factory.mktemp("sock") / "shard", kv_bytes=256 * 2**20
+    )
     from pb import generate_pb2 as pb
 
     response = harness.stub.Warmup(pb.WarmupRequest(max_prefill_tokens=512))
@@ -70,8 +72,10 @@ def test_greedy_alone_matches_transformers(shard, prompt_ids, expected):
 
 def test_greedy_in_one_batch_matches_transformers(shard, prompt_ids, expected):
     alloc = BlockAllocator(shard.num_blocks, shard.config.block_size)
-    requests = [make_request(i, ids, alloc, Params(max_new_tokens=NEW_TOKENS, ignore_eos=False))
-                for i, ids in enumerate(prompt_ids)]
+    requests = [
+        make_request(i, ids, alloc, Params(max_new_tokens=NEW_TOKENS, ignore_eos=False))
+        for i, ids in enumerate(prompt_ids)
+    ]
     out = generate(shard.stub, requests, batch_id=100)
     assert [out[i] for i in range(len(prompt_ids))] == expected
     assert len(shard.service.cache) == 0

@@ -1,0 +1,225 @@
+"""The continuous-batching loop: one task owns the running batch, the shards and the blocks.
+
+    wait for work -> Prefill(next batch) -> while a batch runs:
+        drop entries whose client left (FilterBatch), then either
+        Prefill(new entries, cached_batch=running)   when the queue has work that fits, or
+        Decode(running)
+With chunked prefill the shard merges a new batch into the running one and advances both in
+one forward, so decoding requests never wait for a whole prompt. Without chunking (TGI's older
+rule) a new batch is prefilled alone once enough requests wait (`waiting_served_ratio`) or
+the running batch has waited `max_waiting_tokens` steps, and the next Decode merges both.
+
+Blocks are freed in exactly one place, `_remove`, when an entry leaves the router.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from pb import generate_pb2 as pb
+from router.block_allocator import BlockAllocator
+from router.client import ShardClient, ShardError
+from router.entry import EndEvent, Entry, ErrorEvent
+from router.errors import GenerationError
+from router.output import OutputState
+from router.queue import NextBatch, Queue
+from router.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Batcher:
+    def __init__(
+        self,
+        client: ShardClient,
+        queue: Queue,
+        allocator: BlockAllocator,
+        tokenizer: Tokenizer,
+        max_batch_prefill_tokens: int,
+        max_batch_total_tokens: int,
+        max_batch_size: int | None,
+        waiting_served_ratio: float,
+        max_waiting_tokens: int,
+    ):
+        self.client = client
+        self.queue = queue
+        self.allocator = allocator
+        self.tokenizer = tokenizer
+        self.max_prefill = max_batch_prefill_tokens
+        self.max_total = max_batch_total_tokens
+        self.max_batch_size = max_batch_size
+        self.waiting_served_ratio = waiting_served_ratio
+        self.max_waiting_tokens = max_waiting_tokens
+        self.entries: dict[int, Entry] = {}  # running entries by request id
+        self._next_batch_id = 0
+        self.healthy = True
+        self.on_step = None  # optional callback(method, seconds, batch_size) for metrics
+
+    async def run(self) -> None:
+        while True:
+            await self.queue.notify.wait()
+            self.queue.notify.clear()
+            while batch := self._next(None, self.max_batch_size, self.max_prefill, self.max_total):
+                cached = await self._prefill(batch, None)
+                await self._drive(cached)
+
+    async def _drive(self, cached: pb.CachedBatch | None) -> None:
+        """Runs one batch until it is empty, merging new work in as it comes."""
+        waiting_tokens = 1
+        while cached is not None:
+            cached = await self._drop_finished(cached)
+            if cached is None:
+                return
+            max_size = None if self.max_batch_size is None else self.max_batch_size - cached.size
+            token_budget = self.max_total - cached.max_tokens
+            if self.queue.support_chunking:
+                new = self._next(
+                    None, max_size, self.max_prefill - cached.current_tokens, token_budget
+                )
+                if new is not None:
+                    cached = await self._prefill(new, cached)
+                    waiting_tokens = 1
+                    continue
+            else:
+                min_size = (
+                    None
+                    if waiting_tokens >= self.max_waiting_tokens
+                    else math.floor(cached.size * self.waiting_served_ratio)
+                )
+                new = self._next(min_size or None, max_size, self.max_prefill, token_budget)
+                if new is not None:
+                    new_cached = await self._prefill(new, None)
+                    waiting_tokens = 1
+                    if new_cached is not None:
+                        cached = await self._decode([cached, new_cached])
+                        continue
+            cached = await self._decode([cached])
+            waiting_tokens += 1
+
+    def _next(self, min_size, max_size, prefill_budget, token_budget) -> NextBatch | None:
+        return self.queue.next_batch(min_size, max_size, prefill_budget, token_budget)
+
+    def _to_pb(self, batch: NextBatch) -> pb.Batch:
+        requests = []
+        now = time.monotonic()
+        for entry in batch.entries:
+            entry.started_at = now
+            entry.output = OutputState(self.tokenizer, entry)
+            self.entries[entry.id] = entry
+            requests.append(request_to_pb(entry))
+        self._next_batch_id += 1
+        max_blocks = max(len(e.allocation.blocks) for e in batch.entries)
+        return pb.Batch(
+            id=self._next_batch_id,
+            requests=requests,
+            size=len(requests),
+            max_tokens=sum(len(e.allocation.slots) for e in batch.entries),
+            max_blocks=max_blocks,
+        )
+
+    async def _prefill(self, batch: NextBatch, cached: pb.CachedBatch | None):
+        request = self._to_pb(batch)
+        ids = [e.id for e in batch.entries] + (list(cached.request_ids) if cached else [])
+        batch_ids = [request.id] + ([cached.id] if cached else [])
+        return await self._step("prefill", ids, batch_ids, self.client.prefill(request, cached))
+
+    async def _decode(self, batches: list[pb.CachedBatch]):
+        ids = [i for b in batches for i in b.request_ids]
+        return await self._step("decode", ids, [b.id for b in batches], self.client.decode(batches))
+
+    async def _step(self, method: str, request_ids: list[int], batch_ids: list[int], call):
+        start = time.monotonic()
+        try:
+            response = await call
+        except ShardError as err:
+            log.error("%s failed: %s", method, err)
+            self.healthy = False
+            await self._fail(request_ids, batch_ids, f"Server error: {err}")
+            return None
+        self.healthy = True
+        if self.on_step:
+            self.on_step(method, time.monotonic() - start, len(request_ids))
+        for g in response.generations:
+            entry = self.entries.get(g.request_id)
+            if entry is None or entry.cancelled:
+                continue
+            for event in entry.output.process(entry, g):
+                entry.send(event)
+                if isinstance(event, EndEvent):
+                    self._remove(entry)
+        return response.batch if response.HasField("batch") else None
+
+    async def _fail(self, request_ids: list[int], batch_ids: list[int], message: str) -> None:
+        """Every request of a failed step gets a generation error; the shards forget them."""
+        for request_id in request_ids:
+            entry = self.entries.get(request_id)
+            if entry is not None:
+                entry.send(ErrorEvent(GenerationError(message)))
+                self._remove(entry)
+        for batch_id in batch_ids:
+            try:
+                await self.client.clear_cache(batch_id)
+            except ShardError as err:
+                log.error("clear_cache(%d) after a failed step failed too: %s", batch_id, err)
+
+    async def _drop_finished(self, cached: pb.CachedBatch) -> pb.CachedBatch | None:
+        """Removes finished and cancelled requests from the shards' batch before the next step."""
+        for request_id in cached.request_ids:
+            entry = self.entries.get(request_id)
+            if entry is not None and entry.cancelled:
+                log.info("request %d: client went away, dropped", request_id)
+                self._remove(entry)
+        keep = [i for i in cached.request_ids if i in self.entries]
+        if len(keep) == len(cached.request_ids):
+            return cached
+        try:
+            if not keep:
+                await self.client.clear_cache(cached.id)
+                return None
+            return await self.client.filter_batch(cached.id, keep)
+        except ShardError as err:
+            await self._fail(keep, [cached.id], f"Server error: {err}")
+            return None
+
+    def _remove(self, entry: Entry) -> None:
+        """The one place an entry leaves the router and its blocks are freed."""
+        self.entries.pop(entry.id, None)
+        if entry.allocation is not None:
+            self.allocator.free(entry.allocation)
+            entry.allocation = None
+
+
+def request_to_pb(entry: Entry) -> pb.Request:
+    r = entry.request
+    s = r.sampling
+    return pb.Request(
+        id=entry.id,
+        inputs=r.inputs,
+        input_ids=r.input_ids,
+        truncate=r.truncate or r.input_length,
+        parameters=pb.NextTokenChooserParameters(
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            typical_p=s.typical_p,
+            do_sample=s.do_sample,
+            seed=s.seed,
+            repetition_penalty=s.repetition_penalty,
+            frequency_penalty=s.frequency_penalty,
+            watermark=s.watermark,
+        ),
+        stopping_parameters=pb.StoppingCriteriaParameters(
+            max_new_tokens=r.stopping.max_new_tokens,
+            stop_sequences=r.stopping.stop_sequences,
+            ignore_eos_token=r.stopping.ignore_eos_token,
+        ),
+        prefill_logprobs=r.decoder_input_details,
+        top_n_tokens=r.top_n_tokens,
+        blocks=entry.allocation.blocks,
+        slots=entry.allocation.slots,
+        cache_len=0,
+        add_special_tokens=r.add_special_tokens,
+        chunk_len=entry.chunk_len,
+    )

@@ -1,0 +1,107 @@
+"""`python -m router`: the HTTP router. The launcher starts it once the shards are up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+import typer
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "timestamp": self.formatTime(record),
+            "level": record.levelname,
+            "target": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(json_output: bool, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if json_output
+        else logging.Formatter("%(asctime)s %(levelname)s router %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+@app.command()
+def main(
+    model_id: str = typer.Option(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", help="Name reported by /info"
+    ),
+    tokenizer_name: str = typer.Option(..., help="Local directory with tokenizer.json"),
+    master_shard_uds_path: str = typer.Option("/tmp/text-generation-server-0"),
+    hostname: str = typer.Option("0.0.0.0"),
+    port: int = typer.Option(3000),
+    max_concurrent_requests: int = typer.Option(128),
+    max_best_of: int = typer.Option(2),
+    max_stop_sequences: int = typer.Option(4),
+    max_top_n_tokens: int = typer.Option(5),
+    max_input_tokens: int | None = typer.Option(None),
+    max_total_tokens: int | None = typer.Option(None),
+    max_batch_prefill_tokens: int = typer.Option(4096),
+    max_batch_total_tokens: int | None = typer.Option(None),
+    max_batch_size: int | None = typer.Option(None),
+    waiting_served_ratio: float = typer.Option(1.2),
+    max_waiting_tokens: int = typer.Option(20),
+    max_client_batch_size: int = typer.Option(4),
+    validation_workers: int = typer.Option(2),
+    payload_limit: int = typer.Option(2_000_000),
+    api_key: str | None = typer.Option(None),
+    cors_allow_origin: list[str] = typer.Option([]),
+    json_output: bool = typer.Option(False, "--json-output"),
+    enable_prefill_logprobs: bool = typer.Option(False, "--enable-prefill-logprobs"),
+    graceful_shutdown_timeout: float = typer.Option(90.0),
+    log_level: str = typer.Option("info", envvar="LOG_LEVEL"),
+) -> None:
+    """Serves TGI's HTTP API in front of the shards."""
+    setup_logging(json_output, log_level)
+    from router.app import serve
+    from router.config import RouterConfig
+
+    try:
+        config = RouterConfig(
+            model_id=model_id,
+            tokenizer_dir=tokenizer_name,
+            master_shard_uds_path=master_shard_uds_path,
+            hostname=hostname,
+            port=port,
+            max_concurrent_requests=max_concurrent_requests,
+            max_best_of=max_best_of,
+            max_stop_sequences=max_stop_sequences,
+            max_top_n_tokens=max_top_n_tokens,
+            max_input_tokens=max_input_tokens,
+            max_total_tokens=max_total_tokens,
+            max_batch_prefill_tokens=max_batch_prefill_tokens,
+            max_batch_total_tokens=max_batch_total_tokens,
+            max_batch_size=max_batch_size,
+            waiting_served_ratio=waiting_served_ratio,
+            max_waiting_tokens=max_waiting_tokens,
+            max_client_batch_size=max_client_batch_size,
+            validation_workers=validation_workers,
+            payload_limit=payload_limit,
+            api_key=api_key,
+            cors_allow_origin=tuple(cors_allow_origin),
+            json_output=json_output,
+            enable_prefill_logprobs=enable_prefill_logprobs,
+            graceful_shutdown_timeout=graceful_shutdown_timeout,
+        )
+    except ValueError as err:
+        logging.getLogger("router").error("invalid configuration: %s", err)
+        raise typer.Exit(1) from err
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    app()

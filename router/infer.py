@@ -1,0 +1,132 @@
+"""Admission and the per-request event stream between the HTTP handlers and the batcher.
+
+`max_concurrent_requests` permits are taken without waiting (429 when none is left) and given
+back when the request's stream ends, however it ends. A request whose `max_new_tokens` was not
+given runs in chunks of at most 1024 new tokens (TGI's rule, so blocks are not reserved for the
+whole context at once); each chunk continues from the previous output, and the client sees one
+stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+
+from router.entry import EndEvent, Entry, ErrorEvent, Event, PrefillEvent, Token, TokenEvent
+from router.errors import OverloadedError
+from router.queue import Queue
+from router.request import ValidatedRequest
+from router.tokenizer import Tokenizer
+
+CHUNK_NEW_TOKENS = 1024
+
+
+def continuation(
+    request: ValidatedRequest, chunk_ids: tuple[int, ...], remaining: int
+) -> ValidatedRequest:
+    """The next chunk of a long generation: the output so far becomes part of the prompt."""
+    stopping = replace(request.stopping, max_new_tokens=min(remaining, CHUNK_NEW_TOKENS))
+    return replace(
+        request,
+        input_ids=request.input_ids + tuple(chunk_ids),
+        stopping=stopping,
+        decoder_input_details=False,
+    )
+
+
+class Permit:
+    """One of the `max_concurrent_requests` slots; release() is idempotent."""
+
+    def __init__(self, infer: Infer):
+        self._infer = infer
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._infer.in_flight -= 1
+
+
+@dataclass
+class GenerateResult:
+    """Everything a non-streaming request produced."""
+
+    prefill: list[Token] = field(default_factory=list)
+    tokens: list[Token] = field(default_factory=list)
+    top_tokens: list[list[Token]] = field(default_factory=list)
+    end: EndEvent | None = None
+
+
+class Infer:
+    def __init__(self, queue: Queue, tokenizer: Tokenizer, max_concurrent_requests: int):
+        self.queue = queue
+        self.tokenizer = tokenizer
+        self.max_concurrent_requests = max_concurrent_requests
+        self.in_flight = 0
+        self._ids = itertools.count()
+
+    def acquire(self) -> Permit:
+        if self.in_flight >= self.max_concurrent_requests:
+            raise OverloadedError()
+        self.in_flight += 1
+        return Permit(self)
+
+    async def generate_stream(self, request: ValidatedRequest) -> AsyncIterator[Event]:
+        """Events until (and including) an EndEvent or an ErrorEvent."""
+        generated: list[int] = []
+        while True:
+            end = None
+            async with aclosing(self._run_once(request)) as events:  # closed even if we are
+                async for event in events:  # ends after an End or Error event
+                    if isinstance(event, EndEvent):
+                        end = event
+                        continue
+                    yield event
+                    if isinstance(event, ErrorEvent):
+                        return
+            generated += end.generated_ids
+            remaining = request.stopping.max_total_new_tokens - len(generated)
+            if end.finish_reason != "length" or remaining <= 0:
+                yield self._final(end, generated)
+                return
+            yield TokenEvent(end.token, end.top_tokens)  # the stream goes on: not the end yet
+            request = continuation(request, end.generated_ids, remaining)
+
+    async def _run_once(self, request: ValidatedRequest) -> AsyncIterator[Event]:
+        entry = Entry(next(self._ids), request)
+        self.queue.append(entry)
+        try:
+            while True:
+                event = await entry.events.get()
+                yield event
+                if isinstance(event, (EndEvent, ErrorEvent)):
+                    return
+        finally:
+            entry.cancelled = True  # no-op once finished; otherwise the batcher drops it
+
+    def _final(self, end: EndEvent, generated: list[int]) -> EndEvent:
+        if len(generated) == len(end.generated_ids):
+            return end
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        return replace(
+            end,
+            generated_text=text,
+            generated_tokens=len(generated),
+            generated_ids=tuple(generated),
+        )
+
+    async def generate(self, request: ValidatedRequest) -> GenerateResult:
+        result = GenerateResult()
+        async for event in self.generate_stream(request):
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            if isinstance(event, PrefillEvent):
+                result.prefill = event.tokens
+                continue
+            result.tokens.append(event.token)
+            result.top_tokens.append(event.top_tokens)
+            if isinstance(event, EndEvent):
+                result.end = event
+        return result

@@ -1,0 +1,99 @@
+"""The FIFO of entries waiting to run, and `next_batch`: which of them join the next
+Prefill under the token, block and size budgets (TGI v3's rules).
+
+With chunked prefill (the shards' `support_chunking`), the last entry that overflows the
+prefill budget still joins with `chunk_len` = what is left of the budget; without it, the
+entry waits for the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from router.block_allocator import BlockAllocator
+from router.entry import Entry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NextBatch:
+    entries: list[Entry]
+    prefill_tokens: int
+
+
+class Queue:
+    def __init__(self, allocator: BlockAllocator, support_chunking: bool):
+        self.allocator = allocator
+        self.support_chunking = support_chunking
+        self._entries: deque[Entry] = deque()
+        self.notify = asyncio.Event()
+        self.dropped = 0  # entries whose client left while they waited
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def append(self, entry: Entry) -> None:
+        self._entries.append(entry)
+        self.notify.set()
+
+    def next_batch(
+        self, min_size: int | None, max_size: int | None, prefill_budget: int, token_budget: int
+    ) -> NextBatch | None:
+        """Pops the entries of the next batch and gives them their blocks. Entries are planned
+        first and allocated only if the batch happens, so nothing is ever given back here."""
+        self.drain_cancelled()
+        if not self._entries or max_size == 0 or prefill_budget <= 0 or token_budget <= 0:
+            return None
+        plan = self._plan(max_size, prefill_budget, token_budget)
+        if not plan or (min_size and len(plan) < min_size):
+            return None
+        chosen = []
+        for entry, take in plan:
+            self._entries.popleft()
+            prompt = entry.request.input_length
+            entry.allocation = self.allocator.allocate(self._tokens(entry))
+            entry.chunk_len = take if take < prompt else None
+            chosen.append(entry)
+        return NextBatch(chosen, sum(take for _, take in plan))
+
+    @staticmethod
+    def _tokens(entry: Entry) -> int:
+        """KV positions the entry may fill: its prompt and every generated token but the last."""
+        return entry.request.input_length + entry.request.stopping.max_new_tokens - 1
+
+    def _plan(
+        self, max_size: int | None, prefill_budget: int, token_budget: int
+    ) -> list[tuple[Entry, int]]:
+        """(entry, prompt tokens prefilled now) for the head of the queue, in order."""
+        plan: list[tuple[Entry, int]] = []
+        free_blocks = self.allocator.free_blocks
+        prefill = tokens = 0
+        for entry in self._entries:
+            if max_size is not None and len(plan) >= max_size:
+                break
+            prompt = entry.request.input_length
+            take = min(prompt, prefill_budget - prefill)
+            if take < prompt and (not self.support_chunking or take <= 0):
+                break
+            needed = self.allocator.blocks_for(self._tokens(entry))
+            if needed > free_blocks or tokens + self._tokens(entry) > token_budget:
+                break
+            free_blocks -= needed
+            prefill += take
+            tokens += self._tokens(entry)
+            plan.append((entry, take))
+            if take < prompt:
+                break  # the prefill budget is used up
+        return plan
+
+    def drain_cancelled(self) -> list[Entry]:
+        """Removes entries whose client left while waiting."""
+        gone = [e for e in self._entries if e.cancelled]
+        if gone:
+            self._entries = deque(e for e in self._entries if not e.cancelled)
+            self.dropped += len(gone)
+        return gone

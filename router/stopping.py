@@ -1,0 +1,114 @@
+"""Stop sequences, matched on the streamed text in linear time.
+
+TGI runs the regex `re.escape(s)$` over a rolling buffer of the last 300 characters after every
+token, so it finds a stop sequence only when a token's text ends exactly with it, and never one
+longer than 300 characters. Here each stop sequence has a streaming KMP matcher whose state is
+the length of the longest prefix of the stop that ends the output so far. Consequences:
+
+- a stop sequence is found wherever it ends: split across tokens, or in the middle of a token's
+  text (then `match.end < len(text)`);
+- the earliest match wins; two stops ending at the same character go by their order;
+- work is linear in the text pushed, whatever the length of the stop sequences: no buffer is
+  searched again, an unrelated token costs one `str.find`, text that continues a partial match
+  is compared at C speed, and KMP's failure table is built lazily, only as far as a partial
+  match has reached (never more than the text pushed so far);
+- a matcher reports one match; later pushes return None. Empty stop sequences are ignored.
+
+Like TGI, the caller keeps the whole text of the token that completed the stop sequence (the
+final `generated_text` includes the stop sequence and whatever followed it in that token);
+`match.end` says where the stop sequence ended, for callers that cut the text there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+
+class StopMatch(NamedTuple):
+    stop: str  # the stop sequence found
+    end: int  # index just past it in the text of the push that completed it
+    offset: int  # index just past it in all the text pushed so far
+
+
+class StopSequenceMatcher:
+    """Feeds streamed text to one matcher per stop sequence; reports the first match."""
+
+    def __init__(self, stop_sequences: Iterable[str]):
+        self._matchers = [_KmpMatcher(s) for s in dict.fromkeys(stop_sequences) if s]
+        self.num_chars = 0  # characters pushed so far
+        self.match: StopMatch | None = None
+
+    @property
+    def matched(self) -> str | None:
+        return self.match.stop if self.match else None
+
+    def push(self, text: str) -> str | None:
+        """Appends newly generated text; returns the stop sequence it completes, if any."""
+        if self.match is not None or not self._matchers:
+            self.num_chars += len(text)
+            return None
+        best: tuple[int, str] | None = None
+        for matcher in self._matchers:
+            end = matcher.feed(text)
+            if end >= 0 and (best is None or end < best[0]):
+                best = (end, matcher.stop)
+        if best is not None:
+            self.match = StopMatch(best[1], best[0], self.num_chars + best[0])
+        self.num_chars += len(text)
+        return self.matched
+
+
+class _KmpMatcher:
+    """Streaming Knuth-Morris-Pratt matcher for one pattern."""
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.state = 0  # length of the longest prefix of `stop` that ends the text fed so far
+        self._failure: list[int] = []  # KMP prefix function of `stop`, computed on demand
+
+    def feed(self, text: str) -> int:
+        """Consumes `text`; returns the index just past the first complete match, or -1."""
+        stop, m, n = self.stop, len(self.stop), len(text)
+        i = 0
+        compared_until = 0  # fast comparisons never overlap: O(len(text)) in all
+        while i < n:
+            if self.state == 0 and (i := text.find(stop[0], i)) < 0:
+                return -1
+            if i >= compared_until:
+                count = min(n - i, m - self.state)
+                if text.startswith(stop[self.state : self.state + count], i):
+                    self.state += count
+                    return self._found(i + count) if self.state == m else -1
+                compared_until = i + count
+            self._step(text[i])
+            i += 1
+            if self.state == m:
+                return self._found(i)
+        return -1
+
+    def _found(self, end: int) -> int:
+        """Starts afresh after a complete match (StopSequenceMatcher stops at the first)."""
+        self.state = 0
+        return end
+
+    def _step(self, char: str) -> None:
+        """One KMP transition."""
+        state, stop = self.state, self.stop
+        while state > 0 and stop[state] != char:
+            state = self._prefix(state - 1)
+        self.state = state + 1 if stop[state] == char else 0
+
+    def _prefix(self, j: int) -> int:
+        """Length of the longest proper border of stop[:j + 1]; extends the table to j."""
+        failure, stop = self._failure, self.stop
+        if not failure:
+            failure.append(0)
+        k = failure[-1]
+        for q in range(len(failure), j + 1):
+            while k > 0 and stop[q] != stop[k]:
+                k = failure[k - 1]
+            if stop[q] == stop[k]:
+                k += 1
+            failure.append(k)
+        return failure[j]

@@ -1,0 +1,459 @@
+"""Launcher flags: TGI's names, defaults and env vars, validation, and the exact argument lists
+handed to `shard prepare`, `shard serve` and the router. Nothing is spawned here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from launcher import cli
+from launcher.cli import ConfigError, LauncherConfig, app, is_memory_budget
+
+PY = sys.executable
+OPTIONS = [p for p in get_command(app).params if p.opts[0].startswith("--")]
+FLAG_ENV_VARS = [p.envvar for p in OPTIONS]
+
+TGI_FLAGS = [
+    "--model-id",
+    "--revision",
+    "--validation-workers",
+    "--sharded",
+    "--num-shard",
+    "--dtype",
+    "--max-concurrent-requests",
+    "--max-best-of",
+    "--max-stop-sequences",
+    "--max-top-n-tokens",
+    "--max-input-tokens",
+    "--max-input-length",
+    "--max-total-tokens",
+    "--waiting-served-ratio",
+    "--max-batch-prefill-tokens",
+    "--max-batch-total-tokens",
+    "--max-waiting-tokens",
+    "--max-batch-size",
+    "--hostname",
+    "--port",
+    "--shard-uds-path",
+    "--master-addr",
+    "--master-port",
+    "--json-output",
+    "--cors-allow-origin",
+    "--api-key",
+    "--max-client-batch-size",
+    "--payload-limit",
+    "--enable-prefill-logprobs",
+    "--graceful-termination-timeout",
+    "--disable-custom-kernels",
+]
+OUR_FLAGS = ["--kv-cache-memory", "--attention", "--block-size", "--cache-dir"]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No flag may come from the test machine's environment; logging is restored after."""
+    for name in [*FLAG_ENV_VARS, "LOG_LEVEL", "CUDA_VISIBLE_DEVICES"]:
+        monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[LauncherConfig]:
+    """The configs the CLI would launch, instead of launching them."""
+    configs: list[LauncherConfig] = []
+
+    def fake_supervise(config: LauncherConfig) -> int:
+        configs.append(config)
+        return 0
+
+    monkeypatch.setattr(cli, "supervise", fake_supervise)
+    return configs
+
+
+def parse(captured: list[LauncherConfig], *args: str, **env: str) -> LauncherConfig:
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert result.exit_code == 0, result.output
+    return captured[-1]
+
+
+def parse_error(captured: list[LauncherConfig], *args: str, **env: str) -> str:
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert result.exit_code == 1, result.output
+    assert not captured
+    return result.output
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def test_every_tgi_flag_and_ours_exists() -> None:
+    names = {opt for p in OPTIONS for opt in p.opts}
+    assert set(TGI_FLAGS + OUR_FLAGS) <= names
+    assert {"-p", "-g"} <= {opt for p in OPTIONS for opt in p.opts}
+
+
+def test_every_flag_reads_its_upper_snake_env_var() -> None:
+    for option in OPTIONS:
+        assert option.envvar == option.opts[0][2:].upper().replace("-", "_"), option.opts
+
+
+def test_defaults_match_tgi(captured: list[LauncherConfig]) -> None:
+    config = parse(captured)
+    assert config == LauncherConfig()
+    assert (config.model_id, config.num_shard, config.dtype) == (None, 1, "float32")
+    assert config.max_batch_prefill_tokens == 4096
+    assert config.waiting_served_ratio == 0.3
+    assert config.graceful_termination_timeout == 90
+    assert config.kv_cache_memory == "0.3" and config.block_size == 16
+    assert config.attention == "auto" and config.log_level == "info"
+    assert config.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "field", "expected"),
+    [
+        ("MODEL_ID", "/models/llama", "model_id", "/models/llama"),
+        ("PORT", "8080", "port", 8080),
+        ("HOSTNAME", "127.0.0.1", "hostname", "127.0.0.1"),
+        ("MAX_CONCURRENT_REQUESTS", "7", "max_concurrent_requests", 7),
+        ("MAX_INPUT_LENGTH", "100", "max_input_tokens", 100),
+        ("WAITING_SERVED_RATIO", "1.2", "waiting_served_ratio", 1.2),
+        ("JSON_OUTPUT", "true", "json_output", True),
+        ("ENABLE_PREFILL_LOGPROBS", "1", "enable_prefill_logprobs", True),
+        ("DISABLE_CUSTOM_KERNELS", "true", "disable_custom_kernels", True),
+        (
+            "CORS_ALLOW_ORIGIN",
+            "https://a.com https://b.com",
+            "cors_allow_origin",
+            ("https://a.com", "https://b.com"),
+        ),
+        ("API_KEY", "secret", "api_key", "secret"),
+        ("GRACEFUL_TERMINATION_TIMEOUT", "5", "graceful_termination_timeout", 5.0),
+        ("DTYPE", "bfloat16", "dtype", "bfloat16"),
+        ("NUM_SHARD", "2", "num_shard", 2),
+        ("CUDA_VISIBLE_DEVICES", "0,1,2", "num_shard", 3),
+        ("KV_CACHE_MEMORY", "2GiB", "kv_cache_memory", "2GiB"),
+        ("ATTENTION", "sdpa", "attention", "sdpa"),
+        ("BLOCK_SIZE", "32", "block_size", 32),
+        ("CACHE_DIR", "/cache", "cache_dir", "/cache"),
+        ("LOG_LEVEL", "WARN", "log_level", "warning"),
+        ("LOG_LEVEL", "trace", "log_level", "debug"),
+    ],
+)
+def test_env_vars(
+    captured: list[LauncherConfig], env: str, value: str, field: str, expected: Any
+) -> None:
+    assert getattr(parse(captured, **{env: value}), field) == expected
+
+
+def test_flags_win_over_env_vars(captured: list[LauncherConfig]) -> None:
+    config = parse(
+        captured, "-p", "9000", "--num-shard", "1", PORT="8080", CUDA_VISIBLE_DEVICES="0,1"
+    )
+    assert (config.port, config.num_shard) == (9000, 1)
+
+
+def test_short_and_repeated_flags(captured: list[LauncherConfig]) -> None:
+    config = parse(
+        captured,
+        "-p",
+        "80",
+        "-g",
+        "2.5",
+        "--cors-allow-origin",
+        "https://a.com",
+        "--cors-allow-origin",
+        "https://b.com",
+    )
+    assert (config.port, config.graceful_termination_timeout) == (80, 2.5)
+    assert config.cors_allow_origin == ("https://a.com", "https://b.com")
+
+
+@pytest.mark.parametrize(
+    ("args", "num_shard"),
+    [
+        (("--sharded", "true", "--num-shard", "2"), 2),
+        (("--sharded", "false"), 1),
+        (("--sharded", "false", "--num-shard", "1"), 1),
+        (("--num-shard", "3"), 3),
+    ],
+)
+def test_sharded_and_num_shard(
+    captured: list[LauncherConfig], args: tuple[str, ...], num_shard: int
+) -> None:
+    assert parse(captured, *args).num_shard == num_shard
+
+
+def test_sharded_true_counts_cuda_visible_devices(captured: list[LauncherConfig]) -> None:
+    assert parse(captured, "--sharded", "true", CUDA_VISIBLE_DEVICES="0,1").num_shard == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ("--max-input-tokens", "10", "--max-input-length", "10"),
+            {},
+            "Both `max_input_tokens` and `max_input_length` are set",
+        ),
+        (
+            ("--max-input-tokens", "100", "--max-total-tokens", "100"),
+            {},
+            "`max_input_tokens`(100) must be < `max_total_tokens`(100)",
+        ),
+        (
+            ("--max-input-length", "200", "--max-total-tokens", "100"),
+            {},
+            "`max_input_tokens`(200) must be < `max_total_tokens`(100)",
+        ),
+        (
+            ("--max-total-tokens", "200", "--max-batch-total-tokens", "100"),
+            {},
+            "`max_total_tokens` must be <= `max_batch_total_tokens`",
+        ),
+        (
+            ("--max-batch-prefill-tokens", "200", "--max-batch-total-tokens", "100"),
+            {},
+            "`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`",
+        ),
+        (("--sharded", "false", "--num-shard", "2"), {}, "`sharded` is false but `num_shard` is 2"),
+        (("--sharded", "false"), {"CUDA_VISIBLE_DEVICES": "0,1"}, "`sharded` is false"),
+        (("--sharded", "true", "--num-shard", "1"), {}, "`sharded` is true but `num_shard` is 1"),
+        (("--sharded", "true"), {}, "`sharded` is true but `num_shard` is 1"),
+        (("--sharded", "maybe"), {}, "`sharded` must be true or false"),
+        (("--num-shard", "0"), {}, "`num_shard` cannot be < 1"),
+        (("--validation-workers", "0"), {}, "`validation_workers` must be > 0"),
+        (("--max-batch-size", "0"), {}, "`max_batch_size` must be > 0"),
+        (("--dtype", "float64"), {}, "`dtype` must be one of float32, bfloat16, float16"),
+        (("--attention", "paged"), {}, "`attention` must be one of auto, sdpa, torch, flash"),
+        (("--kv-cache-memory", "lots"), {}, "invalid `kv_cache_memory` 'lots'"),
+        (("--block-size", "0"), {}, "`block_size` must be > 0"),
+        (("-g", "-1"), {}, "`graceful_termination_timeout` must be >= 0"),
+        ((), {"LOG_LEVEL": "verbose"}, "invalid LOG_LEVEL 'verbose'"),
+    ],
+)
+def test_invalid_arguments_exit_1_with_a_clear_message(
+    captured: list[LauncherConfig], args: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    output = parse_error(captured, *args, **env)
+    assert "invalid arguments" in output and message in output
+
+
+def test_json_output_logs_errors_as_json(captured: list[LauncherConfig]) -> None:
+    output = parse_error(captured, "--json-output", "--num-shard", "0")
+    entry = json.loads(output.strip().splitlines()[-1])
+    assert entry["level"] == "ERROR" and "`num_shard` cannot be < 1" in entry["message"]
+
+
+def test_config_is_frozen_and_ignores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "1234")
+    config = LauncherConfig()
+    assert config.port == 3000
+    with pytest.raises(AttributeError):
+        config.port = 1  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="max_batch_total_tokens"):
+        LauncherConfig(max_total_tokens=10, max_batch_total_tokens=5)
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("0.3", True),
+        ("1", True),
+        ("2GiB", True),
+        ("500 MB", True),
+        ("1000000", True),
+        ("0", False),
+        ("-1", False),
+        ("2TB", False),
+        ("lots", False),
+        ("", False),
+    ],
+)
+def test_memory_budget_grammar_matches_the_shard(text: str, ok: bool) -> None:
+    assert is_memory_budget(text) is ok
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def test_prepare_command() -> None:
+    assert cli.prepare_command(LauncherConfig()).argv == (PY, "-m", "shard", "prepare")
+    config = LauncherConfig(
+        model_id="org/model", revision="main", cache_dir="/cache", json_output=True
+    )
+    assert cli.prepare_command(config).argv == (
+        PY,
+        "-m",
+        "shard",
+        "prepare",
+        "--model-id",
+        "org/model",
+        "--revision",
+        "main",
+        "--cache-dir",
+        "/cache",
+        "--json-output",
+    )
+
+
+def test_shard_command() -> None:
+    config = LauncherConfig(
+        num_shard=2,
+        dtype="bfloat16",
+        attention="sdpa",
+        block_size=32,
+        kv_cache_memory="2GiB",
+        shard_uds_path="/tmp/tgi",
+        json_output=True,
+        master_addr="10.0.0.1",
+        master_port=1234,
+        log_level="debug",
+    )
+    command = cli.shard_command(config, "/models/m", rank=1)
+    assert command.name == "shard 1"
+    assert command.argv == (
+        PY,
+        "-m",
+        "shard",
+        "serve",
+        "--model-id",
+        "/models/m",
+        "--uds-path",
+        "/tmp/tgi",
+        "--rank",
+        "1",
+        "--world-size",
+        "2",
+        "--dtype",
+        "bfloat16",
+        "--attention",
+        "sdpa",
+        "--block-size",
+        "32",
+        "--kv-cache-memory",
+        "2GiB",
+        "--exit-with-parent",
+        "--json-output",
+        "--log-level",
+        "debug",
+    )
+    assert command.env == {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "1234",
+        "LOG_LEVEL": "debug",
+    }
+    default = cli.shard_command(LauncherConfig(), "/models/m", rank=0).argv
+    assert "--json-output" not in default and default[-2:] == ("--log-level", "info")
+
+
+def test_router_command_defaults() -> None:
+    command = cli.router_command(LauncherConfig(), "/models/m")
+    assert command.name == "webserver"
+    assert command.argv == (
+        PY,
+        "-m",
+        "router",
+        "--model-id",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "--tokenizer-name",
+        "/models/m",
+        "--master-shard-uds-path",
+        "/tmp/text-generation-server-0",
+        "--hostname",
+        "0.0.0.0",
+        "--port",
+        "3000",
+        "--max-concurrent-requests",
+        "128",
+        "--max-best-of",
+        "2",
+        "--max-stop-sequences",
+        "4",
+        "--max-top-n-tokens",
+        "5",
+        "--max-batch-prefill-tokens",
+        "4096",
+        "--waiting-served-ratio",
+        "0.3",
+        "--max-waiting-tokens",
+        "20",
+        "--validation-workers",
+        "2",
+        "--max-client-batch-size",
+        "4",
+        "--payload-limit",
+        "2000000",
+        "--graceful-shutdown-timeout",
+        "90.0",
+    )
+
+
+def test_router_command_with_every_optional_flag() -> None:
+    config = LauncherConfig(
+        model_id="org/model",
+        hostname="127.0.0.1",
+        port=8080,
+        shard_uds_path="/tmp/s",
+        max_input_tokens=100,
+        max_total_tokens=200,
+        max_batch_total_tokens=10000,
+        max_batch_size=8,
+        api_key="k",
+        cors_allow_origin=("https://a", "https://b"),
+        json_output=True,
+        enable_prefill_logprobs=True,
+        graceful_termination_timeout=5,
+    )
+    argv = cli.router_command(config, "/models/m").argv
+    assert argv[:9] == (
+        PY,
+        "-m",
+        "router",
+        "--model-id",
+        "org/model",
+        "--tokenizer-name",
+        "/models/m",
+        "--master-shard-uds-path",
+        "/tmp/s-0",
+    )
+    assert argv[argv.index("--graceful-shutdown-timeout") :] == (
+        "--graceful-shutdown-timeout",
+        "5",
+        "--max-input-tokens",
+        "100",
+        "--max-total-tokens",
+        "200",
+        "--max-batch-total-tokens",
+        "10000",
+        "--max-batch-size",
+        "8",
+        "--api-key",
+        "k",
+        "--cors-allow-origin",
+        "https://a",
+        "--cors-allow-origin",
+        "https://b",
+        "--json-output",
+        "--enable-prefill-logprobs",
+    )
+
+
+def test_launch_plan_has_one_shard_and_socket_per_rank() -> None:
+    plan = cli.launch_plan(LauncherConfig(num_shard=3, shard_uds_path="/tmp/x"))
+    assert plan.shard_sockets == ["/tmp/x-0", "/tmp/x-1", "/tmp/x-2"]
+    assert [c.name for c in plan.shards("/m")] == ["shard 0", "shard 1", "shard 2"]
+    assert plan.router("/m").argv[plan.router("/m").argv.index("--tokenizer-name") + 1] == "/m"

@@ -1,0 +1,141 @@
+"""A shard client that needs no model: it keeps batches like the real shard and 'generates'
+a deterministic token per step, so the router's loop can be tested exactly."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pb import generate_pb2 as pb
+from router.client import ShardError
+
+
+class FakeShardClient:
+    def __init__(
+        self,
+        vocab: list[int],
+        eos_id: int | None = None,
+        support_chunking: bool = True,
+        block_size: int = 4,
+        num_blocks: int = 64,
+        step_delay: float = 0.0,
+    ):
+        self.vocab = vocab  # token ids to emit, cycled per request
+        self.eos_id = eos_id
+        self.support_chunking = support_chunking
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.step_delay = step_delay
+        self.batches: dict[int, list[dict]] = {}
+        self.calls: list[tuple] = []
+        self.fail_next: str | None = None  # "prefill" or "decode": raise on the next such call
+
+    async def info(self):
+        return pb.InfoResponse(block_size=self.block_size, support_chunking=self.support_chunking)
+
+    async def health(self, timeout=None):
+        return None
+
+    async def clear_cache(self, batch_id=None):
+        self.calls.append(("clear", batch_id))
+        if batch_id is None:
+            self.batches.clear()
+        else:
+            self.batches.pop(batch_id, None)
+
+    async def filter_batch(self, batch_id, request_ids):
+        self.calls.append(("filter", batch_id, tuple(request_ids)))
+        keep = set(request_ids)
+        self.batches[batch_id] = [r for r in self.batches[batch_id] if r["id"] in keep]
+        return self._cached(batch_id)
+
+    async def prefill(self, batch: pb.Batch, cached: pb.CachedBatch | None):
+        self.calls.append(
+            (
+                "prefill",
+                batch.id,
+                tuple(r.id for r in batch.requests),
+                cached.id if cached else None,
+            )
+        )
+        if self.fail_next == "prefill":
+            self.fail_next = None
+            raise ShardError("injected prefill failure")
+        requests = [self._state(r) for r in batch.requests]
+        if cached is not None:
+            requests = self.batches.pop(cached.id) + requests
+        self.batches[batch.id] = requests
+        return await self._step(batch.id)
+
+    async def decode(self, batches):
+        self.calls.append(("decode", tuple(b.id for b in batches)))
+        if self.fail_next == "decode":
+            self.fail_next = None
+            raise ShardError("injected decode failure")
+        merged = [r for b in batches for r in self.batches.pop(b.id)]
+        self.batches[batches[0].id] = merged
+        return await self._step(batches[0].id)
+
+    def _state(self, r: pb.Request) -> dict:
+        chunk = r.chunk_len if r.HasField("chunk_len") else len(r.input_ids)
+        assert len(r.slots) >= len(r.input_ids) + r.stopping_parameters.max_new_tokens - 1
+        assert 0 not in r.blocks, "block 0 is reserved"
+        return {
+            "id": r.id,
+            "prompt": len(r.input_ids),
+            "computed": 0,
+            "next": chunk,
+            "generated": 0,
+            "max_new": r.stopping_parameters.max_new_tokens,
+            "done": False,
+            "blocks": list(r.blocks),
+        }
+
+    async def _step(self, batch_id: int):
+        if self.step_delay:
+            await asyncio.sleep(self.step_delay)
+        generations = []
+        for r in self.batches[batch_id]:
+            if r["done"] or r["next"] == 0:
+                continue
+            r["computed"] += r["next"]
+            if r["computed"] < r["prompt"]:
+                r["next"] = r["prompt"] - r["computed"]  # the rest of the prompt next step
+                continue
+            token = self.vocab[(r["id"] + r["generated"]) % len(self.vocab)]
+            r["generated"] += 1
+            r["next"] = 1
+            g = pb.Generation(request_id=r["id"], tokens=pb.Tokens(ids=[token], logprobs=[-0.5]))
+            if r["generated"] >= r["max_new"]:
+                g.generated_text.CopyFrom(
+                    pb.GeneratedText(
+                        generated_tokens=r["generated"], finish_reason=pb.FINISH_REASON_LENGTH
+                    )
+                )
+            elif token == self.eos_id:
+                g.generated_text.CopyFrom(
+                    pb.GeneratedText(
+                        generated_tokens=r["generated"], finish_reason=pb.FINISH_REASON_EOS_TOKEN
+                    )
+                )
+            if g.HasField("generated_text"):
+                r["done"] = True
+            generations.append(g)
+        cached = self._cached(batch_id)
+        response = pb.DecodeResponse(generations=generations)
+        if cached is not None:
+            response.batch.CopyFrom(cached)
+        else:
+            self.batches.pop(batch_id, None)
+        return response
+
+    def _cached(self, batch_id: int) -> pb.CachedBatch | None:
+        requests = self.batches.get(batch_id, [])
+        if not requests or all(r["done"] for r in requests):
+            return None
+        return pb.CachedBatch(
+            id=batch_id,
+            request_ids=[r["id"] for r in requests],
+            size=len(requests),
+            max_tokens=sum(len(r["blocks"]) * self.block_size for r in requests),
+            current_tokens=sum(0 if r["done"] else r["next"] for r in requests),
+        )
