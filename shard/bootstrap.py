@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -20,6 +21,18 @@ log = logging.getLogger(__name__)
 
 
 def build_service(config: ShardConfig) -> TextGenerationService:
+    """Loads the model on the one thread that will run every model step.
+
+    All torch work of a shard stays on that thread: each thread that calls into torch's
+    OpenMP gets its own team of worker threads, and two teams on the same cores made every
+    step ~50 % slower (measured on 2 cores: 33 ms -> 50 ms per decode step).
+    """
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    generator, attention_impl = executor.submit(load_generator, config).result()
+    return TextGenerationService(config, generator, attention_impl, executor)
+
+
+def load_generator(config: ShardConfig) -> tuple[Generator, str]:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = torch.device(config.device)
@@ -35,7 +48,7 @@ def build_service(config: ShardConfig) -> TextGenerationService:
         backend.name,
         torch.get_num_threads(),
     )
-    return TextGenerationService(config, generator, backend.name)
+    return generator, backend.name
 
 
 async def run_forever(config: ShardConfig, service: TextGenerationService) -> None:

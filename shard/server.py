@@ -83,13 +83,19 @@ def cached_batch_to_pb(batch: Batch | None) -> pb.CachedBatch | None:
 
 
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, config: ShardConfig, generator: Generator, attention_impl: str):
+    def __init__(
+        self,
+        config: ShardConfig,
+        generator: Generator,
+        attention_impl: str,
+        executor: ThreadPoolExecutor,
+    ):
         self.config = config
         self.generator = generator
         self.runner = generator.runner
         self.attention_impl = attention_impl
         self.cache = BatchCache()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.executor = executor  # the model thread: every torch call of the shard runs on it
 
     async def Info(self, request, context):
         return pb.InfoResponse(
