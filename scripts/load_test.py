@@ -121,14 +121,13 @@ def main() -> None:
     url = args.url or f"http://127.0.0.1:{args.port}"
     try:
         asyncio.run(run(url, 2, 8))  # warm up
-        print(
-            f"{'streams':>8}{'tokens':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p90':>10}{'TPOT p50':>10}"
-        )
+        columns = ("streams", "tokens", "tok/s", "TTFT p50", "TTFT p90", "TPOT p50")
+        print("".join(f"{c:>10}" for c in columns))
         for n in map(int, args.streams.split(",")):
             r = asyncio.run(run(url, n, args.new_tokens))
             print(
-                f"{r['streams']:>8}{r['tokens']:>8}{r['tokens_per_s']:>9.1f}{r['ttft_p50']:>9.2f}s"
-                f"{r['ttft_p90']:>9.2f}s{r['tpot_p50_ms']:>8.1f}ms",
+                f"{r['streams']:>10}{r['tokens']:>10}{r['tokens_per_s']:>10.1f}"
+                f"{r['ttft_p50']:>9.2f}s{r['ttft_p90']:>9.2f}s{r['tpot_p50_ms']:>8.1f}ms",
                 flush=True,
             )
     finally:
