@@ -4,6 +4,7 @@ and the Batcher."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -58,6 +59,25 @@ async def errors_middleware(request: web.Request, handler):
         return await handler(request)
     except InferError as err:
         return error_response(err)
+
+
+OPEN_ROUTES = {"/", "/health", "/ping", "/info", "/metrics", "/v1/models"}  # GET only
+
+
+def auth_middleware(api_key: str):
+    """With --api-key, every inference and tokenization route needs `Authorization: Bearer
+    <key>`, compared exactly and in constant time; health, info and metrics stay open."""
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if request.method != "GET" or request.path not in OPEN_ROUTES:
+            given = request.headers.get("Authorization", "").encode()
+            if request.method != "OPTIONS" and not hmac.compare_digest(given, expected):
+                return web.Response(status=401)
+        return await handler(request)
+
+    return check
 
 
 def state(request: web.Request) -> AppState:
@@ -191,9 +211,10 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 def make_app(app_state: AppState) -> web.Application:
-    app = web.Application(
-        middlewares=[errors_middleware], client_max_size=app_state.config.payload_limit
-    )
+    middlewares = [errors_middleware]
+    if app_state.config.api_key:
+        middlewares.insert(0, auth_middleware(app_state.config.api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=app_state.config.payload_limit)
     app["state"] = app_state
     app.router.add_post("/", compat_generate)
     app.router.add_post("/generate", generate)

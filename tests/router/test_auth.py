@@ -1,0 +1,45 @@
+"""--api-key: inference and tokenization routes need the exact Bearer key; health stays open."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from router.server import auth_middleware
+
+
+async def ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def app() -> web.Application:
+    application = web.Application(middlewares=[auth_middleware("s3cret")])
+    for path in ("/", "/generate", "/tokenize"):
+        application.router.add_post(path, ok)
+    for path in ("/", "/health", "/info", "/metrics"):
+        application.router.add_get(path, ok)
+    return application
+
+
+def test_api_key_is_required_on_inference_routes():
+    async def main():
+        async with TestClient(TestServer(app())) as client:
+            for path in ("/", "/generate", "/tokenize"):
+                assert (await client.post(path)).status == 401
+                for header in (
+                    "Bearer wrong",
+                    "bearer s3cret",
+                    "Bearer S3CRET",
+                    "s3cret",
+                ):
+                    assert (
+                        await client.post(path, headers={"Authorization": header})
+                    ).status == 401
+                good = await client.post(path, headers={"Authorization": "Bearer s3cret"})
+                assert good.status == 200
+            for path in ("/", "/health", "/info", "/metrics"):
+                assert (await client.get(path)).status == 200
+
+    asyncio.run(main())
