@@ -146,3 +146,51 @@ def test_validation_error_shape(launcher):
     }
     events = list(stream(f"{launcher.url}/generate_stream", body))
     assert events == [response.json()]
+
+
+def test_info_health_tokenize(launcher, tokenizer):
+    assert requests.get(f"{launcher.url}/health", timeout=10).status_code == 200
+    info = requests.get(f"{launcher.url}/info", timeout=10).json()
+    assert info["max_concurrent_requests"] == 20
+    assert info["max_input_tokens"] < info["max_total_tokens"]
+    assert info["router"] == "text-generation-router"
+    text = "Hello wörld 😀"
+    pieces = requests.post(f"{launcher.url}/tokenize", json={"inputs": text}, timeout=10).json()
+    assert [p["id"] for p in pieces] == tokenizer(text)["input_ids"]
+    assert all(p["text"] == text[p["start"] : p["stop"]] for p in pieces)
+    # The emoji is two byte-level tokens; both point at the whole character, as in TGI.
+    assert [p["text"] for p in pieces][-2:] == [" 😀", "😀"]
+
+
+def test_bodies_that_are_not_json(launcher):
+    url = f"{launcher.url}/generate"
+    response = requests.post(url, data="{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.text.startswith("Failed to parse the request body as JSON")
+    response = requests.post(url, data='{"inputs": "hi"}', headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415
+    response = requests.post(url, json={"inputs": 5})
+    assert response.status_code == 422
+    assert response.text.startswith("Failed to deserialize the JSON body into the target type")
+    response = requests.post(url, json={"inputs": "x" * 2_100_000})
+    assert response.status_code == 413
+    assert requests.get(f"{launcher.url}/health", timeout=10).status_code == 200
+
+
+def test_long_prompt_is_prefilled_in_chunks(launcher, smollm2_dir, tokenizer):
+    """The prompt exceeds --max-batch-prefill-tokens (512): the router sends a chunk, the
+    shard computes the rest in later steps, and the answer is still transformers' one."""
+    import torch
+    import transformers
+
+    prompt = " ".join(PROMPTS) * 12
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    assert 512 < ids.shape[1] < 1500
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False)[
+            0, ids.shape[1] :
+        ].tolist()
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 8, "details": True}}
+    out = requests.post(f"{launcher.url}/generate", json=body, timeout=300).json()
+    assert [t["id"] for t in out["details"]["tokens"]] == expected

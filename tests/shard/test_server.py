@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import grpc
@@ -58,6 +59,7 @@ def test_info_and_discovery(shard):
     urls = shard.stub.ServiceDiscovery(pb.ServiceDiscoveryRequest()).urls
     assert list(urls) == [f"unix://{shard.config.uds_path}-0"]
     shard.stub.Health(pb.HealthRequest())
+    assert os.stat(shard.config.socket_path).st_mode & 0o777 == 0o600  # only this user connects
 
 
 def test_warmup_sizes_the_cache_from_the_budget(shard):
