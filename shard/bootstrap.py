@@ -33,6 +33,11 @@ def build_service(config: ShardConfig) -> TextGenerationService:
 
 
 def load_generator(config: ShardConfig) -> tuple[Generator, str]:
+    if config.world_size > 1:
+        raise SystemExit(
+            "tensor parallelism (--num-shard > 1) is not implemented yet: "
+            "run one shard per model for now"
+        )
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = torch.device(config.device)
