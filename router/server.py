@@ -80,8 +80,11 @@ def auth_middleware(api_key: str):
     return check
 
 
+STATE = web.AppKey("state", AppState)
+
+
 def state(request: web.Request) -> AppState:
-    return request.app["state"]
+    return request.app[STATE]
 
 
 async def generate(request: web.Request) -> web.Response:
@@ -215,7 +218,7 @@ def make_app(app_state: AppState) -> web.Application:
     if app_state.config.api_key:
         middlewares.insert(0, auth_middleware(app_state.config.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=app_state.config.payload_limit)
-    app["state"] = app_state
+    app[STATE] = app_state
     app.router.add_post("/", compat_generate)
     app.router.add_post("/generate", generate)
     app.router.add_post("/generate_stream", generate_stream)
