@@ -7,6 +7,7 @@ import requests
 from snapshot import assert_snapshot
 from sse import stream
 
+CHAT_HAIKU = "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n"
 CASES = {
     "generate_details": {
         "inputs": "What is the capital of France?",
@@ -35,7 +36,7 @@ CASES = {
         },
     },
     "generate_seeded_sample": {
-        "inputs": "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+        "inputs": CHAT_HAIKU,
         "parameters": {
             "max_new_tokens": 12,
             "do_sample": True,
