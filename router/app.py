@@ -112,7 +112,7 @@ def build_state(config: RouterConfig, client: ShardClient, info: pb.InfoResponse
     )
     executor = ThreadPoolExecutor(config.validation_workers, thread_name_prefix="tokenizer")
     validation = Validation(config, tokenizer, executor)
-    infer = Infer(queue, tokenizer, config.max_concurrent_requests)
+    infer = Infer(queue, tokenizer, config.max_concurrent_requests, config.max_total_tokens)
     liveness_id = next(iter(sorted(tokenizer.eos_token_ids)), 0)
     metrics = Metrics()
     metrics.watch(allocator, queue, batcher)

@@ -60,8 +60,15 @@ class GenerateResult:
 
 
 class Infer:
-    def __init__(self, queue: Queue, tokenizer: Tokenizer, max_concurrent_requests: int):
+    def __init__(
+        self,
+        queue: Queue,
+        tokenizer: Tokenizer,
+        max_concurrent_requests: int,
+        max_total_tokens: int | None = None,
+    ):
         self.queue = queue
+        self.max_total_tokens = max_total_tokens  # a continuation never grows past it
         self.tokenizer = tokenizer
         self.max_concurrent_requests = max_concurrent_requests
         self.in_flight = 0
@@ -88,6 +95,9 @@ class Infer:
                         return
             generated += end.generated_ids
             remaining = request.stopping.max_total_new_tokens - len(generated)
+            if self.max_total_tokens is not None:  # TGI: a chunk that no longer fits ends it
+                room = self.max_total_tokens - request.input_length - len(end.generated_ids)
+                remaining = min(remaining, room)
             if end.finish_reason != "length" or remaining <= 0:
                 yield self._final(end, generated)
                 return

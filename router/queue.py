@@ -14,7 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from router.block_allocator import BlockAllocator
-from router.entry import Entry
+from router.entry import Entry, ErrorEvent
+from router.errors import GenerationError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,16 @@ class Queue:
         return len(self._entries)
 
     def append(self, entry: Entry) -> None:
+        """Queues the entry; one that could never get its blocks fails now instead of
+        blocking the head of the queue forever."""
+        needed = self.allocator.blocks_for(self._tokens(entry))
+        if needed > self.allocator.total_blocks:
+            message = (
+                f"the request needs {needed} KV cache blocks and the cache has "
+                f"{self.allocator.total_blocks}"
+            )
+            entry.send(ErrorEvent(GenerationError(message)))
+            return
         self._entries.append(entry)
         self.notify.set()
 

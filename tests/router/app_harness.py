@@ -60,7 +60,12 @@ class RouterApp:
         self.state = AppState(
             self.config,
             Validation(self.config, tokenizer, executor),
-            Infer(self.queue, tokenizer, self.config.max_concurrent_requests),
+            Infer(
+                self.queue,
+                tokenizer,
+                self.config.max_concurrent_requests,
+                self.config.max_total_tokens,
+            ),
             tokenizer,
             Health(self.shard, 0),
             self.metrics,

@@ -219,3 +219,14 @@ def test_permits_are_released_however_requests_end(tokenizer):
             assert h.infer.in_flight == 0
 
     run(main())
+
+
+def test_a_request_that_can_never_fit_fails_instead_of_blocking_the_queue(tokenizer):
+    async def main():
+        async with Harness(tokenizer, num_blocks=10) as h:
+            too_big = await h.collect(request(8, 100))  # 27 blocks; the cache has 9
+            assert isinstance(too_big[-1], ErrorEvent)
+            assert "KV cache blocks" in str(too_big[-1].error)
+            assert isinstance((await h.collect(request(4, 4)))[-1], EndEvent)
+
+    run(main())

@@ -40,3 +40,20 @@ def test_generate_and_stream_shapes(tokenizer):
             assert isinstance(await response.json(), list)
 
     run(main())
+
+
+def test_long_generations_continue_in_chunks_up_to_max_total_tokens(tokenizer):
+    """max_new_tokens above 1024 (or absent) runs in 1024-token chunks and stops at
+    max_total_tokens, as TGI; the client sees one answer."""
+
+    async def main():
+        async with RouterApp(tokenizer, num_blocks=1024, max_total_tokens=3000) as app:
+            for params in ({"max_new_tokens": 100_000}, {}):
+                body = {"inputs": "Hello", "parameters": {**params, "details": True}}
+                out = await (await app.client.post("/generate", json=body)).json()
+                input_length = len(tokenizer.encode("Hello"))
+                assert out["details"]["generated_tokens"] == 3000 - input_length
+                assert out["details"]["finish_reason"] == "length"
+                assert len(out["details"]["tokens"]) == 3000 - input_length
+
+    run(main())
