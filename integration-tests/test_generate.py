@@ -124,6 +124,11 @@ def test_overload_gives_429(launcher):
         assert overloaded == [{"error": "Model is overloaded", "error_type": "overloaded"}]
         with pytest.raises(OverloadedError):
             InferenceClient(launcher.url).text_generation("hi", max_new_tokens=2)
+        from text_generation import Client
+        from text_generation.errors import OverloadedError as TgiOverloadedError
+
+        with pytest.raises(TgiOverloadedError):
+            Client(launcher.url).generate("hi", max_new_tokens=2)
     finally:
         stop.set()
         for t in threads:
