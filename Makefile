@@ -40,8 +40,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check shard router launcher tests integration-tests scripts
-	$(PY) -m ruff format --check shard router launcher tests integration-tests scripts
+	$(PY) -m ruff check common shard router launcher tests integration-tests scripts
+	$(PY) -m ruff format --check common shard router launcher tests integration-tests scripts
 
 bench: install
 	$(PY) scripts/bench_shard.py

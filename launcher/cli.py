@@ -8,7 +8,6 @@ are. The environment is read when the command runs, never at import time.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
+from common.logs import setup_logging
 from launcher.processes import Command, ExitCode, LaunchPlan, StopSignal, Timing, launch
 
 log = logging.getLogger("launcher")
@@ -349,35 +349,12 @@ def launch_plan(config: LauncherConfig) -> LaunchPlan:
     )
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the same keys as the router's and the shards' logs."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "timestamp": self.formatTime(record),
-            "level": record.levelname,
-            "target": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(json_output: bool, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if json_output
-        else logging.Formatter("%(asctime)s %(levelname)s launcher: %(message)s")
-    )
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-
-
 def run(flags: Mapping[str, Any], environ: Mapping[str, str]) -> int:
     """Validates the flags, then launches and supervises; returns the exit code."""
     level = environ.get("LOG_LEVEL", "info").strip().lower()
-    setup_logging(bool(flags["json_output"]), LOG_LEVELS.get(level, "info"))  # bad: see below
+    setup_logging(
+        bool(flags["json_output"]), LOG_LEVELS.get(level, "info"), "launcher"
+    )  # bad: see below
     try:
         config = resolve_config(flags, environ)
     except ConfigError as err:

@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import sys
 
 import typer
 
+from common.logs import setup_logging
+
 app = typer.Typer(add_completion=False, help=__doc__)
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "timestamp": self.formatTime(record),
-            "level": record.levelname,
-            "target": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(json_output: bool, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if json_output
-        else logging.Formatter("%(asctime)s %(levelname)s router %(name)s: %(message)s")
-    )
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 @app.command()
@@ -66,7 +43,7 @@ def main(
     log_level: str = typer.Option("info", envvar="LOG_LEVEL"),
 ) -> None:
     """Serves TGI's HTTP API in front of the shards."""
-    setup_logging(json_output, log_level)
+    setup_logging(json_output, log_level, "router")
     from router.app import serve
     from router.config import RouterConfig
 

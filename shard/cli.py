@@ -4,39 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import json
-import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from common.logs import setup_logging
+
 app = typer.Typer(add_completion=False, help=__doc__)
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "timestamp": self.formatTime(record),
-            "level": record.levelname,
-            "target": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(json_output: bool, level: str, rank: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if json_output
-        else logging.Formatter(f"%(asctime)s %(levelname)s shard[{rank}] %(name)s: %(message)s")
-    )
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def exit_with_parent() -> None:
@@ -79,7 +55,7 @@ def serve(
     ),
 ) -> None:
     """Loads the model and serves the TextGenerationService on a unix socket until SIGTERM."""
-    setup_logging(json_output, log_level, rank)
+    setup_logging(json_output, log_level, f"shard[{rank}]")
     if parent_death_signal:
         exit_with_parent()
     from shard.bootstrap import build_service, run_forever
@@ -114,7 +90,7 @@ def prepare(
     json_output: bool = typer.Option(False, "--json-output"),
 ) -> None:
     """Resolves (and converts once, for .gguf) the model; prints its local directory last."""
-    setup_logging(json_output, "info", 0)
+    setup_logging(json_output, "info", "shard")
     from shard.model_files import resolve_model_dir
     from shard.weights import list_safetensors
 
