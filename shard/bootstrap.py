@@ -12,6 +12,7 @@ import torch
 
 from shard.attention import get_backend
 from shard.config import ShardConfig
+from shard.distributed import init_distributed
 from shard.generator import Generator
 from shard.model_runner import ModelRunner
 from shard.models import load_model
@@ -33,15 +34,13 @@ def build_service(config: ShardConfig) -> TextGenerationService:
 
 
 def load_generator(config: ShardConfig) -> tuple[Generator, str]:
-    if config.world_size > 1:
-        raise SystemExit(
-            "tensor parallelism (--num-shard > 1) is not implemented yet: "
-            "run one shard per model for now"
-        )
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = torch.device(config.device)
-    model = load_model(config.model_dir, config.torch_dtype, device)
+    dist = init_distributed(
+        config.rank, config.world_size, config.master_addr, config.master_port, device
+    )
+    model = load_model(config.model_dir, config.torch_dtype, device, dist)
     backend = get_backend(config.attention, device, block_size=config.block_size)
     runner = ModelRunner(model, backend, config.block_size, device, config.torch_dtype)
     generator = Generator(runner, model.config.eos_token_ids, DEFAULT_MAX_PREFILL_TOKENS)

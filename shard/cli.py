@@ -39,6 +39,8 @@ def serve(
     ),
     rank: int = typer.Option(0, envvar="RANK"),
     world_size: int = typer.Option(1, envvar="WORLD_SIZE"),
+    master_addr: str = typer.Option("localhost", envvar="MASTER_ADDR"),
+    master_port: int = typer.Option(29500, envvar="MASTER_PORT"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     device: str = typer.Option("cpu"),
     attention: str = typer.Option("auto", help="auto, sdpa, torch or flash"),
@@ -75,6 +77,8 @@ def serve(
         block_size=block_size,
         kv_cache_memory=MemoryBudget.parse(kv_cache_memory),
         num_threads=num_threads,
+        master_addr=master_addr,
+        master_port=master_port,
     )
     service = build_service(config)
     asyncio.run(run_forever(config, service))

@@ -63,6 +63,8 @@ class ShardConfig:
     block_size: int = 16
     kv_cache_memory: MemoryBudget = MemoryBudget(fraction=0.3)
     num_threads: int | None = None
+    master_addr: str = "localhost"
+    master_port: int = 29500
     use_prefix_caching: bool = False
 
     def __post_init__(self):

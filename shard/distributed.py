@@ -30,3 +30,46 @@ class Dist:
 
 
 SINGLE = Dist()
+
+
+def init_distributed(
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    device: torch.device,
+    timeout_s: float = 120.0,
+) -> Dist:
+    """Joins the tensor-parallel group (gloo on the CPU, NCCL on CUDA). A collective that
+    waits longer than `timeout_s` (a rank died or hangs) raises instead of blocking forever."""
+    if world_size == 1:
+        return SINGLE
+    from datetime import timedelta
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return Dist(rank, world_size, dist.group.WORLD)
+
+
+def check_divisible(num_heads: int, num_kv_heads: int, intermediate: int, world_size: int) -> None:
+    """Fails at startup with a clear message when the model cannot be split `world_size` ways."""
+    problems = []
+    if num_heads % world_size:
+        problems.append(f"num_attention_heads ({num_heads})")
+    if num_kv_heads >= world_size and num_kv_heads % world_size:
+        problems.append(f"num_key_value_heads ({num_kv_heads})")
+    if num_kv_heads < world_size and world_size % num_kv_heads:
+        problems.append(f"num_key_value_heads ({num_kv_heads}, replicated)")
+    if intermediate % world_size:
+        problems.append(f"intermediate_size ({intermediate})")
+    if problems:
+        raise ValueError(
+            f"the model cannot be split over {world_size} shards: {', '.join(problems)} "
+            f"must divide evenly by {world_size}; choose another --num-shard"
+        )

@@ -87,6 +87,18 @@ class Weights:
         index[dim] = slice(rank * block, (rank + 1) * block)
         return self._cast(part[tuple(index)])
 
+    def get_kv_heads(self, name: str, num_kv_heads: int) -> torch.Tensor:
+        """This rank's KV heads of a k/v projection (rows grouped by head, dim 0): an even
+        split when there are at least as many KV heads as ranks, otherwise the one head this
+        rank's group of query heads reads (replicated over world_size / num_kv_heads ranks)."""
+        world, rank = self.dist.world_size, self.dist.rank
+        if num_kv_heads >= world:
+            return self.get_sharded(name, dim=0)
+        part = self._slice(name)
+        rows = part.get_shape()[0] // num_kv_heads
+        head = rank // (world // num_kv_heads)
+        return self._cast(part[head * rows : (head + 1) * rows])
+
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=self.dtype)
 

@@ -21,12 +21,10 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.head_dim = config.head_dim
         self.num_heads = config.num_heads // world
-        self.num_kv_heads = config.num_kv_heads // world
+        self.num_kv_heads = max(config.num_kv_heads // world, 1)  # replicated when fewer
         self.scale = config.head_dim**-0.5
-        self.qkv_proj = ColumnParallelLinear.load(
-            weights,
-            [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"],
-            bias=config.attention_bias,
+        self.qkv_proj = ColumnParallelLinear.load_qkv(
+            weights, prefix, config.num_kv_heads, bias=config.attention_bias
         )
         # Qwen2 has biases on q, k, v only; Llama's attention_bias puts one on o_proj too.
         o_bias = config.attention_bias and weights.has(f"{prefix}.o_proj.bias")

@@ -31,6 +31,22 @@ class ColumnParallelLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
+    def load_qkv(
+        cls, weights: Weights, prefix: str, num_kv_heads: int, bias: bool = False
+    ) -> "ColumnParallelLinear":
+        """q | k | v fused: query heads split evenly, KV heads split or replicated."""
+        names = [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"]
+        parts = [weights.get_sharded(f"{names[0]}.weight", dim=0)]
+        parts += [weights.get_kv_heads(f"{n}.weight", num_kv_heads) for n in names[1:]]
+        b = None
+        if bias:
+            b = torch.cat(
+                [weights.get_sharded(f"{names[0]}.bias", dim=0)]
+                + [weights.get_kv_heads(f"{n}.bias", num_kv_heads) for n in names[1:]]
+            )
+        return cls(torch.cat(parts, dim=0), b)
+
+    @classmethod
     def load(
         cls, weights: Weights, prefixes: list[str], bias: bool = False
     ) -> "ColumnParallelLinear":

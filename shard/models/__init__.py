@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from shard.distributed import SINGLE, Dist
+from shard.distributed import SINGLE, Dist, check_divisible
 from shard.models.config import ModelConfig
 from shard.models.llama import LlamaForCausalLM
 from shard.weights import Weights
@@ -27,6 +27,9 @@ def load_model(
     if model_class is None:
         supported = ", ".join(sorted(MODEL_CLASSES))
         raise ValueError(f"architecture {config.architecture!r} is not supported ({supported})")
+    check_divisible(
+        config.num_heads, config.num_kv_heads, config.intermediate_size, dist.world_size
+    )
     weights = Weights(Path(model_dir), dtype, device, dist)
     with torch.device(device):
         model = model_class(config, weights)

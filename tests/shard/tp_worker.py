@@ -1,0 +1,58 @@
+"""Runs one tensor-parallel rank of a tiny model for tests/shard/test_tensor_parallel.py
+(a module of its own so torch.multiprocessing can start it in a fresh process)."""
+
+from __future__ import annotations
+
+import torch
+
+from shard.attention.torch_ref import TorchReferenceAttention
+from shard.distributed import init_distributed
+from shard.forward_context import AttentionMetadata, ForwardContext
+from shard.kv_cache import KVCache
+from shard.models import load_model
+
+BLOCK_SIZE = 4
+
+
+def run_steps(model, prompts: list[list[int]]) -> torch.Tensor:
+    """Prefill every prompt in one step, then two decode steps; logits of every step stacked."""
+    layer = model.layers[0].self_attn
+    cache = KVCache(
+        model.config.num_layers, 64, BLOCK_SIZE, layer.num_kv_heads, layer.head_dim, torch.float32
+    )
+    tables = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(prompts))]
+    seqs = [list(p) for p in prompts]
+    lens = [0] * len(prompts)
+    outputs = []
+    for counts in ([len(p) for p in prompts], [1] * len(prompts), [1] * len(prompts)):
+        ids, pos, slots = [], [], []
+        for i, n in enumerate(counts):
+            ids += seqs[i][lens[i] : lens[i] + n]
+            pos += range(lens[i], lens[i] + n)
+            slots += [
+                tables[i][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                for p in range(lens[i], lens[i] + n)
+            ]
+        meta = AttentionMetadata.build(
+            counts, [lens[i] + n for i, n in enumerate(counts)], tables, slots, BLOCK_SIZE
+        )
+        with torch.inference_mode():
+            hidden = model(
+                torch.tensor(ids),
+                torch.tensor(pos),
+                ForwardContext(meta, cache, TorchReferenceAttention()),
+            )
+            logits = model.compute_logits(hidden)
+        outputs.append(logits)
+        for i, n in enumerate(counts):
+            lens[i] += n
+            seqs[i].append(int(logits[sum(counts[: i + 1]) - 1].argmax()))
+    return torch.cat(outputs)
+
+
+def worker(rank: int, world_size: int, port: int, model_dir: str, prompts, out_path: str) -> None:
+    torch.set_num_threads(1)
+    dist = init_distributed(rank, world_size, "127.0.0.1", port, torch.device("cpu"), 60)
+    model = load_model(model_dir, torch.float32, "cpu", dist)
+    logits = run_steps(model, prompts)
+    torch.save(logits, f"{out_path}.{rank}")
