@@ -17,6 +17,7 @@ from router.errors import BodyError, GenerationError, InferError, ValidationErro
 from router.health import Health
 from router.infer import Infer
 from router.metrics import Metrics
+from router.openapi import add_docs_routes
 from router.protocol import generate_response, stream_event, timing_headers
 from router.streaming import open_stream, sse_data, with_keep_alive
 from router.tokenizer import Tokenizer
@@ -61,7 +62,16 @@ async def errors_middleware(request: web.Request, handler):
         return error_response(err)
 
 
-OPEN_ROUTES = {"/", "/health", "/ping", "/info", "/metrics", "/v1/models"}  # GET only
+OPEN_ROUTES = {
+    "/",
+    "/health",
+    "/ping",
+    "/info",
+    "/metrics",
+    "/v1/models",
+    "/docs",
+    "/api-doc/openapi.json",
+}  # GET only
 
 
 def auth_middleware(api_key: str):
@@ -227,4 +237,5 @@ def make_app(app_state: AppState) -> web.Application:
         app.router.add_get(path, health)
     app.router.add_get("/info", info)
     app.router.add_get("/metrics", metrics)
+    add_docs_routes(app, VERSION)
     return app
