@@ -116,7 +116,14 @@ def build_state(config: RouterConfig, client: ShardClient, info: pb.InfoResponse
     liveness_id = next(iter(sorted(tokenizer.eos_token_ids)), 0)
     metrics = Metrics()
     metrics.watch(allocator, queue, batcher)
-    state = AppState(config, validation, infer, tokenizer, Health(client, liveness_id), metrics)
+    state = AppState(
+        config,
+        validation,
+        infer,
+        tokenizer,
+        Health(client, liveness_id, max(info.world_size, 1)),
+        metrics,
+    )
     return state, batcher
 
 

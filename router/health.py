@@ -15,9 +15,12 @@ TIMEOUT_SECONDS = 10.0
 
 
 class Health:
-    def __init__(self, client: ShardClient, liveness_token_id: int):
+    def __init__(self, client: ShardClient, liveness_token_id: int, world_size: int = 1):
         self.client = client
         self.liveness_token_id = liveness_token_id
+        # With several ranks a Prefill runs collectives, and one sent beside the batcher's
+        # steps could reach the ranks in different orders: only the Health RPC is used then.
+        self.use_liveness_prefill = world_size == 1
         self.ok = True
 
     def request_failed(self) -> None:
@@ -25,7 +28,7 @@ class Health:
 
     async def check(self) -> bool:
         try:
-            if self.ok:
+            if self.ok or not self.use_liveness_prefill:
                 await self.client.health(timeout=TIMEOUT_SECONDS)
             else:
                 await asyncio.wait_for(self._liveness_prefill(), TIMEOUT_SECONDS)
