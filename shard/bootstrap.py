@@ -61,3 +61,5 @@ async def run_forever(config: ShardConfig, service: TextGenerationService) -> No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await serve(config, service, stop)
+    if service.fatal is not None:
+        raise SystemExit(f"shard {config.rank} stopped after a collective failure: {service.fatal}")

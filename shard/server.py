@@ -44,6 +44,8 @@ def rpc(method):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Exception as err:  # noqa: BLE001 - one failed RPC must not stop the shard
             log.exception("%s failed", method.__name__)
+            if self.config.world_size > 1 and isinstance(err, RuntimeError):
+                self.fail(err)  # a collective broke: the ranks are out of step for good
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
         finally:
             log.debug("%s took %.1f ms", method.__name__, 1000 * (time.perf_counter() - start))
@@ -96,6 +98,16 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         self.attention_impl = attention_impl
         self.cache = BatchCache()
         self.executor = executor  # the model thread: every torch call of the shard runs on it
+        self.fatal: BaseException | None = None
+        self.stop: asyncio.Event | None = None  # set by serve(); fail() sets it
+
+    def fail(self, err: BaseException) -> None:
+        """A rank whose collectives failed (a peer died, or hung past the collective timeout)
+        exits, so the launcher stops the whole server instead of serving out-of-step ranks."""
+        log.critical("collective failure, shard exits: %s", err)
+        self.fatal = err
+        if self.stop is not None:
+            self.stop.set()
 
     async def Info(self, request, context):
         return pb.InfoResponse(
@@ -208,6 +220,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
 async def serve(config: ShardConfig, service: TextGenerationService, stop: asyncio.Event) -> None:
     """Serves on the rank's unix socket (mode 0600) until `stop` is set."""
+    service.stop = stop
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 256 * 2**20),
