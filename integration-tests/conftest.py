@@ -35,7 +35,13 @@ def free_port() -> int:
 
 
 class Launcher:
-    def __init__(self, name: str, *args: str, startup_timeout: float = 300.0):
+    def __init__(
+        self,
+        name: str,
+        *args: str,
+        startup_timeout: float = 300.0,
+        env: dict[str, str] | None = None,
+    ):
         self.port = free_port()
         self.uds = f"/tmp/textgen-it-{name}-{os.getpid()}"
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,7 +63,9 @@ class Launcher:
             "512MiB",
             *args,
         ]
-        self.process = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd, cwd=ROOT, start_new_session=True, env={**os.environ, **(env or {})}
+        )
         self.wait_healthy(startup_timeout)
 
     def wait_healthy(self, timeout: float) -> None:

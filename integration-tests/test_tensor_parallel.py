@@ -107,3 +107,17 @@ def test_killing_one_rank_mid_stream_stops_everything():
         assert launcher.descendants() == []
     finally:
         launcher.stop()
+
+
+def test_a_hung_rank_is_detected_by_the_collective_timeout():
+    launcher = Launcher("tp3hang", "--num-shard", "3", env={"COLLECTIVE_TIMEOUT": "10"})
+    try:
+        os.kill(shard_pids(launcher)[2], signal.SIGSTOP)  # alive but stuck
+        body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 5}}
+        response = requests.post(f"{launcher.url}/generate", json=body, timeout=120)
+        assert response.status_code == 424, response.text
+        assert launcher.process.wait(120) != 0
+        time.sleep(0.5)
+        assert launcher.descendants() == []
+    finally:
+        launcher.stop()

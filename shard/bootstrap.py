@@ -38,7 +38,12 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
         torch.set_num_threads(config.num_threads)
     device = torch.device(config.device)
     dist = init_distributed(
-        config.rank, config.world_size, config.master_addr, config.master_port, device
+        config.rank,
+        config.world_size,
+        config.master_addr,
+        config.master_port,
+        device,
+        config.collective_timeout,
     )
     model = load_model(config.model_dir, config.torch_dtype, device, dist)
     backend = get_backend(config.attention, device, block_size=config.block_size)

@@ -41,6 +41,9 @@ def serve(
     world_size: int = typer.Option(1, envvar="WORLD_SIZE"),
     master_addr: str = typer.Option("localhost", envvar="MASTER_ADDR"),
     master_port: int = typer.Option(29500, envvar="MASTER_PORT"),
+    collective_timeout: float = typer.Option(
+        120.0, envvar="COLLECTIVE_TIMEOUT", help="Seconds before a stuck collective fails the rank"
+    ),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     device: str = typer.Option("cpu"),
     attention: str = typer.Option("auto", help="auto, sdpa, torch or flash"),
@@ -79,6 +82,7 @@ def serve(
         num_threads=num_threads,
         master_addr=master_addr,
         master_port=master_port,
+        collective_timeout=collective_timeout,
     )
     service = build_service(config)
     asyncio.run(run_forever(config, service))

@@ -65,6 +65,7 @@ class ShardConfig:
     num_threads: int | None = None
     master_addr: str = "localhost"
     master_port: int = 29500
+    collective_timeout: float = 120.0
     use_prefix_caching: bool = False
 
     def __post_init__(self):

@@ -1,9 +1,10 @@
 """Per-request next-token choice for a batch (TGI's HeterogeneousNextTokenChooser semantics).
 
 Per row, in order:
-  1. repetition penalty and frequency penalty (every row that sets them),
-  2. warpers temperature -> top_k -> top_p -> typical_p (only rows that sample),
-  3. greedy rows take the argmax, sampling rows draw from the softmax with their own
+  1. watermark (rows that set it): a green list seeded by the previous token gets +delta,
+  2. repetition penalty and frequency penalty (every row that sets them),
+  3. warpers temperature -> top_k -> top_p -> typical_p (only rows that sample),
+  4. greedy rows take the argmax, sampling rows draw from the softmax with their own
      seeded generator, so a request's tokens depend only on its seed and its logits,
      never on the other rows of the batch.
 Logprobs are the log_softmax of the final (penalized, warped) scores.
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from shard import logits_processors as lp
+from shard.watermark import DEFAULT_WATERMARK, Watermark
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class SamplingParams:
     seed: int = 0
     repetition_penalty: float = 1.0  # 1.0 or 0: off
     frequency_penalty: float = 0.0
-    watermark: bool = False  # accepted, not implemented
+    watermark: bool = False
 
     @classmethod
     def from_proto(cls, msg: Any) -> SamplingParams:
@@ -104,6 +106,7 @@ class RequestSampler:
         self.rep_penalty = params.repetition_penalty if params.uses_repetition_penalty else None
         self.freq_penalty = params.frequency_penalty if params.uses_frequency_penalty else None
         self.penalized = self.rep_penalty is not None or self.freq_penalty is not None
+        self.watermarked = params.watermark
         self.temperature = params.temperature if params.uses_temperature else None
         self.top_k = params.top_k if params.uses_top_k else None
         self.top_p = params.top_p if params.uses_top_p else None
@@ -123,18 +126,22 @@ def sample(
     samplers: Sequence[RequestSampler],
     histories: Sequence[Sequence[int]],
     top_n: int = 0,
+    watermark: Watermark = DEFAULT_WATERMARK,
 ) -> SampleOutput:
     """Choose the next token of every row. logits [B, V]; histories: prompt + generated ids.
 
-    `logits` is never modified. Rows that neither sample nor penalize are read in place.
+    `logits` is never modified. Rows that neither sample, penalize nor watermark are read
+    in place. `watermark` holds gamma/delta for the rows whose params set `watermark`.
     """
     scores = logits.float()  # [B, V]
-    touched = [i for i, s in enumerate(samplers) if s.sampling or s.penalized]
-    if not touched:  # fast path: all greedy, no penalties
+    touched = [i for i, s in enumerate(samplers) if s.sampling or s.penalized or s.watermarked]
+    if not touched:  # fast path: all greedy, no penalties, no watermark
         return _choose(scores, top_n)
     sub = [samplers[i] for i in touched]
+    sub_histories = [histories[i] for i in touched]
     x = scores[touched]  # [T, V] copy of the rows we modify
-    x = _penalize(x, sub, [histories[i] for i in touched])
+    x = _watermark(x, sub, sub_histories, watermark)
+    x = _penalize(x, sub, sub_histories)
     drawn = [j for j, s in enumerate(sub) if s.sampling]
     if drawn:
         x = _apply_rows(x, drawn, _warp, [sub[j] for j in drawn])
@@ -253,6 +260,20 @@ def _apply_rows(x: torch.Tensor, rows: list[int], fn: Callable, *args: Any) -> t
 def _param(samplers: Sequence[RequestSampler], name: str, device: torch.device) -> torch.Tensor:
     """One parameter of every sampler as a tensor [R]."""
     return torch.tensor([getattr(s, name) for s in samplers], device=device)
+
+
+def _watermark(
+    x: torch.Tensor,
+    samplers: list[RequestSampler],
+    histories: list[Sequence[int]],
+    watermark: Watermark,
+) -> torch.Tensor:
+    """Watermark, in place, the rows of x [T, V] that set it and have a previous token."""
+    rows = [j for j, s in enumerate(samplers) if s.watermarked and histories[j]]
+    if not rows:
+        return x
+    prev = [histories[j][-1] for j in rows]  # [W]
+    return _apply_rows(x, rows, watermark.apply, prev)
 
 
 def _penalize(
