@@ -5,22 +5,30 @@ back when the request's stream ends, however it ends. A request whose `max_new_t
 given runs in chunks of at most 1024 new tokens (TGI's rule, so blocks are not reserved for the
 whole context at once); each chunk continues from the previous output, and the client sees one
 stream.
+
+`best_of` (non-streaming, sampling only) runs that many copies of a request at once, each with
+its own random seed, and keeps the one with the highest mean token logprob (TGI's
+`Infer::generate_best_of`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 from router.entry import EndEvent, Entry, ErrorEvent, Event, PrefillEvent, Token, TokenEvent
 from router.errors import OverloadedError
 from router.queue import Queue
-from router.request import ValidatedRequest
+from router.request import SamplingParameters, ValidatedRequest
 from router.tokenizer import Tokenizer
+from router.validation import random_seed
 
 CHUNK_NEW_TOKENS = 1024
+F32_MAX = 3.4028234663852886e38  # TGI starts the best_of search at f32::MIN = -F32_MAX
 
 
 def continuation(
@@ -79,6 +87,12 @@ class Infer:
             raise OverloadedError()
         self.in_flight += 1
         return Permit(self)
+
+    def acquire_many(self, n: int) -> list[Permit]:
+        """n permits or none: OverloadedError when fewer than n are left."""
+        if self.in_flight + n > self.max_concurrent_requests:
+            raise OverloadedError()
+        return [self.acquire() for _ in range(n)]
 
     async def generate_stream(self, request: ValidatedRequest) -> AsyncIterator[Event]:
         """Events until (and including) an EndEvent or an ErrorEvent."""
@@ -140,3 +154,56 @@ class Infer:
             if isinstance(event, EndEvent):
                 result.end = event
         return result
+
+    async def generate_best_of(
+        self, request: ValidatedRequest, n: int
+    ) -> tuple[GenerateResult, list[GenerateResult]]:
+        """n copies of `request`, each with a fresh random seed, run concurrently.
+
+        Returns the copy with the highest mean token logprob, then the others in order.
+        The caller holds the request's permit; the n - 1 other copies take one each (in
+        TGI every copy is a request of its own, with its own permit), so this raises
+        OverloadedError when they are not all free. The first copy to fail cancels the
+        others (their blocks are freed) and its error is raised.
+        """
+        permits = self.acquire_many(n - 1)
+        try:
+            results = await _all_or_none(
+                [self.generate(replace(request, sampling=_reseeded(request))) for _ in range(n)]
+            )
+        finally:
+            for permit in permits:
+                permit.release()
+        best = _best_index(results)
+        return results[best], results[:best] + results[best + 1 :]
+
+
+def _reseeded(request: ValidatedRequest) -> SamplingParameters:
+    return replace(request.sampling, seed=random_seed())
+
+
+async def _all_or_none(coros: list[Coroutine]) -> list:
+    """Await all coroutines concurrently (futures::try_join_all): the first exception
+    cancels the rest and is raised as is. Cancelling the caller cancels them all."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+def mean_logprob(result: GenerateResult) -> float:
+    """Mean logprob of the generated tokens; NaN when there are none (as TGI's 0/0)."""
+    logprobs = [math.nan if t.logprob is None else t.logprob for t in result.tokens]
+    return sum(logprobs) / len(logprobs) if logprobs else math.nan
+
+
+def _best_index(results: list[GenerateResult]) -> int:
+    """TGI's choice: the first strictly highest mean logprob above f32::MIN, else 0."""
+    best, best_logprob = 0, -F32_MAX
+    for i, result in enumerate(results):
+        logprob = mean_logprob(result)
+        if logprob > best_logprob:
+            best, best_logprob = i, logprob
+    return best

@@ -20,9 +20,10 @@ def full_text(request: ValidatedRequest, text: str) -> str:
     return request.inputs + text if request.return_full_text else text
 
 
-def details_json(request: ValidatedRequest, result: GenerateResult) -> dict:
+def sequence_json(request: ValidatedRequest, result: GenerateResult) -> dict:
+    """The fields a Details and a BestOfSequence share, in TGI's order."""
     end = result.end
-    details = {
+    sequence = {
         "finish_reason": end.finish_reason,
         "generated_tokens": end.generated_tokens,
         "seed": end.seed,
@@ -30,14 +31,34 @@ def details_json(request: ValidatedRequest, result: GenerateResult) -> dict:
         "tokens": [token_json(t) for t in result.tokens],
     }
     if request.top_n_tokens:
-        details["top_tokens"] = [[token_json(t) for t in top] for top in result.top_tokens]
+        sequence["top_tokens"] = [[token_json(t) for t in top] for top in result.top_tokens]
+    return sequence
+
+
+def details_json(
+    request: ValidatedRequest,
+    result: GenerateResult,
+    best_of: list[GenerateResult] | None = None,
+) -> dict:
+    """`details`; `best_of_sequences` (the other best_of copies) only when best_of > 1."""
+    details = sequence_json(request, result)
+    if best_of is not None:
+        details["best_of_sequences"] = [
+            {"generated_text": full_text(request, other.end.generated_text)}
+            | sequence_json(request, other)
+            for other in best_of
+        ]
     return details
 
 
-def generate_response(request: ValidatedRequest, result: GenerateResult) -> dict:
+def generate_response(
+    request: ValidatedRequest,
+    result: GenerateResult,
+    best_of: list[GenerateResult] | None = None,
+) -> dict:
     response = {"generated_text": full_text(request, result.end.generated_text)}
     if request.details or request.decoder_input_details:
-        response["details"] = details_json(request, result)
+        response["details"] = details_json(request, result, best_of)
     return response
 
 

@@ -119,17 +119,22 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, parsed, compat: bool) -> web.Response:
     s = state(request)
     received = time.monotonic()
+    s.validation.precheck(parsed)  # TGI checks best_of before taking any permit
     permit = s.infer.acquire()
     try:
         validated = await s.validation.validate(parsed, default_return_full_text=compat)
         validated_at = time.monotonic()
-        result = await s.infer.generate(validated)
+        others = None  # the other best_of sequences
+        if validated.best_of > 1:
+            result, others = await s.infer.generate_best_of(validated, validated.best_of)
+        else:
+            result = await s.infer.generate(validated)
     except GenerationError:
         s.health.request_failed()
         raise
     finally:
         permit.release()
-    body = generate_response(validated, result)
+    body = generate_response(validated, result, others)
     headers = timing_headers(validated, result.end, received, validated_at, time.monotonic())
     return web.json_response([body] if compat else body, headers=headers)
 

@@ -1,5 +1,8 @@
 """A shard client that needs no model: it keeps batches like the real shard and 'generates'
-a deterministic token per step, so the router's loop can be tested exactly."""
+a deterministic token per step, so the router's loop can be tested exactly.
+
+Every token has logprob -0.5, or with `seeded_logprobs` set, a value that depends on the
+seed of a sampling request (so best_of's choice can be checked)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,11 @@ import asyncio
 
 from pb import generate_pb2 as pb
 from router.client import ShardError
+
+
+def seed_logprob(seed: int) -> float:
+    """The logprob of every token of a sampling request with `seed` (seeded_logprobs)."""
+    return -((seed % 1000) + 1) / 1000
 
 
 class FakeShardClient:
@@ -28,6 +36,7 @@ class FakeShardClient:
         self.batches: dict[int, list[dict]] = {}
         self.calls: list[tuple] = []
         self.fail_next: str | None = None  # "prefill" or "decode": raise on the next such call
+        self.seeded_logprobs = False  # sampling requests: logprob = seed_logprob(seed)
 
     async def info(self):
         return pb.InfoResponse(block_size=self.block_size, support_chunking=self.support_chunking)
@@ -88,6 +97,9 @@ class FakeShardClient:
             "max_new": r.stopping_parameters.max_new_tokens,
             "done": False,
             "blocks": list(r.blocks),
+            "logprob": seed_logprob(r.parameters.seed)
+            if self.seeded_logprobs and r.parameters.do_sample
+            else -0.5,
         }
 
     async def _step(self, batch_id: int):
@@ -104,7 +116,9 @@ class FakeShardClient:
             token = self.vocab[(r["id"] + r["generated"]) % len(self.vocab)]
             r["generated"] += 1
             r["next"] = 1
-            g = pb.Generation(request_id=r["id"], tokens=pb.Tokens(ids=[token], logprobs=[-0.5]))
+            g = pb.Generation(
+                request_id=r["id"], tokens=pb.Tokens(ids=[token], logprobs=[r["logprob"]])
+            )
             if r["generated"] >= r["max_new"]:
                 g.generated_text.CopyFrom(
                     pb.GeneratedText(
