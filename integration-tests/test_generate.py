@@ -199,3 +199,20 @@ def test_long_prompt_is_prefilled_in_chunks(launcher, smollm2_dir, tokenizer):
     body = {"inputs": prompt, "parameters": {"max_new_tokens": 8, "details": True}}
     out = requests.post(f"{launcher.url}/generate", json=body, timeout=300).json()
     assert [t["id"] for t in out["details"]["tokens"]] == expected
+
+
+def test_watermark_is_detectable(launcher, tokenizer):
+    from shard.watermark import Watermark
+
+    prompt = (
+        "<|im_start|>user\nWrite a long story about a dragon.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    last_prompt_token = tokenizer(prompt)["input_ids"][-1]
+    scores = {}
+    for watermark in (False, True):
+        params = {"max_new_tokens": 64, "details": True, "watermark": watermark}
+        body = {"inputs": prompt, "parameters": params}
+        out = requests.post(f"{launcher.url}/generate", json=body, timeout=120).json()
+        ids = [last_prompt_token] + [t["id"] for t in out["details"]["tokens"]]
+        scores[watermark] = Watermark().detect(ids, 49152)
+    assert scores[True] > 3 > 2 > scores[False], scores  # greedy: deterministic

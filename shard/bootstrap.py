@@ -17,6 +17,7 @@ from shard.generator import Generator
 from shard.model_runner import ModelRunner
 from shard.models import load_model
 from shard.server import DEFAULT_MAX_PREFILL_TOKENS, TextGenerationService, serve
+from shard.watermark import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
     model = load_model(config.model_dir, config.torch_dtype, device, dist)
     backend = get_backend(config.attention, device, block_size=config.block_size)
     runner = ModelRunner(model, backend, config.block_size, device, config.torch_dtype)
-    generator = Generator(runner, model.config.eos_token_ids, DEFAULT_MAX_PREFILL_TOKENS)
+    watermark = Watermark(config.watermark_gamma, config.watermark_delta)
+    generator = Generator(runner, model.config.eos_token_ids, DEFAULT_MAX_PREFILL_TOKENS, watermark)
     log.info(
         "loaded %s (%s, %s, attention %s, %d threads)",
         config.model_id,

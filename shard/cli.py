@@ -41,6 +41,8 @@ def serve(
     world_size: int = typer.Option(1, envvar="WORLD_SIZE"),
     master_addr: str = typer.Option("localhost", envvar="MASTER_ADDR"),
     master_port: int = typer.Option(29500, envvar="MASTER_PORT"),
+    watermark_gamma: float = typer.Option(0.5, envvar="WATERMARK_GAMMA"),
+    watermark_delta: float = typer.Option(2.0, envvar="WATERMARK_DELTA"),
     collective_timeout: float = typer.Option(
         120.0, envvar="COLLECTIVE_TIMEOUT", help="Seconds before a stuck collective fails the rank"
     ),
@@ -83,6 +85,8 @@ def serve(
         master_addr=master_addr,
         master_port=master_port,
         collective_timeout=collective_timeout,
+        watermark_gamma=watermark_gamma,
+        watermark_delta=watermark_delta,
     )
     service = build_service(config)
     asyncio.run(run_forever(config, service))

@@ -66,6 +66,8 @@ class ShardConfig:
     master_addr: str = "localhost"
     master_port: int = 29500
     collective_timeout: float = 120.0
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
     use_prefix_caching: bool = False
 
     def __post_init__(self):

@@ -18,6 +18,7 @@ from shard.batch import Batch, RequestState
 from shard.forward_context import AttentionMetadata
 from shard.model_runner import ModelRunner
 from shard.sampler import sample
+from shard.watermark import Watermark
 
 FINISH_LENGTH, FINISH_EOS = 0, 1  # proto FinishReason values
 
@@ -99,11 +100,16 @@ def record_prompt_logprobs(plan: StepPlan, logprobs: torch.Tensor) -> None:
 
 class Generator:
     def __init__(
-        self, runner: ModelRunner, eos_token_ids: tuple[int, ...], max_prefill_tokens: int
+        self,
+        runner: ModelRunner,
+        eos_token_ids: tuple[int, ...],
+        max_prefill_tokens: int,
+        watermark: Watermark | None = None,
     ):
         self.runner = runner
         self.eos_token_ids = set(eos_token_ids)
         self.max_prefill_tokens = max_prefill_tokens
+        self.watermark = watermark or Watermark()  # gamma/delta for requests that ask for it
 
     def step(self, batch: Batch) -> tuple[list[Generation], StepTimings]:
         timings = StepTimings()
@@ -129,9 +135,8 @@ class Generator:
         chosen = [plan.active[i] for i, _ in plan.sample_rows]
         rows = torch.tensor([row for _, row in plan.sample_rows], dtype=torch.int64)
         top_n = max(r.top_n_tokens for r in chosen)
-        out = sample(
-            logits[rows], [r.sampler for r in chosen], [r.token_ids for r in chosen], top_n
-        )
+        histories = [r.token_ids for r in chosen]
+        out = sample(logits[rows], [r.sampler for r in chosen], histories, top_n, self.watermark)
         next_ids, logprobs = out.next_ids.tolist(), out.logprobs.tolist()
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
