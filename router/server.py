@@ -17,6 +17,7 @@ from router.errors import BodyError, GenerationError, InferError, ValidationErro
 from router.health import Health
 from router.infer import Infer
 from router.metrics import Metrics
+from router.openai import add_openai_routes
 from router.openapi import add_docs_routes
 from router.protocol import generate_response, stream_event, timing_headers
 from router.streaming import open_stream, sse_data, with_keep_alive
@@ -243,4 +244,5 @@ def make_app(app_state: AppState) -> web.Application:
     app.router.add_get("/info", info)
     app.router.add_get("/metrics", metrics)
     add_docs_routes(app, VERSION)
+    add_openai_routes(app)
     return app

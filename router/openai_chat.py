@@ -1,0 +1,342 @@
+"""`POST /v1/chat/completions` and `POST /chat_tokenize` (TGI's `chat_completions`,
+`get_chat_tokenize`).
+
+The messages are rendered with the model's chat template (in the validation executor, never on
+the event loop) and the text is generated like /generate with `add_special_tokens=false`.
+Content is a string or a list of `{"type": "text"}` parts; image parts are a 422 validation
+error (the served models are text-only). Tools are not supported: with `tool_choice` "auto"
+or "none" they are ignored (the model answers in text, which "auto" allows); "required" or a
+named function is a 422 `tool_error`. `response_format` becomes a grammar, which validation
+accepts or rejects like the `grammar` parameter of /generate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from router.entry import EndEvent, ErrorEvent, PrefillEvent, Token
+from router.errors import (
+    BodyError,
+    GenerationError,
+    InferError,
+    TemplateError,
+    ToolError,
+    ValidationError,
+)
+from router.infer import GenerateResult
+from router.openai import (
+    COMMON_FIELDS,
+    DONE,
+    app_state,
+    check_n,
+    envelope,
+    finish_reason,
+    generate_parameters,
+    openai_error,
+    parse_fields,
+    read_json,
+    request_usage,
+    stream_text,
+    u32_or_none,
+    unix_time,
+)
+from router.protocol import timing_headers
+from router.request import ValidatedRequest
+from router.streaming import open_stream, sse_data, with_keep_alive
+from router.validation import (
+    GenerateParameters,
+    GenerateRequest,
+    Grammar,
+    _bool,
+    _invalid_type,
+    _optional,
+    _string,
+)
+
+if TYPE_CHECKING:
+    from router.server import AppState
+
+# ---- request --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict]
+    parameters: GenerateParameters
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+def _part(value: Any, path: str) -> str:
+    """One content part: its text; an image is refused (text-only models)."""
+    if not isinstance(value, dict):
+        raise _invalid_type(path, value, "internally tagged enum MessageChunk")
+    kind = value.get("type")
+    if kind == "text":
+        if "text" not in value:
+            raise BodyError.json_data(f"{path}: missing field `text`")
+        return _string(value["text"], f"{path}.text")
+    if kind in ("image_url", "input_image", "image"):
+        raise ValidationError("image modality is not supported")
+    raise BodyError.json_data(
+        f"{path}.type: unknown variant {_describe_kind(kind)}, expected `text` or `image_url`"
+    )
+
+
+def _describe_kind(kind: Any) -> str:
+    return f"`{kind}`" if isinstance(kind, str) else "(missing or not a string)"
+
+
+def _content(value: Any, path: str) -> str:
+    """A string, a list of text parts (joined), or null (empty, as TGI's TextMessage)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _invalid_type(path, value, "a string or a sequence of content parts")
+    return "".join(_part(part, f"{path}[{i}]") for i, part in enumerate(value))
+
+
+def _message(value: Any, path: str) -> dict:
+    if not isinstance(value, dict):
+        raise _invalid_type(path, value, "struct Message")
+    if "role" not in value:
+        raise BodyError.json_data(f"{path}: missing field `role`")
+    message = {
+        "role": _string(value["role"], f"{path}.role"),
+        "content": _content(value.get("content"), f"{path}.content"),
+    }
+    for key in ("name", "tool_calls", "tool_call_id"):  # templates may use them
+        if value.get(key) is not None:
+            message[key] = value[key]
+    return message
+
+
+def _messages(value: Any, path: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise _invalid_type(path, value, "a sequence")
+    return [_message(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+
+def _response_format(value: Any, path: str) -> Grammar | None:
+    """OpenAI's and TGI's response_format shapes -> a Grammar (None for `text`)."""
+    if not isinstance(value, dict):
+        raise _invalid_type(path, value, "struct ResponseFormat")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object" and value.get("value") is None:  # OpenAI's JSON mode
+        return Grammar("json", {"type": "object"})
+    if kind == "json_schema":
+        config = value.get("json_schema", value.get("value"))
+        if not isinstance(config, dict) or "schema" not in config:
+            raise BodyError.json_data(f"{path}.json_schema: missing field `schema`")
+        return Grammar("json_schema", config)
+    if kind in ("json", "json_object", "regex"):
+        if value.get("value") is None:
+            raise BodyError.json_data(f"{path}: missing field `value`")
+        return Grammar("json" if kind == "json_object" else kind, value["value"])
+    raise BodyError.json_data(
+        f"{path}.type: unknown variant {_describe_kind(kind)}, expected one of `text`, "
+        "`json`, `json_object`, `json_schema`, `regex`"
+    )
+
+
+def _list(value: Any, path: str) -> list:
+    if not isinstance(value, list):
+        raise _invalid_type(path, value, "a sequence")
+    return value
+
+
+def _check_tools(tools: list | None, tool_choice: Any, grammar: Grammar | None) -> None:
+    if not tools:
+        return
+    if grammar is not None:
+        raise ToolError("Grammar and tools are mutually exclusive")
+    if tool_choice not in (None, "auto", "none"):
+        raise ToolError(
+            'tool calls are not supported: `tool_choice` must be "auto" or "none" '
+            "(the model then answers in text)"
+        )
+
+
+CHAT_FIELDS = {
+    **COMMON_FIELDS,
+    "messages": _messages,
+    "logprobs": _optional(_bool),
+    "top_logprobs": u32_or_none,
+    "tools": _optional(_list),
+    "tool_choice": lambda value, path: value,
+    "response_format": _optional(_response_format),
+}
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """The body of /v1/chat/completions or /chat_tokenize, or a 422."""
+    fields = parse_fields(body, "ChatRequest", CHAT_FIELDS, ("messages",))
+    check_n(fields["n"])
+    grammar = fields["response_format"]
+    _check_tools(fields["tools"], fields["tool_choice"], grammar)
+    return ChatRequest(
+        messages=fields["messages"],
+        parameters=generate_parameters(fields, fields["top_logprobs"], grammar),
+        stream=bool(fields["stream"]),
+        include_usage=bool(fields["stream_options"]),
+        logprobs=bool(fields["logprobs"]),
+    )
+
+
+async def render(state: AppState, messages: list[dict]) -> str:
+    """The chat template applied with add_generation_prompt, in the validation executor. Any
+    failure inside the model's template is TGI's 422 `template_error`."""
+    apply = partial(state.tokenizer.apply_chat_template, messages, add_generation_prompt=True)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(state.validation.executor, apply)
+    except Exception as err:
+        raise TemplateError(err) from err
+
+
+# ---- response shapes ------------------------------------------------------------------------
+
+
+def logprobs_json(tokens: list[Token], top_tokens: list[list[Token]]) -> dict:
+    """`{"content": [{token, logprob, top_logprobs: [{token, logprob}]}]}`, one per token."""
+    content = [
+        {
+            "token": token.text,
+            "logprob": token.logprob,
+            "top_logprobs": [{"token": t.text, "logprob": t.logprob} for t in top],
+        }
+        for token, top in zip(tokens, top_tokens)
+    ]
+    return {"content": content}
+
+
+def completion_json(
+    state: AppState, chat: ChatRequest, request: ValidatedRequest, result: GenerateResult
+) -> dict:
+    end = result.end
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": end.generated_text},
+        "logprobs": logprobs_json(result.tokens, result.top_tokens) if chat.logprobs else None,
+        "finish_reason": finish_reason(end),
+    }
+    return envelope(state, "chat.completion", unix_time(), [choice], request_usage(request, end))
+
+
+def chunk_json(
+    state: AppState,
+    chat: ChatRequest,
+    created: int,
+    token: Token,
+    top: list[Token],
+    end: EndEvent | None,
+) -> dict:
+    """One chat.completion.chunk: the token's text as delta (`tool_calls: null` keeps the
+    text-generation client's parser happy), finish_reason on the last one."""
+    delta = {"role": "assistant", "content": stream_text(token), "tool_calls": None}
+    choice = {
+        "index": 0,
+        "delta": delta,
+        "logprobs": logprobs_json([token], [top]) if chat.logprobs else None,
+        "finish_reason": finish_reason(end) if end is not None else None,
+    }
+    return envelope(state, "chat.completion.chunk", created, [choice], None)
+
+
+# ---- handlers -------------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = app_state(request)
+    chat = parse_chat_request(await read_json(request))
+    inputs = await render(state, chat.messages)  # a template error is an HTTP 422, even streamed
+    generate = GenerateRequest(inputs, chat.parameters)
+    if chat.stream:
+        return await _stream(request, state, chat, generate)
+    return await _complete(state, chat, generate)
+
+
+async def _complete(state: AppState, chat: ChatRequest, generate: GenerateRequest) -> web.Response:
+    received = time.monotonic()
+    permit = state.infer.acquire()
+    try:
+        validated = await state.validation.validate(generate, add_special_tokens=False)
+        validated_at = time.monotonic()
+        result = await state.infer.generate(validated)
+    except GenerationError:
+        state.health.request_failed()
+        raise
+    finally:
+        permit.release()
+    headers = timing_headers(validated, result.end, received, validated_at, time.monotonic())
+    return web.json_response(completion_json(state, chat, validated, result), headers=headers)
+
+
+async def _stream(
+    request: web.Request, state: AppState, chat: ChatRequest, generate: GenerateRequest
+) -> web.StreamResponse:
+    """SSE chunks then `data: [DONE]`; overload and validation errors arrive in-band."""
+    response = await open_stream(request)
+    try:
+        permit = state.infer.acquire()
+    except InferError as err:
+        await response.write(openai_error(err))
+        await response.write(DONE)
+        return response
+    try:
+        await _stream_events(state, response, chat, generate)
+    finally:
+        permit.release()
+    await response.write(DONE)
+    return response
+
+
+async def _stream_events(
+    state: AppState, response: web.StreamResponse, chat: ChatRequest, generate: GenerateRequest
+) -> None:
+    try:
+        validated = await state.validation.validate(generate, add_special_tokens=False, stream=True)
+    except InferError as err:
+        await response.write(openai_error(err))
+        return
+    created = unix_time()
+    events = state.infer.generate_stream(validated)
+    try:
+        async for event in with_keep_alive(events, response):
+            if isinstance(event, PrefillEvent):
+                continue
+            if isinstance(event, ErrorEvent):
+                state.health.request_failed()
+                await response.write(openai_error(event.error))
+                return
+            end = event if isinstance(event, EndEvent) else None
+            chunk = chunk_json(state, chat, created, event.token, event.top_tokens, end)
+            await response.write(sse_data(chunk))
+            if end is not None and chat.include_usage:
+                usage = request_usage(validated, end)
+                await response.write(
+                    sse_data(envelope(state, "chat.completion.chunk", created, [], usage))
+                )
+    finally:
+        await events.aclose()  # a client that left: its entry leaves the batch, blocks freed
+
+
+async def chat_tokenize(request: web.Request) -> web.Response:
+    """The templated text and its tokens, `{"tokenize_response": [...], "templated_text"}`."""
+    state = app_state(request)
+    chat = parse_chat_request(await read_json(request))
+    text = await render(state, chat.messages)
+    encode = partial(state.tokenizer.encode_with_offsets, text, add_special_tokens=False)
+    pieces = await asyncio.get_running_loop().run_in_executor(state.validation.executor, encode)
+    tokens = [{"id": i, "text": text[a:b], "start": a, "stop": b} for i, (a, b) in pieces]
+    return web.json_response({"tokenize_response": tokens, "templated_text": text})
