@@ -129,6 +129,13 @@ def test_overload_gives_429(launcher):
 
         with pytest.raises(TgiOverloadedError):
             Client(launcher.url).generate("hi", max_new_tokens=2)
+        import openai
+
+        chat = openai.OpenAI(base_url=f"{launcher.url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            chat.chat.completions.create(
+                model="tgi", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
     finally:
         stop.set()
         for t in threads:
