@@ -114,7 +114,7 @@ def build_state(config: RouterConfig, client: ShardClient, info: pb.InfoResponse
     validation = Validation(config, tokenizer, executor)
     infer = Infer(queue, tokenizer, config.max_concurrent_requests, config.max_total_tokens)
     liveness_id = next(iter(sorted(tokenizer.eos_token_ids)), 0)
-    metrics = Metrics()
+    metrics = Metrics(config)
     metrics.watch(allocator, queue, batcher)
     state = AppState(
         config,

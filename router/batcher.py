@@ -23,6 +23,7 @@ from router.block_allocator import BlockAllocator
 from router.client import ShardClient, ShardError
 from router.entry import EndEvent, Entry, ErrorEvent
 from router.errors import GenerationError
+from router.metrics import Hooks
 from router.output import OutputState
 from router.queue import NextBatch, Queue
 from router.tokenizer import Tokenizer
@@ -55,7 +56,8 @@ class Batcher:
         self.entries: dict[int, Entry] = {}  # running entries by request id
         self._next_batch_id = 0
         self.healthy = True
-        self.on_step = None  # optional callback(method, seconds, batch_size) for metrics
+        self.metrics: Hooks = Hooks()  # router.metrics.Metrics once watched
+        self._answered: tuple[str, float] = ("prefill", 0.0)  # last step: method, when
 
     async def run(self) -> None:
         while True:
@@ -69,9 +71,10 @@ class Batcher:
         """Runs one batch until it is empty, merging new work in as it comes."""
         waiting_tokens = 1
         while cached is not None:
-            cached = await self._drop_finished(cached)
+            cached = await self._filter(cached)
             if cached is None:
-                return
+                break
+            self.metrics.batch_current(cached.size, cached.max_tokens)
             max_size = None if self.max_batch_size is None else self.max_batch_size - cached.size
             token_budget = self.max_total - cached.max_tokens
             if self.queue.support_chunking:
@@ -79,6 +82,7 @@ class Batcher:
                     None, max_size, self.max_prefill - cached.current_tokens, token_budget
                 )
                 if new is not None:
+                    self.metrics.batch_concat("chunking")
                     cached = await self._prefill(new, cached)
                     waiting_tokens = 1
                     continue
@@ -90,6 +94,9 @@ class Batcher:
                 )
                 new = self._next(min_size or None, max_size, self.max_prefill, token_budget)
                 if new is not None:
+                    self.metrics.batch_concat(
+                        "wait_exceeded" if min_size is None else "backpressure"
+                    )
                     new_cached = await self._prefill(new, None)
                     waiting_tokens = 1
                     if new_cached is not None:
@@ -97,6 +104,7 @@ class Batcher:
                         continue
             cached = await self._decode([cached])
             waiting_tokens += 1
+        self.metrics.batch_current(0, 0)
 
     def _next(self, min_size, max_size, prefill_budget, token_budget) -> NextBatch | None:
         return self.queue.next_batch(min_size, max_size, prefill_budget, token_budget)
@@ -136,14 +144,18 @@ class Batcher:
         except ShardError as err:
             log.error("%s failed: %s", method, err)
             self.healthy = False
+            self.metrics.batch_step(method, time.monotonic() - start)
             await self._fail(request_ids, batch_ids, f"Server error: {err}")
             return None
         self.healthy = True
-        if self.on_step:
-            self.on_step(method, time.monotonic() - start, len(request_ids))
+        self._answered = (method, time.monotonic())
+        self.metrics.batch_step(method, self._answered[1] - start, response)
         for g in response.generations:
             entry = self.entries.get(g.request_id)
-            if entry is None or entry.cancelled:
+            if entry is None:
+                continue
+            if entry.cancelled:  # the client left during this step
+                self._drop(entry)
                 continue
             for event in entry.output.process(entry, g):
                 entry.send(event)
@@ -164,13 +176,19 @@ class Batcher:
             except ShardError as err:
                 log.error("clear_cache(%d) after a failed step failed too: %s", batch_id, err)
 
+    async def _filter(self, cached: pb.CachedBatch) -> pb.CachedBatch | None:
+        """_drop_finished, timed from the step's answer (tgi_batch_filter_duration)."""
+        cached = await self._drop_finished(cached)
+        method, answered = self._answered
+        self.metrics.batch_filter(method, time.monotonic() - answered)
+        return cached
+
     async def _drop_finished(self, cached: pb.CachedBatch) -> pb.CachedBatch | None:
         """Removes finished and cancelled requests from the shards' batch before the next step."""
         for request_id in cached.request_ids:
             entry = self.entries.get(request_id)
             if entry is not None and entry.cancelled:
-                log.info("request %d: client went away, dropped", request_id)
-                self._remove(entry)
+                self._drop(entry)
         keep = [i for i in cached.request_ids if i in self.entries]
         if len(keep) == len(cached.request_ids):
             return cached
@@ -182,6 +200,11 @@ class Batcher:
         except ShardError as err:
             await self._fail(keep, [cached.id], f"Server error: {err}")
             return None
+
+    def _drop(self, entry: Entry) -> None:
+        log.info("request %d: client went away, dropped", entry.id)
+        self.metrics.dropped()
+        self._remove(entry)
 
     def _remove(self, entry: Entry) -> None:
         """The one place an entry leaves the router and its blocks are freed."""

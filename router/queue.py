@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from router.block_allocator import BlockAllocator
 from router.entry import Entry, ErrorEvent
 from router.errors import GenerationError
+from router.metrics import Hooks
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Queue:
         self._entries: deque[Entry] = deque()
         self.notify = asyncio.Event()
         self.dropped = 0  # entries whose client left while they waited
+        self.metrics: Hooks = Hooks()  # router.metrics.Metrics once watched
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -69,6 +71,7 @@ class Queue:
             entry.allocation = self.allocator.allocate(self._tokens(entry))
             entry.chunk_len = take if take < prompt else None
             chosen.append(entry)
+        self.metrics.batch_next(len(chosen))
         return NextBatch(chosen, sum(take for _, take in plan))
 
     @staticmethod
@@ -107,4 +110,5 @@ class Queue:
         if gone:
             self._entries = deque(e for e in self._entries if not e.cancelled)
             self.dropped += len(gone)
+            self.metrics.dropped(len(gone))
         return gone

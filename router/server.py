@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from router.config import RouterConfig
+from router.cors import setup_cors
 from router.entry import EndEvent, ErrorEvent, PrefillEvent
 from router.errors import BodyError, GenerationError, InferError, ValidationError
 from router.health import Health
@@ -120,50 +121,71 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, parsed, compat: bool) -> web.Response:
     s = state(request)
     received = time.monotonic()
-    s.validation.precheck(parsed)  # TGI checks best_of before taking any permit
-    permit = s.infer.acquire()
-    try:
-        validated = await s.validation.validate(parsed, default_return_full_text=compat)
-        validated_at = time.monotonic()
-        others = None  # the other best_of sequences
-        if validated.best_of > 1:
-            result, others = await s.infer.generate_best_of(validated, validated.best_of)
-        else:
-            result = await s.infer.generate(validated)
-    except GenerationError:
-        s.health.request_failed()
-        raise
-    finally:
-        permit.release()
+    s.metrics.request_started()
+    with s.metrics.counting_failures():  # tgi_request_failure{err} for any InferError
+        s.validation.precheck(parsed)  # TGI checks best_of before taking any permit
+        permit = s.infer.acquire()
+        try:
+            validated = await s.validation.validate(parsed, default_return_full_text=compat)
+            validated_at = time.monotonic()
+            s.metrics.request_validated(
+                validated.input_length, validated.stopping.max_total_new_tokens
+            )
+            others = None  # the other best_of sequences
+            if validated.best_of > 1:
+                result, others = await s.infer.generate_best_of(validated, validated.best_of)
+            else:
+                result = await s.infer.generate(validated)
+        except GenerationError:
+            s.health.request_failed()
+            raise
+        finally:
+            permit.release()
+    finished = time.monotonic()
+    s.metrics.request_succeeded(result.end, received, validated_at, finished)
     body = generate_response(validated, result, others)
-    headers = timing_headers(validated, result.end, received, validated_at, time.monotonic())
+    headers = timing_headers(validated, result.end, received, validated_at, finished)
     return web.json_response([body] if compat else body, headers=headers)
 
 
 async def _generate_stream(request: web.Request, parsed, compat: bool) -> web.StreamResponse:
     s = state(request)
-    s.validation.precheck(parsed, stream=True)  # these errors get an HTTP status, as in TGI
+    received = time.monotonic()
+    s.metrics.request_started()
+    with s.metrics.counting_failures():
+        s.validation.precheck(parsed, stream=True)  # these errors get an HTTP status, as in TGI
     response = await open_stream(request)
     try:
         permit = s.infer.acquire()
     except InferError as err:  # overload arrives inside the stream, as in TGI
+        s.metrics.request_failed(err)
         await response.write(sse_data(err.to_json()))
         return response
     try:
-        await _stream_events(s, response, parsed, compat)
+        await _stream_events(s, response, parsed, compat, received)
     finally:
         permit.release()
     return response
 
 
-async def _stream_events(s: AppState, response: web.StreamResponse, parsed, compat: bool) -> None:
+async def _stream_events(
+    s: AppState,
+    response: web.StreamResponse,
+    parsed,
+    compat: bool,
+    received: float | None = None,
+) -> None:
+    received = time.monotonic() if received is None else received
     try:
         validated = await s.validation.validate(
             parsed, stream=True, default_return_full_text=compat
         )
     except InferError as err:
+        s.metrics.request_failed(err)
         await response.write(sse_data(err.to_json()))
         return
+    validated_at = time.monotonic()
+    s.metrics.request_validated(validated.input_length, validated.stopping.max_total_new_tokens)
     events = s.infer.generate_stream(validated)
     index = 0
     try:
@@ -172,10 +194,13 @@ async def _stream_events(s: AppState, response: web.StreamResponse, parsed, comp
                 continue
             if isinstance(event, ErrorEvent):
                 s.health.request_failed()
+                s.metrics.request_failed(event.error)
                 await response.write(sse_data(event.error.to_json()))
                 return
             index += 1
             end = event if isinstance(event, EndEvent) else None
+            if end is not None:
+                s.metrics.request_succeeded(end, received, validated_at, time.monotonic())
             await response.write(
                 sse_data(stream_event(index, validated, event.token, event.top_tokens, end))
             )
@@ -234,6 +259,7 @@ def make_app(app_state: AppState) -> web.Application:
     if app_state.config.api_key:
         middlewares.insert(0, auth_middleware(app_state.config.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=app_state.config.payload_limit)
+    setup_cors(app, app_state.config.cors_allow_origin)
     app[STATE] = app_state
     app.router.add_post("/", compat_generate)
     app.router.add_post("/generate", generate)

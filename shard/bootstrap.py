@@ -68,5 +68,7 @@ async def run_forever(config: ShardConfig, service: TextGenerationService) -> No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await serve(config, service, stop)
+    if config.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # exiting with gloo threads alive aborts
     if service.fatal is not None:
         raise SystemExit(f"shard {config.rank} stopped after a collective failure: {service.fatal}")

@@ -20,6 +20,11 @@ class Dist:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def close(self) -> None:
+        """Leaves the group; a process that exits with gloo threads still running aborts."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """[..., n] on every rank -> [..., n * world_size], rank order."""
         if self.world_size == 1:
