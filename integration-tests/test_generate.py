@@ -223,3 +223,30 @@ def test_watermark_is_detectable(launcher, tokenizer):
         ids = [last_prompt_token] + [t["id"] for t in out["details"]["tokens"]]
         scores[watermark] = Watermark().detect(ids, 49152)
     assert scores[True] > 3 > 2 > scores[False], scores  # greedy: deterministic
+
+
+def test_metrics_and_docs(launcher):
+    requests.post(
+        f"{launcher.url}/generate",
+        json={"inputs": "hi", "parameters": {"max_new_tokens": 2}},
+        timeout=60,
+    )
+    text = requests.get(f"{launcher.url}/metrics", timeout=10).text
+    for line in (
+        "# TYPE tgi_request_count counter",
+        "# TYPE tgi_request_duration histogram",
+        "# TYPE tgi_batch_current_size gauge",
+        "# TYPE tgi_kv_cache_blocks_free gauge",
+    ):
+        assert line in text
+    assert metric(launcher.url, "tgi_request_success") >= 1
+    assert 'tgi_batch_inference_duration_count{method="prefill"}' in text
+    spec = requests.get(f"{launcher.url}/api-doc/openapi.json", timeout=10).json()
+    assert {"/generate", "/generate_stream", "/v1/chat/completions"} <= set(spec["paths"])
+    assert requests.get(f"{launcher.url}/docs", timeout=10).status_code == 200
+    response = requests.options(
+        f"{launcher.url}/generate",
+        headers={"Origin": "http://example.com", "Access-Control-Request-Method": "POST"},
+        timeout=10,
+    )
+    assert response.headers["access-control-allow-origin"] == "*"
