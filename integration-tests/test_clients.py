@@ -94,3 +94,38 @@ def test_validation_errors_map_to_each_clients_exception(launcher):
                 "hi", max_new_tokens=2, top_n_tokens=10
             )
         )
+
+
+def test_inference_client_all_generate_parameters(launcher, tokenizer):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(launcher.url)
+    prompt = PROMPTS[5]
+    out = client.text_generation(
+        prompt, max_new_tokens=6, details=True, decoder_input_details=True, top_n_tokens=3
+    )
+    assert [t.id for t in out.details.prefill] == tokenizer(prompt)["input_ids"]
+    assert all(len(top) == 3 for top in out.details.top_tokens)
+    best = client.text_generation(
+        prompt, max_new_tokens=6, details=True, best_of=2, do_sample=True, temperature=0.9
+    )
+    assert len(best.details.best_of_sequences) == 1
+    assert best.details.seed is not None
+    sampled = client.text_generation(
+        prompt,
+        max_new_tokens=6,
+        details=True,
+        do_sample=True,
+        repetition_penalty=1.3,
+        frequency_penalty=0.5,
+        top_k=20,
+        top_p=0.9,
+        typical_p=0.95,
+        temperature=0.7,
+        seed=5,
+        truncate=4,
+        watermark=True,
+        stop=["\n\n"],
+    )
+    assert sampled.details.seed == 5
+    assert sampled.details.finish_reason in ("length", "eos_token", "stop_sequence")

@@ -51,6 +51,17 @@ def test_generation_errors_reach_each_client(tokenizer):
                 app.shard.fail_next = "prefill"
                 with pytest.raises(error, match="injected prefill failure"):
                     await asyncio.to_thread(call)
+            import openai
+
+            chat = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            app.shard.fail_next = "prefill"
+            with pytest.raises(openai.APIStatusError) as err:
+                await asyncio.to_thread(
+                    lambda: chat.chat.completions.create(
+                        model="tgi", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                    )
+                )
+            assert err.value.status_code == 424
             out = await asyncio.to_thread(lambda: Client(url).generate("hi", max_new_tokens=2))
             assert out.details.generated_tokens == 2
 
