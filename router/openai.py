@@ -34,21 +34,11 @@ from aiohttp import web
 from router.entry import EndEvent, Token
 from router.errors import BodyError, InferError, ValidationError
 from router.infer import Permit
+from router.json_body import loads_strict
 from router.request import ValidatedRequest
+from router.serde import U32_MAX, boolean, describe, f32, integer, invalid_type, optional, string
 from router.streaming import sse_data
-from router.validation import (
-    _U32_MAX,
-    GenerateParameters,
-    Grammar,
-    _bool,
-    _describe,
-    _f32,
-    _integer,
-    _invalid_type,
-    _optional,
-    _string,
-    loads_strict,
-)
+from router.validation import GenerateParameters, Grammar
 
 if TYPE_CHECKING:
     from router.server import AppState
@@ -64,7 +54,7 @@ _U64 = 2**64
 def _any_seed(value: Any, path: str) -> int:
     """OpenAI clients send any integer (negative too); TGI's u64 seed is taken modulo 2**64."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise _invalid_type(path, value, "u64")
+        raise invalid_type(path, value, "u64")
     return value % _U64
 
 
@@ -73,40 +63,40 @@ def _stop(value: Any, path: str) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     if not isinstance(value, list):
-        raise _invalid_type(path, value, "a string or a sequence of strings")
-    return tuple(_string(item, f"{path}[{i}]") for i, item in enumerate(value))
+        raise invalid_type(path, value, "a string or a sequence of strings")
+    return tuple(string(item, f"{path}[{i}]") for i, item in enumerate(value))
 
 
 def _include_usage(value: Any, path: str) -> bool:
     """`stream_options: {"include_usage": bool}` -> the flag."""
     if not isinstance(value, dict):
-        raise _invalid_type(path, value, "struct StreamOptions")
+        raise invalid_type(path, value, "struct StreamOptions")
     flag = value.get("include_usage")
-    return False if flag is None else _bool(flag, f"{path}.include_usage")
+    return False if flag is None else boolean(flag, f"{path}.include_usage")
 
 
 def _ignored(value: Any, path: str) -> None:
     return None
 
 
-_f32_or_none = _optional(_f32)
-u32_or_none = _optional(_integer("u32", 0, _U32_MAX))
+_f32_or_none = optional(f32)
+u32_or_none = optional(integer("u32", 0, U32_MAX))
 
 COMMON_FIELDS: dict[str, Converter] = {
-    "model": _optional(_string),
+    "model": optional(string),
     "max_tokens": u32_or_none,
     "max_completion_tokens": u32_or_none,
     "temperature": _f32_or_none,
     "top_p": _f32_or_none,
-    "top_k": _optional(_integer("i32", -(2**31), 2**31 - 1)),
-    "seed": _optional(_any_seed),
-    "stop": _optional(_stop),
+    "top_k": optional(integer("i32", -(2**31), 2**31 - 1)),
+    "seed": optional(_any_seed),
+    "stop": optional(_stop),
     "frequency_penalty": _f32_or_none,
     "presence_penalty": _f32_or_none,
     "repetition_penalty": _f32_or_none,
-    "stream": _optional(_bool),
-    "stream_options": _optional(_include_usage),
-    "n": _optional(_integer("u32", 0, _U32_MAX)),
+    "stream": optional(boolean),
+    "stream_options": optional(_include_usage),
+    "n": optional(integer("u32", 0, U32_MAX)),
     "user": _ignored,
     "logit_bias": _ignored,
 }
@@ -118,7 +108,7 @@ def parse_fields(
     """serde's view of an OpenAI request: unknown keys ignored, nulls accepted, the first bad
     field (in document order) reported as a 422 `BodyError`. Absent and null keys are None."""
     if not isinstance(body, dict):
-        raise BodyError.json_data(f"invalid type: {_describe(body)}, expected struct {struct}")
+        raise BodyError.json_data(f"invalid type: {describe(body)}, expected struct {struct}")
     values = {key: fields[key](value, key) for key, value in body.items() if key in fields}
     for name in required:
         if name not in body:

@@ -48,16 +48,9 @@ from router.openai import (
 )
 from router.protocol import timing_headers
 from router.request import ValidatedRequest
+from router.serde import boolean, invalid_type, optional, string
 from router.streaming import open_stream, sse_data, with_keep_alive
-from router.validation import (
-    GenerateParameters,
-    GenerateRequest,
-    Grammar,
-    _bool,
-    _invalid_type,
-    _optional,
-    _string,
-)
+from router.validation import GenerateParameters, GenerateRequest, Grammar
 
 if TYPE_CHECKING:
     from router.server import AppState
@@ -77,12 +70,12 @@ class ChatRequest:
 def _part(value: Any, path: str) -> str:
     """One content part: its text; an image is refused (text-only models)."""
     if not isinstance(value, dict):
-        raise _invalid_type(path, value, "internally tagged enum MessageChunk")
+        raise invalid_type(path, value, "internally tagged enum MessageChunk")
     kind = value.get("type")
     if kind == "text":
         if "text" not in value:
             raise BodyError.json_data(f"{path}: missing field `text`")
-        return _string(value["text"], f"{path}.text")
+        return string(value["text"], f"{path}.text")
     if kind in ("image_url", "input_image", "image"):
         raise ValidationError("image modality is not supported")
     raise BodyError.json_data(
@@ -101,17 +94,17 @@ def _content(value: Any, path: str) -> str:
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise _invalid_type(path, value, "a string or a sequence of content parts")
+        raise invalid_type(path, value, "a string or a sequence of content parts")
     return "".join(_part(part, f"{path}[{i}]") for i, part in enumerate(value))
 
 
 def _message(value: Any, path: str) -> dict:
     if not isinstance(value, dict):
-        raise _invalid_type(path, value, "struct Message")
+        raise invalid_type(path, value, "struct Message")
     if "role" not in value:
         raise BodyError.json_data(f"{path}: missing field `role`")
     message = {
-        "role": _string(value["role"], f"{path}.role"),
+        "role": string(value["role"], f"{path}.role"),
         "content": _content(value.get("content"), f"{path}.content"),
     }
     for key in ("name", "tool_calls", "tool_call_id"):  # templates may use them
@@ -122,14 +115,14 @@ def _message(value: Any, path: str) -> dict:
 
 def _messages(value: Any, path: str) -> list[dict]:
     if not isinstance(value, list):
-        raise _invalid_type(path, value, "a sequence")
+        raise invalid_type(path, value, "a sequence")
     return [_message(item, f"{path}[{i}]") for i, item in enumerate(value)]
 
 
 def _response_format(value: Any, path: str) -> Grammar | None:
     """OpenAI's and TGI's response_format shapes -> a Grammar (None for `text`)."""
     if not isinstance(value, dict):
-        raise _invalid_type(path, value, "struct ResponseFormat")
+        raise invalid_type(path, value, "struct ResponseFormat")
     kind = value.get("type")
     if kind == "text":
         return None
@@ -152,7 +145,7 @@ def _response_format(value: Any, path: str) -> Grammar | None:
 
 def _list(value: Any, path: str) -> list:
     if not isinstance(value, list):
-        raise _invalid_type(path, value, "a sequence")
+        raise invalid_type(path, value, "a sequence")
     return value
 
 
@@ -171,11 +164,11 @@ def _check_tools(tools: list | None, tool_choice: Any, grammar: Grammar | None) 
 CHAT_FIELDS = {
     **COMMON_FIELDS,
     "messages": _messages,
-    "logprobs": _optional(_bool),
+    "logprobs": optional(boolean),
     "top_logprobs": u32_or_none,
-    "tools": _optional(_list),
+    "tools": optional(_list),
     "tool_choice": lambda value, path: value,
-    "response_format": _optional(_response_format),
+    "response_format": optional(_response_format),
 }
 
 

@@ -45,8 +45,9 @@ from router.openai import (
 )
 from router.protocol import full_text, timing_headers
 from router.request import ValidatedRequest
+from router.serde import boolean, invalid_type, optional, string
 from router.streaming import open_stream, sse_data, with_keep_alive
-from router.validation import GenerateRequest, _bool, _invalid_type, _optional, _string
+from router.validation import GenerateRequest
 
 if TYPE_CHECKING:
     from router.server import AppState
@@ -78,8 +79,8 @@ def _prompts(value: Any, path: str) -> list[str]:
     if isinstance(value, str):
         return [value]
     if not isinstance(value, list):
-        raise _invalid_type(path, value, "a string or a sequence of strings")
-    return [_string(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        raise invalid_type(path, value, "a string or a sequence of strings")
+    return [string(item, f"{path}[{i}]") for i, item in enumerate(value)]
 
 
 def _logprobs(value: Any, path: str) -> int | bool:
@@ -87,16 +88,16 @@ def _logprobs(value: Any, path: str) -> int | bool:
     if isinstance(value, bool):
         return value
     if not isinstance(value, int) or value < 0:
-        raise _invalid_type(path, value, "a non-negative integer")
+        raise invalid_type(path, value, "a non-negative integer")
     return value
 
 
 COMPLETION_FIELDS = {
     **COMMON_FIELDS,
     "prompt": _prompts,
-    "suffix": _optional(_string),
-    "echo": _optional(_bool),
-    "logprobs": _optional(_logprobs),
+    "suffix": optional(string),
+    "echo": optional(boolean),
+    "logprobs": optional(_logprobs),
 }
 
 

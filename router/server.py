@@ -17,18 +17,14 @@ from router.entry import EndEvent, ErrorEvent, PrefillEvent
 from router.errors import BodyError, GenerationError, InferError, ValidationError
 from router.health import Health
 from router.infer import Infer
+from router.json_body import loads_strict
 from router.metrics import Metrics
 from router.openai import add_openai_routes
 from router.openapi import add_docs_routes
 from router.protocol import generate_response, stream_event, timing_headers
 from router.streaming import open_stream, sse_data, with_keep_alive
 from router.tokenizer import Tokenizer
-from router.validation import (
-    Validation,
-    loads_strict,
-    parse_compat_generate_request,
-    parse_generate_request,
-)
+from router.validation import Validation, parse_compat_generate_request, parse_generate_request
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"

@@ -1,12 +1,13 @@
 """Request parsing and validation: JSON body -> GenerateRequest -> ValidatedRequest.
 
 Three steps, each TGI-compatible (`router/src/lib.rs`, `router/src/validation.rs`):
-  1. `loads_strict(bytes)`: JSON text -> Python value. It rejects what serde_json rejects and
-     Python's `json` accepts (NaN/Infinity, lone surrogates, invalid UTF-8) and nesting deeper
-     than 64 levels. Errors are `BodyError(400)`.
+  1. `loads_strict(bytes)` (`router/json_body.py`, re-exported here): JSON text -> Python value.
+     It rejects what serde_json rejects and Python's `json` accepts (NaN/Infinity, lone
+     surrogates, invalid UTF-8) and nesting deeper than 64 levels. Errors are `BodyError(400)`.
   2. `parse_generate_request(value)`: serde's typing of `GenerateRequest`: unknown keys ignored,
      `null` accepted for `Option` fields, unsigned ints non-negative and in range, floats finite
-     f32 (rounded to f32, as TGI compares f32s). Errors are `BodyError(422)`.
+     f32 (rounded to f32, as TGI compares f32s). Errors are `BodyError(422)`. The per-value
+     converters are in `router/serde.py`.
   3. `Validation.validate(request)`: TGI's checks, in TGI's order, with TGI's texts. Errors are
      `ValidationError` (422). Tokenization runs in the given executor, never on the event loop.
 """
@@ -15,20 +16,31 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import math
-import re
 import secrets
-import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
-from itertools import accumulate
 from typing import Any, Protocol
 
 from router.config import RouterConfig
 from router.errors import BodyError, ValidationError
+from router.json_body import MAX_JSON_DEPTH, loads_strict
 from router.request import SamplingParameters, StoppingParameters, ValidatedRequest
+from router.serde import (
+    I32_MAX,
+    I32_MIN,
+    U32_MAX,
+    U64_MAX,
+    Converter,
+    boolean,
+    describe,
+    f32,
+    integer,
+    invalid_type,
+    optional,
+    string,
+    string_list,
+)
 
 __all__ = [
     "DEFAULT_GENERATION_LENGTH",
@@ -45,76 +57,8 @@ __all__ = [
 ]
 
 DEFAULT_GENERATION_LENGTH = 1024  # TGI schedules at most this many new tokens at a time
-MAX_JSON_DEPTH = 64
 
-_U32_MAX = 2**32 - 1
-_U64_MAX = 2**64 - 1
-_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
-_F32_MAX = 3.4028234663852886e38
 _GRAMMAR_TYPES = ("json", "json_object", "regex", "json_schema")
-
-
-# ----------------------------------------------------------------------------------------------
-# 1. Strict JSON
-
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
-_BRACKET_STEP = [0] * 256
-_BRACKET_STEP[ord("[")] = _BRACKET_STEP[ord("{")] = 1
-_BRACKET_STEP[ord("]")] = _BRACKET_STEP[ord("}")] = -1
-
-
-def loads_strict(data: bytes | bytearray | memoryview | str) -> Any:
-    """Parses a request body like serde_json would; raises `BodyError(400)` on anything else."""
-    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
-    text = _decode_utf8(raw)
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as e:
-        raise BodyError.json_syntax(f"{e.msg} at line {e.lineno} column {e.colno}") from None
-    except RecursionError:
-        raise BodyError.json_syntax("recursion limit exceeded") from None
-    except ValueError:  # an integer longer than sys.get_int_max_str_digits()
-        raise BodyError.json_syntax("number out of range") from None
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _is_too_deep(raw):
-        raise BodyError.json_syntax(
-            f"recursion limit exceeded (more than {MAX_JSON_DEPTH} nested levels)"
-        )
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
-        raise BodyError.json_syntax("lone surrogate in hex escape")
-    return value
-
-
-def _decode_utf8(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = e.start - raw.rfind(b"\n", 0, e.start)
-        raise BodyError.json_syntax(
-            f"invalid unicode code point at line {line} column {column}"
-        ) from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise BodyError.json_syntax(f"expected value: `{name}` is not valid JSON")
-
-
-def _is_too_deep(raw: bytes) -> bool:
-    """Nesting depth > MAX_JSON_DEPTH, for valid JSON: the maximum running sum over the bracket
-    skeleton (strings removed), computed in C (no Python bytecode per character)."""
-    skeleton = _STRING.sub(b"", raw).translate(None, _NOT_BRACKET)
-    return max(accumulate(map(_BRACKET_STEP.__getitem__, skeleton)), default=0) > MAX_JSON_DEPTH
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    """Python's `json` joins valid surrogate pairs, so a surrogate left anywhere is lone."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +113,6 @@ class GenerateRequest:
 
 _ABSENT_PARAMETERS = GenerateParameters(do_sample=True)  # TGI's default_parameters()
 _MISSING = object()
-Converter = Callable[[Any, str], Any]
 
 
 def parse_generate_request(body: Any) -> GenerateRequest:
@@ -185,17 +128,17 @@ def parse_compat_generate_request(body: Any) -> tuple[GenerateRequest, bool]:
 
 def _parse_request(body: Any, struct_name: str, with_stream: bool) -> tuple[GenerateRequest, bool]:
     if not isinstance(body, dict):
-        raise BodyError.json_data(f"invalid type: {_describe(body)}, expected struct {struct_name}")
+        raise BodyError.json_data(f"invalid type: {describe(body)}, expected struct {struct_name}")
     inputs: Any = _MISSING
     parameters: GenerateParameters | None = None
     stream = False
     for key, value in body.items():  # serde reports the first bad field in document order
         if key == "inputs":
-            inputs = _string(value, "inputs")
+            inputs = string(value, "inputs")
         elif key == "parameters":
             parameters = _parameters(value, "parameters")
         elif key == "stream" and with_stream:
-            stream = _bool(value, "stream")
+            stream = boolean(value, "stream")
     if inputs is _MISSING:
         raise BodyError.json_data("missing field `inputs`")
     if parameters is None:
@@ -205,7 +148,7 @@ def _parse_request(body: Any, struct_name: str, with_stream: bool) -> tuple[Gene
 
 def _parameters(value: Any, path: str) -> GenerateParameters:
     if not isinstance(value, dict):
-        raise _invalid_type(path, value, "struct GenerateParameters")
+        raise invalid_type(path, value, "struct GenerateParameters")
     fields = {
         name: _PARAMETER_TYPES[name](item, f"{path}.{name}")
         for name, item in value.items()
@@ -214,81 +157,14 @@ def _parameters(value: Any, path: str) -> GenerateParameters:
     return GenerateParameters(**fields)
 
 
-def _describe(value: Any) -> str:
-    """serde's `Unexpected` wording for a JSON value."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean `{str(value).lower()}`"
-    if isinstance(value, int):
-        digits = str(value)
-        return f"integer `{digits if len(digits) <= 40 else digits[:37] + '...'}`"
-    if isinstance(value, float):
-        return f"floating point `{value!r}`"
-    if isinstance(value, str):
-        quoted = json.dumps(value if len(value) <= 64 else value[:61] + "...", ensure_ascii=False)
-        return f"string {quoted}"
-    return "sequence" if isinstance(value, list) else "map"
-
-
-def _invalid_type(path: str, value: Any, expected: str) -> BodyError:
-    return BodyError.json_data(f"{path}: invalid type: {_describe(value)}, expected {expected}")
-
-
-def _invalid_value(path: str, value: Any, expected: str) -> BodyError:
-    return BodyError.json_data(f"{path}: invalid value: {_describe(value)}, expected {expected}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _integer(rust_type: str, minimum: int, maximum: int) -> Converter:
-    def convert(value: Any, path: str) -> int:
-        if not _is_int(value):
-            raise _invalid_type(path, value, rust_type)
-        if not minimum <= value <= maximum:
-            raise _invalid_value(path, value, rust_type)
-        return value
-
-    return convert
-
-
-def _f32(value: Any, path: str) -> float:
-    """A finite number, rounded to f32 (TGI's comparisons such as `top_p < 1.0` are on f32)."""
-    if not (_is_int(value) or isinstance(value, float)):
-        raise _invalid_type(path, value, "f32")
-    if abs(value) > _F32_MAX or not math.isfinite(value):
-        raise _invalid_value(path, value, "a finite f32")
-    return struct.unpack("f", struct.pack("f", float(value)))[0]
-
-
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise _invalid_type(path, value, "a boolean")
-    return value
-
-
-def _string(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        raise _invalid_type(path, value, "a string")
-    return value
-
-
-def _string_list(value: Any, path: str) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise _invalid_type(path, value, "a sequence")
-    return tuple(_string(item, f"{path}[{i}]") for i, item in enumerate(value))
-
-
 def _grammar(value: Any, path: str) -> Grammar:
     """serde's adjacently tagged `GrammarType` (tag "type", content "value")."""
     if not isinstance(value, dict):
-        raise _invalid_type(path, value, "adjacently tagged enum GrammarType")
+        raise invalid_type(path, value, "adjacently tagged enum GrammarType")
     for key in ("type", "value"):
         if key not in value:
             raise BodyError.json_data(f"{path}: missing field `{key}`")
-    kind = _string(value["type"], f"{path}.type")
+    kind = string(value["type"], f"{path}.type")
     if kind not in _GRAMMAR_TYPES:
         expected = ", ".join(f"`{name}`" for name in _GRAMMAR_TYPES)
         raise BodyError.json_data(
@@ -296,39 +172,35 @@ def _grammar(value: Any, path: str) -> Grammar:
         )
     content = value["value"]
     if kind == "regex":
-        _string(content, f"{path}.value")
+        string(content, f"{path}.value")
     elif kind == "json_schema":
         if not isinstance(content, dict):
-            raise _invalid_type(f"{path}.value", content, "struct JsonSchemaConfig")
+            raise invalid_type(f"{path}.value", content, "struct JsonSchemaConfig")
         if "schema" not in content:
             raise BodyError.json_data(f"{path}.value: missing field `schema`")
     return Grammar("json" if kind == "json_object" else kind, content)
 
 
-def _optional(convert: Converter) -> Converter:
-    return lambda value, path: None if value is None else convert(value, path)
-
-
 _PARAMETER_TYPES: dict[str, Converter] = {
-    "best_of": _optional(_integer("usize", 0, _U64_MAX)),
-    "temperature": _optional(_f32),
-    "repetition_penalty": _optional(_f32),
-    "frequency_penalty": _optional(_f32),
-    "top_k": _optional(_integer("i32", _I32_MIN, _I32_MAX)),
-    "top_p": _optional(_f32),
-    "typical_p": _optional(_f32),
-    "do_sample": _bool,
-    "max_new_tokens": _optional(_integer("u32", 0, _U32_MAX)),
-    "return_full_text": _optional(_bool),
-    "stop": _string_list,
-    "truncate": _optional(_integer("usize", 0, _U64_MAX)),
-    "watermark": _bool,
-    "details": _bool,
-    "decoder_input_details": _bool,
-    "seed": _optional(_integer("u64", 0, _U64_MAX)),
-    "top_n_tokens": _optional(_integer("u32", 0, _U32_MAX)),
-    "grammar": _optional(_grammar),
-    "adapter_id": _optional(_string),
+    "best_of": optional(integer("usize", 0, U64_MAX)),
+    "temperature": optional(f32),
+    "repetition_penalty": optional(f32),
+    "frequency_penalty": optional(f32),
+    "top_k": optional(integer("i32", I32_MIN, I32_MAX)),
+    "top_p": optional(f32),
+    "typical_p": optional(f32),
+    "do_sample": boolean,
+    "max_new_tokens": optional(integer("u32", 0, U32_MAX)),
+    "return_full_text": optional(boolean),
+    "stop": string_list,
+    "truncate": optional(integer("usize", 0, U64_MAX)),
+    "watermark": boolean,
+    "details": boolean,
+    "decoder_input_details": boolean,
+    "seed": optional(integer("u64", 0, U64_MAX)),
+    "top_n_tokens": optional(integer("u32", 0, U32_MAX)),
+    "grammar": optional(_grammar),
+    "adapter_id": optional(string),
 }
 
 

@@ -1,0 +1,127 @@
+"""The commands the launcher runs, built from a `LauncherConfig`: `shard prepare`, one
+`shard serve` per rank, and the router; `launch_plan` bundles them for `processes.launch`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from launcher.config import LauncherConfig
+from launcher.processes import Command, LaunchPlan
+
+
+def prepare_command(config: LauncherConfig) -> Command:
+    """`shard prepare`: resolve/convert the model once, before any shard starts."""
+    argv = [sys.executable, "-m", "shard", "prepare"]
+    argv += _optional("--model-id", config.model_id) + _optional("--revision", config.revision)
+    argv += _optional("--cache-dir", config.cache_dir)
+    argv += ["--json-output"] if config.json_output else []
+    return Command("download", tuple(argv))
+
+
+def shard_command(config: LauncherConfig, model_dir: str, rank: int) -> Command:
+    """`shard serve` for one rank; torch.distributed finds its peers through the env."""
+    argv = [
+        sys.executable,
+        "-m",
+        "shard",
+        "serve",
+        "--model-id",
+        model_dir,
+        "--uds-path",
+        config.shard_uds_path,
+        "--rank",
+        str(rank),
+        "--world-size",
+        str(config.num_shard),
+        "--dtype",
+        config.dtype,
+        "--attention",
+        config.attention,
+        "--block-size",
+        str(config.block_size),
+        "--kv-cache-memory",
+        config.kv_cache_memory,
+        "--exit-with-parent",
+        *(["--json-output"] if config.json_output else []),
+        "--log-level",
+        config.log_level,
+    ]
+    env = {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(config.num_shard),
+        "MASTER_ADDR": config.master_addr,
+        "MASTER_PORT": str(config.master_port),
+        "LOG_LEVEL": config.log_level,
+    }
+    return Command(f"shard {rank}", tuple(argv), env)
+
+
+def shard_commands(config: LauncherConfig, model_dir: str) -> list[Command]:
+    return [shard_command(config, model_dir, rank) for rank in range(config.num_shard)]
+
+
+def router_command(config: LauncherConfig, model_dir: str) -> Command:
+    """`python -m router` with every limit; optional flags only when set, so the router's
+    own defaults (and warmup) decide the rest."""
+    c = config
+    argv = [
+        sys.executable,
+        "-m",
+        "router",
+        "--model-id",
+        c.model_name,
+        "--tokenizer-name",
+        model_dir,
+        "--master-shard-uds-path",
+        c.shard_socket(0),
+        "--hostname",
+        c.hostname,
+        "--port",
+        str(c.port),
+        "--max-concurrent-requests",
+        str(c.max_concurrent_requests),
+        "--max-best-of",
+        str(c.max_best_of),
+        "--max-stop-sequences",
+        str(c.max_stop_sequences),
+        "--max-top-n-tokens",
+        str(c.max_top_n_tokens),
+        "--max-batch-prefill-tokens",
+        str(c.max_batch_prefill_tokens),
+        "--waiting-served-ratio",
+        str(c.waiting_served_ratio),
+        "--max-waiting-tokens",
+        str(c.max_waiting_tokens),
+        "--validation-workers",
+        str(c.validation_workers),
+        "--max-client-batch-size",
+        str(c.max_client_batch_size),
+        "--payload-limit",
+        str(c.payload_limit),
+        "--graceful-shutdown-timeout",
+        str(c.graceful_termination_timeout),
+    ]
+    argv += _optional("--max-input-tokens", c.max_input_tokens)
+    argv += _optional("--max-total-tokens", c.max_total_tokens)
+    argv += _optional("--max-batch-total-tokens", c.max_batch_total_tokens)
+    argv += _optional("--max-batch-size", c.max_batch_size)
+    argv += _optional("--api-key", c.api_key)
+    for origin in c.cors_allow_origin:
+        argv += ["--cors-allow-origin", origin]
+    argv += ["--json-output"] if c.json_output else []
+    argv += ["--enable-prefill-logprobs"] if c.enable_prefill_logprobs else []
+    return Command("webserver", tuple(argv), {"LOG_LEVEL": c.log_level})
+
+
+def _optional(flag: str, value: object) -> list[str]:
+    return [] if value is None else [flag, str(value)]
+
+
+def launch_plan(config: LauncherConfig) -> LaunchPlan:
+    return LaunchPlan(
+        prepare=prepare_command(config),
+        shards=lambda model_dir: shard_commands(config, model_dir),
+        router=lambda model_dir: router_command(config, model_dir),
+        shard_sockets=[config.shard_socket(rank) for rank in range(config.num_shard)],
+    )
