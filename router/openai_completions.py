@@ -43,7 +43,7 @@ from router.openai import (
     unix_time,
     usage_json,
 )
-from router.protocol import full_text, timing_headers
+from router.protocol import INTEGER_TIMING_HEADERS, full_text, timing_headers
 from router.request import ValidatedRequest
 from router.serde import boolean, invalid_type, optional, string
 from router.streaming import open_stream, sse_data, with_keep_alive
@@ -53,16 +53,6 @@ if TYPE_CHECKING:
     from router.server import AppState
 
 log = logging.getLogger(__name__)
-TIMING_HEADERS_SUMMED = (
-    "x-compute-characters",
-    "x-total-time",
-    "x-validation-time",
-    "x-queue-time",
-    "x-inference-time",
-    "x-time-per-token",
-    "x-prompt-tokens",
-    "x-generated-tokens",
-)
 
 # ---- request --------------------------------------------------------------------------------
 
@@ -164,7 +154,7 @@ def choice_json(
 def summed_headers(all_headers: list[dict[str, str]]) -> dict[str, str]:
     """TGI adds up the x-* timing headers of the prompts."""
     out = {"x-compute-type": all_headers[0]["x-compute-type"]}
-    for name in TIMING_HEADERS_SUMMED:
+    for name in INTEGER_TIMING_HEADERS:  # summed over the prompts, as TGI
         out[name] = str(sum(int(h[name]) for h in all_headers))
     out["x-compute-time"] = f"{sum(float(h['x-compute-time']) for h in all_headers):.6f}"
     return out

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from router.openapi_openai_schemas import openai_schemas
 from router.openapi_schemas import Schema, native_schemas, ref, string
+from router.protocol import INTEGER_TIMING_HEADERS
 
 TAG = "Text Generation Inference"
 
@@ -55,17 +56,7 @@ INTEGER_TEXT = string(pattern=r"^[0-9]+$")
 
 def timing_headers(required: bool) -> dict:
     """The x-* headers of a non-streamed generation (times in ms unless said otherwise)."""
-    names = [
-        "x-compute-characters",
-        "x-total-time",
-        "x-validation-time",
-        "x-queue-time",
-        "x-inference-time",
-        "x-time-per-token",
-        "x-prompt-tokens",
-        "x-generated-tokens",
-    ]
-    headers = {name: header(required, INTEGER_TEXT, name[2:]) for name in names}
+    headers = {name: header(required, INTEGER_TEXT, name[2:]) for name in INTEGER_TIMING_HEADERS}
     headers["x-compute-time"] = header(required, SECONDS, "Seconds.")
     headers["x-compute-type"] = header(True, string(), "Hardware label.")
     return headers

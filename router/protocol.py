@@ -85,6 +85,20 @@ def stream_event(
     return event
 
 
+# The x-* headers whose values are whole numbers (milliseconds or counts); besides them
+# there are x-compute-time (seconds) and x-compute-type (a label).
+INTEGER_TIMING_HEADERS = (
+    "x-compute-characters",
+    "x-total-time",
+    "x-validation-time",
+    "x-queue-time",
+    "x-inference-time",
+    "x-time-per-token",
+    "x-prompt-tokens",
+    "x-generated-tokens",
+)
+
+
 def timing_headers(
     request: ValidatedRequest,
     end: EndEvent,
