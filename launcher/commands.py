@@ -106,12 +106,14 @@ def router_command(config: LauncherConfig, model_dir: str) -> Command:
     argv += _optional("--max-total-tokens", c.max_total_tokens)
     argv += _optional("--max-batch-total-tokens", c.max_batch_total_tokens)
     argv += _optional("--max-batch-size", c.max_batch_size)
-    argv += _optional("--api-key", c.api_key)
     for origin in c.cors_allow_origin:
         argv += ["--cors-allow-origin", origin]
     argv += ["--json-output"] if c.json_output else []
     argv += ["--enable-prefill-logprobs"] if c.enable_prefill_logprobs else []
-    return Command("webserver", tuple(argv), {"LOG_LEVEL": c.log_level})
+    env = {"LOG_LEVEL": c.log_level}
+    if c.api_key is not None:  # in the environment: a command line is visible to every user
+        env["API_KEY"] = c.api_key
+    return Command("webserver", tuple(argv), env)
 
 
 def _optional(flag: str, value: object) -> list[str]:

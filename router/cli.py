@@ -8,6 +8,8 @@ import logging
 import typer
 
 from common.logs import setup_logging
+from router.config import RouterConfig
+from router.server import serve
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -35,7 +37,12 @@ def main(
     max_client_batch_size: int = typer.Option(4),
     validation_workers: int = typer.Option(2),
     payload_limit: int = typer.Option(2_000_000),
-    api_key: str | None = typer.Option(None),
+    api_key: str | None = typer.Option(
+        None,
+        envvar="API_KEY",
+        help="Bearer key for inference routes; the launcher passes it in API_KEY, never on "
+        "the command line, which every user of the machine can read",
+    ),
     cors_allow_origin: list[str] = typer.Option([]),
     json_output: bool = typer.Option(False, "--json-output"),
     enable_prefill_logprobs: bool = typer.Option(False, "--enable-prefill-logprobs"),
@@ -44,8 +51,6 @@ def main(
 ) -> None:
     """Serves TGI's HTTP API in front of the shards."""
     setup_logging(json_output, log_level, "router")
-    from router.app import serve
-    from router.config import RouterConfig
 
     try:
         config = RouterConfig(

@@ -23,15 +23,14 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from router.batching.events import EndEvent
+from router.batching.hooks import Hooks
+from router.batching.shard_client import StepResult
+from router.config import RouterConfig
 from router.errors import InferError
-
-if TYPE_CHECKING:
-    from router.config import RouterConfig
-    from router.entry import EndEvent
 
 
 def _duration_buckets() -> tuple[float, ...]:
@@ -71,30 +70,6 @@ def failure_label(err: InferError | str) -> str:
     """The `err` label of tgi_request_failure for an error (or its `error_type`)."""
     error_type = err if isinstance(err, str) else err.error_type
     return FAILURE_LABELS.get(error_type, error_type)
-
-
-class Hooks:
-    """What the queue and the batching loop report. This base does nothing, so the loop runs
-    without metrics (unit tests); `Metrics` records them."""
-
-    def batch_step(self, method: str, seconds: float, response=None) -> None:
-        """One Prefill/Decode call: `response` is the shard's answer (its forward_ns,
-        decode_ns and concat_ns are read), None when the call failed."""
-
-    def batch_current(self, size: int, max_tokens: int) -> None:
-        """The running batch before a step; (0, 0) once it is done."""
-
-    def batch_next(self, size: int) -> None:
-        """A new batch left the queue with `size` requests."""
-
-    def batch_concat(self, reason: str) -> None:
-        """New requests joined the running batch: chunking, backpressure or wait_exceeded."""
-
-    def batch_filter(self, method: str, seconds: float) -> None:
-        """Time from a step's answer to the filtered batch (sending tokens, FilterBatch)."""
-
-    def dropped(self, count: int = 1) -> None:
-        """Requests whose client went away before they finished."""
 
 
 def _counter(name: str, doc: str, registry, labels: tuple[str, ...] = ()) -> Counter:
@@ -267,7 +242,7 @@ class Metrics(Hooks):
 
     # -- the queue and the batching loop (Hooks) --------------------------------------------
 
-    def batch_step(self, method: str, seconds: float, response=None) -> None:
+    def batch_step(self, method: str, seconds: float, response: StepResult | None = None) -> None:
         self.step_count.labels(method=method).inc()
         if response is None:
             self.step_failure.labels(method=method).inc()
@@ -277,7 +252,7 @@ class Metrics(Hooks):
         d["inference"].labels(method=method).observe(seconds)
         d["forward"].labels(method=method).observe(response.forward_ns / 1e9)
         d["decode"].labels(method=method).observe(response.decode_ns / 1e9)
-        if response.HasField("concat_ns"):  # TGI labels it "decode" for both methods
+        if response.concat_ns is not None:  # TGI labels it "decode" for both methods
             d["concat"].labels(method="decode").observe(response.concat_ns / 1e9)
 
     def batch_current(self, size: int, max_tokens: int) -> None:

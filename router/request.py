@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import secrets
+from dataclasses import dataclass
+
+
+def random_seed() -> int:
+    """A random u64, as TGI draws when the request has no seed."""
+    return secrets.randbits(64)
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,11 @@ class ValidatedRequest:
     top_n_tokens: int = 0
     details: bool = False
     decoder_input_details: bool = False
+    prefill_logprobs: bool = False  # decoder_input_details with --enable-prefill-logprobs
     return_full_text: bool = False
     best_of: int = 1
     seed_given: bool = False  # the user passed a seed (else it was drawn at random)
     adapter_id: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def input_length(self) -> int:

@@ -54,7 +54,7 @@ def chat_prompts() -> list[str]:
     """The prompts as user turns in the default model's chat template (an instruct model given
     raw text often answers with end-of-sequence at once)."""
     sys.path.insert(0, str(ROOT))
-    from router.tokenizer import Tokenizer
+    from router.text.tokenizer import Tokenizer
     from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
 
     tokenizer = Tokenizer.from_dir(ensure_converted(default_gguf_path(), default_cache_dir()))

@@ -98,6 +98,7 @@ def run_warmup(
         100 * cache_bytes / max(free, 1),
         free / 2**30,
     )
-    max_total = max_total or min(runner.config.max_position_embeddings, total)
+    usable = total - bs  # block 0 is reserved: requests never get it
+    max_total = max_total or min(runner.config.max_position_embeddings, usable)
     max_input = max_input or max_total - 1
     return WarmupResult(total, max_input, max_total)

@@ -418,7 +418,8 @@ def test_router_command_with_every_optional_flag() -> None:
         enable_prefill_logprobs=True,
         graceful_termination_timeout=5,
     )
-    argv = cli.router_command(config, "/models/m").argv
+    command = cli.router_command(config, "/models/m")
+    argv = command.argv
     assert argv[:9] == (
         PY,
         "-m",
@@ -441,8 +442,6 @@ def test_router_command_with_every_optional_flag() -> None:
         "10000",
         "--max-batch-size",
         "8",
-        "--api-key",
-        "k",
         "--cors-allow-origin",
         "https://a",
         "--cors-allow-origin",
@@ -450,6 +449,15 @@ def test_router_command_with_every_optional_flag() -> None:
         "--json-output",
         "--enable-prefill-logprobs",
     )
+
+
+def test_router_api_key_travels_in_the_environment_not_the_command_line() -> None:
+    """Any user of the machine can read a process's command line (ps, /proc/<pid>/cmdline)."""
+    command = cli.router_command(LauncherConfig(api_key="s3cret-key"), "/models/m")
+    assert not any("s3cret-key" in arg for arg in command.argv)
+    assert "--api-key" not in command.argv
+    assert command.env["API_KEY"] == "s3cret-key"
+    assert "API_KEY" not in cli.router_command(LauncherConfig(), "/models/m").env
 
 
 def test_launch_plan_has_one_shard_and_socket_per_rank() -> None:

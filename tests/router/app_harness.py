@@ -12,15 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from router.batcher import Batcher
-from router.block_allocator import BlockAllocator
+from router.batching.batcher import Batcher
+from router.batching.block_allocator import BlockAllocator
+from router.batching.health import Health
+from router.batching.infer import Infer
+from router.batching.queue import Queue
 from router.config import RouterConfig
-from router.health import Health
-from router.infer import Infer
+from router.http.app import make_app
+from router.http.state import AppState
 from router.metrics import Metrics
-from router.queue import Queue
-from router.server import AppState, make_app
-from router.validation import Validation
+from router.validation.validator import Validation
 from tests.router.fake_shard import FakeShardClient
 
 BLOCK_SIZE = 4
@@ -47,7 +48,6 @@ class RouterApp:
             self.shard,
             self.queue,
             self.allocator,
-            tokenizer,
             self.config.max_batch_prefill_tokens,
             self.config.max_batch_total_tokens,
             None,

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import asyncio
 
-from pb import generate_pb2 as pb
-from router.client import ShardError
+from router.batching.shard_client import (
+    CachedBatch,
+    Generation,
+    NewRequest,
+    ShardError,
+    ShardInfo,
+    StepResult,
+    request_to_pb,
+)
 
 
 def seed_logprob(seed: int) -> float:
@@ -37,9 +44,10 @@ class FakeShardClient:
         self.calls: list[tuple] = []
         self.fail_next: str | None = None  # "prefill" or "decode": raise on the next such call
         self.seeded_logprobs = False  # sampling requests: logprob = seed_logprob(seed)
+        self.requests: dict = {}  # every request prefilled, as the protobuf the shard gets
 
     async def info(self):
-        return pb.InfoResponse(block_size=self.block_size, support_chunking=self.support_chunking)
+        return ShardInfo(self.block_size, self.support_chunking, 1)
 
     async def health(self, timeout=None):
         return None
@@ -57,23 +65,27 @@ class FakeShardClient:
         self.batches[batch_id] = [r for r in self.batches[batch_id] if r["id"] in keep]
         return self._cached(batch_id)
 
-    async def prefill(self, batch: pb.Batch, cached: pb.CachedBatch | None):
+    async def liveness_prefill(self, token_id: int):
+        self.calls.append(("liveness", token_id))
+        if self.fail_next == "prefill":
+            self.fail_next = None
+            raise ShardError("injected prefill failure")
+
+    async def prefill(
+        self, batch_id: int, new: list[NewRequest], cached: CachedBatch | None
+    ) -> StepResult:
         self.calls.append(
-            (
-                "prefill",
-                batch.id,
-                tuple(r.id for r in batch.requests),
-                cached.id if cached else None,
-            )
+            ("prefill", batch_id, tuple(r.id for r in new), cached.id if cached else None)
         )
         if self.fail_next == "prefill":
             self.fail_next = None
             raise ShardError("injected prefill failure")
-        requests = [self._state(r) for r in batch.requests]
+        self.requests.update((r.id, request_to_pb(r)) for r in new)
+        requests = [self._state(r) for r in new]
         if cached is not None:
             requests = self.batches.pop(cached.id) + requests
-        self.batches[batch.id] = requests
-        return await self._step(batch.id)
+        self.batches[batch_id] = requests
+        return await self._step(batch_id)
 
     async def decode(self, batches):
         self.calls.append(("decode", tuple(b.id for b in batches)))
@@ -84,25 +96,26 @@ class FakeShardClient:
         self.batches[batches[0].id] = merged
         return await self._step(batches[0].id)
 
-    def _state(self, r: pb.Request) -> dict:
-        chunk = r.chunk_len if r.HasField("chunk_len") else len(r.input_ids)
-        assert len(r.slots) >= len(r.input_ids) + r.stopping_parameters.max_new_tokens - 1
-        assert 0 not in r.blocks, "block 0 is reserved"
+    def _state(self, new: NewRequest) -> dict:
+        r, allocation = new.request, new.allocation
+        chunk = new.chunk_len if new.chunk_len is not None else r.input_length
+        assert len(allocation.slots) >= r.input_length + r.stopping.max_new_tokens - 1
+        assert 0 not in allocation.blocks, "block 0 is reserved"
         return {
-            "id": r.id,
-            "prompt": len(r.input_ids),
+            "id": new.id,
+            "prompt": r.input_length,
             "computed": 0,
             "next": chunk,
             "generated": 0,
-            "max_new": r.stopping_parameters.max_new_tokens,
+            "max_new": r.stopping.max_new_tokens,
             "done": False,
-            "blocks": list(r.blocks),
-            "logprob": seed_logprob(r.parameters.seed)
-            if self.seeded_logprobs and r.parameters.do_sample
+            "blocks": list(allocation.blocks),
+            "logprob": seed_logprob(r.sampling.seed)
+            if self.seeded_logprobs and r.sampling.do_sample
             else -0.5,
         }
 
-    async def _step(self, batch_id: int):
+    async def _step(self, batch_id: int) -> StepResult:
         if self.step_delay:
             await asyncio.sleep(self.step_delay)
         generations = []
@@ -113,42 +126,32 @@ class FakeShardClient:
             if r["computed"] < r["prompt"]:
                 r["next"] = r["prompt"] - r["computed"]  # the rest of the prompt next step
                 continue
-            token = self.vocab[(r["id"] + r["generated"]) % len(self.vocab)]
-            r["generated"] += 1
-            r["next"] = 1
-            g = pb.Generation(
-                request_id=r["id"], tokens=pb.Tokens(ids=[token], logprobs=[r["logprob"]])
-            )
-            if r["generated"] >= r["max_new"]:
-                g.generated_text.CopyFrom(
-                    pb.GeneratedText(
-                        generated_tokens=r["generated"], finish_reason=pb.FINISH_REASON_LENGTH
-                    )
-                )
-            elif token == self.eos_id:
-                g.generated_text.CopyFrom(
-                    pb.GeneratedText(
-                        generated_tokens=r["generated"], finish_reason=pb.FINISH_REASON_EOS_TOKEN
-                    )
-                )
-            if g.HasField("generated_text"):
-                r["done"] = True
-            generations.append(g)
+            generations.append(self.generation(r))
         cached = self._cached(batch_id)
-        response = pb.DecodeResponse(generations=generations)
-        if cached is not None:
-            response.batch.CopyFrom(cached)
-        else:
+        if cached is None:
             self.batches.pop(batch_id, None)
-        return response
+        return StepResult(tuple(generations), cached)
 
-    def _cached(self, batch_id: int) -> pb.CachedBatch | None:
+    def generation(self, r: dict) -> Generation:
+        """The next token of request state `r` (subclasses add top tokens or prefill)."""
+        token = self.vocab[(r["id"] + r["generated"]) % len(self.vocab)]
+        r["generated"] += 1
+        r["next"] = 1
+        finish = None
+        if r["generated"] >= r["max_new"]:
+            finish = "length"
+        elif token == self.eos_id:
+            finish = "eos_token"
+        r["done"] = finish is not None
+        return Generation(r["id"], token, r["logprob"], finish_reason=finish)
+
+    def _cached(self, batch_id: int) -> CachedBatch | None:
         requests = self.batches.get(batch_id, [])
         if not requests or all(r["done"] for r in requests):
             return None
-        return pb.CachedBatch(
+        return CachedBatch(
             id=batch_id,
-            request_ids=[r["id"] for r in requests],
+            request_ids=tuple(r["id"] for r in requests),
             size=len(requests),
             max_tokens=sum(len(r["blocks"]) * self.block_size for r in requests),
             current_tokens=sum(0 if r["done"] else r["next"] for r in requests),

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from router.server import auth_middleware
+from router.http.middleware import auth_middleware
 
 
 async def ok(request: web.Request) -> web.Response:

@@ -7,14 +7,14 @@ import asyncio
 
 import pytest
 
-from router.batcher import Batcher
-from router.block_allocator import BlockAllocator
-from router.entry import EndEvent, ErrorEvent, TokenEvent
+from router.batching.batcher import Batcher
+from router.batching.block_allocator import BlockAllocator
+from router.batching.events import EndEvent, ErrorEvent, TokenEvent
+from router.batching.infer import Infer
+from router.batching.queue import Queue
 from router.errors import GenerationError
-from router.infer import Infer
-from router.queue import Queue
 from router.request import SamplingParameters, StoppingParameters, ValidatedRequest
-from router.tokenizer import Tokenizer
+from router.text.tokenizer import Tokenizer
 from tests.router.fake_shard import FakeShardClient
 
 BLOCK_SIZE = 4
@@ -59,7 +59,6 @@ class Harness:
             self.client,
             self.queue,
             self.allocator,
-            tokenizer,
             max_prefill,
             num_blocks * BLOCK_SIZE,
             max_batch_size,

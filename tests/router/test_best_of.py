@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from router.errors import GenerationError
-from router.tokenizer import Tokenizer
-from router.validation import parse_generate_request
+from router.text.tokenizer import Tokenizer
+from router.validation.generate_request import parse_generate_request
 from tests.router.app_harness import RouterApp
 from tests.router.fake_shard import seed_logprob
 

@@ -8,7 +8,7 @@ import importlib
 
 import pytest
 
-from router.tokenizer import Tokenizer
+from router.text.tokenizer import Tokenizer
 from tests.router.app_harness import RouterApp
 
 

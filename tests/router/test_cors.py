@@ -8,9 +8,9 @@ import asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from router.cors import VARY, setup_cors
-from router.server import auth_middleware, errors_middleware
-from router.streaming import open_stream, sse_data
+from router.http.cors import VARY, setup_cors
+from router.http.middleware import auth_middleware, errors_middleware
+from router.http.sse import EventStream, sse_data
 
 ACAO = "access-control-allow-origin"
 
@@ -20,7 +20,8 @@ async def ok(request: web.Request) -> web.Response:
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    response = await open_stream(request)
+    stream = await EventStream.open(request, write_timeout=5.0)
+    response = stream.response
     await response.write(sse_data({"token": 1}))
     return response
 

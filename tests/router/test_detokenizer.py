@@ -1,4 +1,4 @@
-"""router.detokenizer: streamed text of multi-byte characters, exact concatenation, bounded work."""
+"""Incremental detokenizer: multi-byte characters, exact concatenation, bounded work."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from router.detokenizer import MAX_PENDING_TOKENS, PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
-from router.tokenizer import Tokenizer
+from router.text.detokenizer import (
+    MAX_PENDING_TOKENS,
+    PROMPT_CONTEXT_TOKENS,
+    IncrementalDetokenizer,
+)
+from router.text.tokenizer import Tokenizer
 from tests.router.test_tokenizer import build_tiny_tokenizer
 
 

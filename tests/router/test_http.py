@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from router.tokenizer import Tokenizer
+from router.text.tokenizer import Tokenizer
 from tests.router.app_harness import RouterApp
 
 

@@ -9,15 +9,16 @@ import copy
 import json
 import math
 import time
+from dataclasses import replace
 
 import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from pb import generate_pb2 as pb
-from router.openai import add_openai_routes
-from router.server import make_app
-from router.tokenizer import Tokenizer
+from router.batching.shard_client import Generation
+from router.http.app import make_app
+from router.text.tokenizer import Tokenizer
 from tests.router.app_harness import BLOCK_SIZE, RouterApp
 from tests.router.fake_shard import FakeShardClient
 
@@ -38,22 +39,11 @@ def run(coro):
 class RecordingShard(FakeShardClient):
     """The fake shard, keeping every request it prefilled and sending top tokens when asked."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.requests: dict[int, pb.Request] = {}
-
-    async def prefill(self, batch: pb.Batch, cached: pb.CachedBatch | None):
-        self.requests.update((r.id, r) for r in batch.requests)
-        return await super().prefill(batch, cached)
-
-    async def _step(self, batch_id: int):
-        response = await super()._step(batch_id)
-        for g in response.generations:
-            n = min(self.requests[g.request_id].top_n_tokens, len(self.vocab))
-            if n:
-                logprobs = [-1.0 - i for i in range(n)]
-                g.top_tokens.append(pb.Tokens(ids=self.vocab[:n], logprobs=logprobs))
-        return response
+    def generation(self, r: dict) -> Generation:
+        g = super().generation(r)
+        n = min(self.requests[g.request_id].top_n_tokens, len(self.vocab))
+        top = tuple((self.vocab[i], -1.0 - i) for i in range(n))
+        return replace(g, top_tokens=top)
 
     @property
     def last(self) -> pb.Request:
@@ -77,8 +67,6 @@ class OpenAIApp(RouterApp):
     async def __aenter__(self) -> OpenAIApp:
         self.task = asyncio.create_task(self.batcher.run())
         app = make_app(self.state)
-        if not any(r.resource.canonical == "/v1/models" for r in app.router.routes()):
-            add_openai_routes(app)  # until make_app registers them itself
         self.client = TestClient(TestServer(app))
         await self.client.start_server()
         return self
@@ -259,8 +247,51 @@ def test_chat_stop_and_eos_finish_reasons(tokenizer):
                 "/v1/chat/completions", {**CHAT, "max_tokens": 10, "stop": "quick"}
             )
             choice = out["choices"][0]
-            assert choice["finish_reason"] == "stop_sequence"  # passed through, as TGI
-            assert choice["message"]["content"].endswith(" quick")
+            assert choice["finish_reason"] == "stop"  # OpenAI's value for a stop sequence
+            assert "quick" not in choice["message"]["content"]  # the stop text is left out
+
+    run(main())
+
+
+def test_stop_sequences_are_cut_out_of_openai_answers_and_kept_on_tgi_routes(tokenizer):
+    """The stop text never reaches an OpenAI client, streamed or not, even when it spans
+    tokens (the start of a possible match is held back); TGI's routes keep TGI's values."""
+    stop = " quick br"  # spans the tokens " quick" and " brown"
+
+    def expected(token_texts: list[str]) -> str:
+        raw = "".join(token_texts)
+        assert stop in raw
+        return raw[: raw.index(stop)]
+
+    async def main():
+        async with OpenAIApp(tokenizer) as app:
+            body = {**CHAT, "max_tokens": 12, "stop": stop, "logprobs": True}
+            status, out = await app.post("/v1/chat/completions", body)
+            choice = out["choices"][0]
+            texts = [t["token"] for t in choice["logprobs"]["content"]]
+            assert choice["finish_reason"] == "stop"
+            assert choice["message"]["content"] == expected(texts)
+
+            status, events = await app.post("/v1/chat/completions", {**body, "stream": True})
+            chunks = choice_chunks(events)
+            content = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+            texts = [c["choices"][0]["logprobs"]["content"][0]["token"] for c in chunks]
+            assert content == expected(texts)
+            assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+            prompt = {"model": "m", "prompt": "Hello", "max_tokens": 12, "stop": [stop]}
+            status, out = await app.post("/v1/completions", {**prompt, "logprobs": 0})
+            choice = out["choices"][0]
+            assert choice["finish_reason"] == "stop"
+            assert choice["text"] == expected(choice["logprobs"]["tokens"])
+
+            params = {"max_new_tokens": 12, "stop": [stop], "details": True}
+            response = await app.client.post(
+                "/generate", json={"inputs": "Hello", "parameters": params}
+            )
+            out = await response.json()
+            assert out["details"]["finish_reason"] == "stop_sequence"  # TGI's value
+            assert stop in out["generated_text"]  # TGI keeps the stop text
 
     run(main())
 
@@ -472,7 +503,7 @@ def test_completion_shape_and_usage(tokenizer):
 
 def test_completion_several_prompts_run_concurrently(tokenizer):
     async def main():
-        async with OpenAIApp(tokenizer) as app:
+        async with OpenAIApp(tokenizer, step_delay=0.02) as app:
             prompts = ["Hello", "The capital of France is", "Hi"]
             body = {**COMPLETION, "prompt": prompts, "max_tokens": 2}
             status, out = await app.post("/v1/completions", body)
@@ -490,8 +521,10 @@ def test_completion_several_prompts_run_concurrently(tokenizer):
                 "total_tokens": prompt_tokens + 6,
             }
             ids = {r.id for r in app.shard.requests.values()}
-            batches = [set(c[2]) for c in app.shard.calls if c[0] == "prefill"]
-            assert ids in batches  # all three were in flight together
+            prefills = [c for c in app.shard.calls if c[0] == "prefill"]
+            assert set().union(*(c[2] for c in prefills)) == ids
+            # all three were in flight together: each later one joined the running batch
+            assert all(cached is not None for *_, cached in prefills[1:])
 
     run(main())
 
@@ -710,8 +743,6 @@ def test_openai_client_parses_everything(tokenizer):
 
 def test_routes_registered_once(tokenizer):
     app = make_app(RouterApp(tokenizer).state)
-    if not any(r.resource.canonical == "/v1/models" for r in app.router.routes()):
-        add_openai_routes(app)
     paths = [(r.method, r.resource.canonical) for r in app.router.routes()]
     for route in [
         ("POST", "/v1/chat/completions"),

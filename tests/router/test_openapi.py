@@ -1,4 +1,4 @@
-"""The OpenAPI document (router/openapi.py) is a valid OpenAPI 3.1 document, it lists every
+"""The OpenAPI document (router/http/openapi.py) is a valid OpenAPI 3.1 document, it lists every
 route of the app, and real responses of a whole router app over the fake shard validate against
 it: status, content type, headers, JSON body, and each server-sent event. A deliberately wrong
 response fails, so these tests can fail."""
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import importlib.util
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,10 +19,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_spec
 
-from pb import generate_pb2 as pb
-from router.openapi import add_docs_routes, openapi_document
-from router.server import VERSION, make_app
-from router.tokenizer import Tokenizer
+from router import VERSION
+from router.batching.shard_client import Generation
+from router.http.app import make_app
+from router.http.openapi import openapi_document
+from router.text.tokenizer import Tokenizer
 from tests.router.app_harness import BLOCK_SIZE, RouterApp
 from tests.router.fake_shard import FakeShardClient
 
@@ -157,52 +158,24 @@ CHECKER = Checker(DOCUMENT)
 # The app under test
 
 
-def has_route(app: web.Application, path: str) -> bool:
-    return any(route.resource.canonical == path for route in app.router.routes())
-
-
-def documented_app(state) -> web.Application:
-    """make_app plus the docs routes and, when router/openai.py exists, the OpenAI routes (each
-    only if make_app did not add them already)."""
-    app = make_app(state)
-    if not has_route(app, "/docs"):
-        add_docs_routes(app)
-    if not has_route(app, "/v1/chat/completions") and importlib.util.find_spec("router.openai"):
-        add_openai_routes = getattr(
-            importlib.import_module("router.openai"), "add_openai_routes", None
-        )
-        if add_openai_routes is not None:
-            add_openai_routes(app)
-    return app
-
-
 class RichFakeShard(FakeShardClient):
     """The fake shard, plus prompt logprobs and top tokens when a request asks for them (as the
     real shard sends them), so that every optional part of a response is exercised."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.requests: dict[int, pb.Request] = {}
         self.prompts_sent: set[int] = set()
 
-    async def prefill(self, batch: pb.Batch, cached: pb.CachedBatch | None):
-        self.requests.update((r.id, r) for r in batch.requests)
-        return await super().prefill(batch, cached)
-
-    async def _step(self, batch_id: int):
-        response = await super()._step(batch_id)
-        for g in response.generations:
-            self.enrich(g, self.requests[g.request_id])
-        return response
-
-    def enrich(self, g: pb.Generation, r: pb.Request) -> None:
+    def generation(self, state: dict) -> Generation:
+        g = super().generation(state)
+        r = self.requests[g.request_id]
         n = min(r.top_n_tokens, len(self.vocab))
-        if n:
-            g.top_tokens.append(pb.Tokens(ids=self.vocab[:n], logprobs=[-1.0] * n))
+        g = replace(g, top_tokens=tuple((i, -1.0) for i in self.vocab[:n]))
         if r.prefill_logprobs and r.id not in self.prompts_sent:
             self.prompts_sent.add(r.id)
             logprobs = [math.nan] + [-2.0] * (len(r.input_ids) - 1)
-            g.prefill_tokens.CopyFrom(pb.Tokens(ids=r.input_ids, logprobs=logprobs))
+            g = replace(g, prefill=tuple(zip(r.input_ids, logprobs)))
+        return g
 
 
 class DocumentedRouterApp(RouterApp):
@@ -213,7 +186,7 @@ class DocumentedRouterApp(RouterApp):
 
     async def __aenter__(self) -> DocumentedRouterApp:
         self.task = asyncio.create_task(self.batcher.run())
-        self.app = documented_app(self.state)
+        self.app = make_app(self.state)
         self.client = TestClient(TestServer(self.app))
         await self.client.start_server()
         return self
@@ -227,10 +200,6 @@ class DocumentedRouterApp(RouterApp):
         if "json" in kwargs and response.status == 200 and not has_error_event(parsed):
             assert CHECKER.request_is_valid(method, path, kwargs["json"]), kwargs["json"]
         return response.status, parsed
-
-    def require_openai(self) -> None:
-        if not has_route(self.app, "/v1/chat/completions"):
-            pytest.skip("router/openai.py (add_openai_routes) is not there yet")
 
 
 def has_error_event(parsed: Any) -> bool:
@@ -263,20 +232,18 @@ def test_document_is_valid_openapi():
 
 
 def test_every_route_is_documented_and_every_documented_route_exists(tokenizer):
-    app = documented_app(RouterApp(tokenizer).state)
+    app = make_app(RouterApp(tokenizer).state)
     documented = {(m.upper(), p) for p, ops in DOCUMENT["paths"].items() for m in ops}
     served = routes_of(app)
     assert served - documented == set()
-    missing = {(m, p) for m, p in documented - served}
-    if not has_route(app, "/v1/chat/completions"):
-        missing = {(m, p) for m, p in missing if p not in OPENAI_PATHS}
-    assert missing == set()
+    assert documented - served == set()
+    assert {("POST", p) for p in OPENAI_PATHS - {"/v1/models"}} <= served
 
 
 def test_every_generate_parameter_is_described():
     from dataclasses import fields
 
-    from router.validation import GenerateParameters
+    from router.validation.generate_request import GenerateParameters
 
     described = set(DOCUMENT["components"]["schemas"]["GenerateParameters"]["properties"])
     assert {f.name for f in fields(GenerateParameters)} == described
@@ -309,7 +276,7 @@ GENERATE_BODIES = [
 
 def test_generate_responses_validate(tokenizer):
     async def main():
-        async with DocumentedRouterApp(tokenizer) as app:
+        async with DocumentedRouterApp(tokenizer, enable_prefill_logprobs=True) as app:
             for body in GENERATE_BODIES:
                 status, out = await app.call("POST", "/generate", json=body)
                 assert status == 200, out
@@ -425,8 +392,9 @@ def test_overload_generation_error_and_unhealthy_validate(tokenizer):
 
 
 EDGE_PARAMETERS = {
-    "temperature": [0, 2**-150, 2**-149, 1e-46, 1e-45, -1.0, 3.5e38],
-    "repetition_penalty": [0, 2**-150, 1e-45, 1.2],
+    "temperature": [0, 2**-150, 2**-149, 1e-46, 1e-45, -1.0, 3.5e38, 1e-40, 1e-38]
+    + [2**-126, 2**-126 - 2**-150, 2**-126 - 2**-149, 2**-126 - 2**-151],
+    "repetition_penalty": [0, 2**-150, 1e-45, 1.2, 1e-40, 2**-126, 2**-126 - 2**-149],
     "frequency_penalty": [2, 2 + 2**-23, 2 + 2**-22, 2.0000002, -2 - 2**-23, -2 - 2**-22],
     "top_p": [0, 2**-150, 0.5, 1 - 2**-24, 1 - 2**-25, 0.9999999701, 1.0],
     "typical_p": [2**-149, 1 - 2**-25, 0.99999997],
@@ -463,7 +431,7 @@ def test_unauthorized_validates(tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------
-# OpenAI routes (skipped until router/openai.py exists)
+# OpenAI routes
 
 CHAT = {"model": "tgi", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
 CHAT_BODIES = [
@@ -480,7 +448,6 @@ COMPLETION_BODIES = [
 def test_openai_responses_validate(tokenizer):
     async def main():
         async with DocumentedRouterApp(tokenizer) as app:
-            app.require_openai()
             for body in CHAT_BODIES:
                 status, out = await app.call("POST", "/v1/chat/completions", json=body)
                 assert status == 200 and out["object"] == "chat.completion", out
@@ -505,7 +472,6 @@ def test_openai_responses_validate(tokenizer):
 def test_openai_errors_validate(tokenizer):
     async def main():
         async with DocumentedRouterApp(tokenizer) as app:
-            app.require_openai()
             suffix = {"prompt": "Hello", "suffix": "!", "max_tokens": 2}
             assert (await app.call("POST", "/v1/completions", json=suffix))[0] == 422
             for path in ("/v1/chat/completions", "/v1/completions", "/chat_tokenize"):

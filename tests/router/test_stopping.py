@@ -1,4 +1,4 @@
-"""router.stopping: stop sequences across tokens, inside tokens, and huge ones in linear time."""
+"""Stop sequences across tokens, inside tokens, and huge ones in linear time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from router.stopping import StopMatch, StopSequenceMatcher
+from router.text.stopping import StopMatch, StopSequenceMatcher
 
 
 def push_all(matcher: StopSequenceMatcher, pieces: list[str]) -> list[str | None]:

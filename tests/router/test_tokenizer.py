@@ -1,4 +1,4 @@
-"""router.tokenizer: a tiny byte-level BPE built in code, and the real SmolLM2 tokenizer checked
+"""The tokenizer: a tiny byte-level BPE built in code, and the real SmolLM2 tokenizer checked
 against transformers (ids, decoding, chat template)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from router.tokenizer import Tokenizer, compile_chat_template
+from router.text.tokenizer import Tokenizer, compile_chat_template
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CORPUS = ["hello world, the quick brown fox jumps over the lazy dog. hello there!"] * 20

@@ -19,15 +19,15 @@ from router.errors import (
     TemplateError,
     ValidationError,
 )
-from router.validation import (
+from router.validation.generate_request import (
     GenerateParameters,
     GenerateRequest,
     Grammar,
-    Validation,
-    loads_strict,
     parse_compat_generate_request,
     parse_generate_request,
 )
+from router.validation.json_body import loads_strict
+from router.validation.validator import Validation
 
 BOS = 0
 
@@ -70,9 +70,11 @@ def words(n: int) -> str:
 
 
 def validate(executor, body, stream=False, add_special_tokens=True, tokenizer=None, **config):
+    """What a route runs: the prechecks (before admission), then the rest of validation."""
     validation = make_validation(executor, tokenizer, **config)
     request = parse_generate_request(body)
-    return asyncio.run(validation.validate(request, add_special_tokens, stream))
+    validation.precheck(request, stream)
+    return asyncio.run(validation.validate(request, add_special_tokens))
 
 
 def validation_error(executor, body, stream=False, **config) -> str:

@@ -14,9 +14,11 @@ the length of the longest prefix of the stop that ends the output so far. Conseq
   match has reached (never more than the text pushed so far);
 - a matcher reports one match; later pushes return None. Empty stop sequences are ignored.
 
-Like TGI, the caller keeps the whole text of the token that completed the stop sequence (the
-final `generated_text` includes the stop sequence and whatever followed it in that token);
-`match.end` says where the stop sequence ended, for callers that cut the text there.
+Like TGI, the TGI routes keep the whole text of the token that completed the stop sequence (the
+final `generated_text` includes the stop sequence and whatever followed it in that token). The
+OpenAI routes leave the stop sequence out, as OpenAI, vLLM and llama.cpp do: `StopTrimmer` holds
+back the text that may still turn out to be the start of a stop sequence (`partial` characters)
+and releases the rest, so a stream never shows a piece of the stop text.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ class StopSequenceMatcher:
     @property
     def matched(self) -> str | None:
         return self.match.stop if self.match else None
+
+    @property
+    def partial(self) -> int:
+        """Characters at the end of the text so far that begin some stop sequence (0 once one
+        matched): they cannot be shown yet when stop sequences are cut out."""
+        if self.match is not None:
+            return 0
+        return max((m.state for m in self._matchers), default=0)
 
     def push(self, text: str) -> str | None:
         """Appends newly generated text; returns the stop sequence it completes, if any."""
@@ -112,3 +122,51 @@ class _KmpMatcher:
                 k += 1
             failure.append(k)
         return failure[j]
+
+
+class StopTrimmer:
+    """The visible text of a stream with its stop sequence cut out (OpenAI's semantics).
+
+    `push` takes each piece of text after the matcher has seen it, with whether it is visible
+    (a special token's text is matched but never shown), and returns what can be shown now:
+    everything but a possible start of a stop sequence, or, once one matched, everything
+    before it. `flush` releases what is still held when the output ends another way.
+    """
+
+    def __init__(self, matcher: StopSequenceMatcher):
+        self.matcher = matcher
+        self._held: list[tuple[str, bool]] = []  # (text, visible), pushed but not released
+        self._held_chars = 0
+        self._done = False
+
+    def push(self, text: str, visible: bool = True) -> str:
+        if self._done:
+            return ""
+        self._held.append((text, visible))
+        self._held_chars += len(text)
+        match = self.matcher.match
+        if match is None:
+            return self._release(self._held_chars - min(self.matcher.partial, self._held_chars))
+        held_from = self.matcher.num_chars - self._held_chars  # offset of the first held char
+        stop_start = match.offset - len(match.stop)
+        self._done = True
+        return self._release(max(stop_start - held_from, 0))
+
+    def flush(self) -> str:
+        return "" if self._done else self._release(self._held_chars)
+
+    def _release(self, chars: int) -> str:
+        """The visible part of the first `chars` held characters, which leave the buffer."""
+        out = []
+        while chars > 0 and self._held:
+            text, visible = self._held[0]
+            take = min(chars, len(text))
+            if visible:
+                out.append(text[:take])
+            if take == len(text):
+                self._held.pop(0)
+            else:
+                self._held[0] = (text[take:], visible)
+            chars -= take
+            self._held_chars -= take
+        return "".join(out)

@@ -20,12 +20,13 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
-from router.entry import EndEvent, Entry, ErrorEvent, Event, PrefillEvent, Token, TokenEvent
+from router.batching.entry import Entry
+from router.batching.events import EndEvent, ErrorEvent, Event, PrefillEvent, Token, TokenEvent
+from router.batching.output import OutputState
+from router.batching.queue import Queue
 from router.errors import OverloadedError
-from router.queue import Queue
-from router.request import SamplingParameters, ValidatedRequest
-from router.tokenizer import Tokenizer
-from router.validation import random_seed
+from router.request import SamplingParameters, ValidatedRequest, random_seed
+from router.text.tokenizer import Tokenizer
 
 CHUNK_NEW_TOKENS = 1024
 F32_MAX = 3.4028234663852886e38  # TGI starts the best_of search at f32::MIN = -F32_MAX
@@ -41,6 +42,7 @@ def continuation(
         input_ids=request.input_ids + tuple(chunk_ids),
         stopping=stopping,
         decoder_input_details=False,
+        prefill_logprobs=False,
     )
 
 
@@ -64,6 +66,7 @@ class GenerateResult:
     prefill: list[Token] = field(default_factory=list)
     tokens: list[Token] = field(default_factory=list)
     top_tokens: list[list[Token]] = field(default_factory=list)
+    content: str = ""  # the text with the stop sequence cut out (OpenAI's message content)
     end: EndEvent | None = None
 
 
@@ -96,10 +99,11 @@ class Infer:
 
     async def generate_stream(self, request: ValidatedRequest) -> AsyncIterator[Event]:
         """Events until (and including) an EndEvent or an ErrorEvent."""
+        output = OutputState(self.tokenizer, request)
         generated: list[int] = []
         while True:
             end = None
-            async with aclosing(self._run_once(request)) as events:  # closed even if we are
+            async with aclosing(self._run_once(request, output)) as events:  # closed if we are
                 async for event in events:  # ends after an End or Error event
                     if isinstance(event, EndEvent):
                         end = event
@@ -113,13 +117,16 @@ class Infer:
                 room = self.max_total_tokens - request.input_length - len(end.generated_ids)
                 remaining = min(remaining, room)
             if end.finish_reason != "length" or remaining <= 0:
-                yield self._final(end, generated)
+                yield self._final(end, generated, output)
                 return
-            yield TokenEvent(end.token, end.top_tokens)  # the stream goes on: not the end yet
+            yield TokenEvent(end.token, end.top_tokens, end.content)  # not the end yet
             request = continuation(request, end.generated_ids, remaining)
+            output.next_chunk(request)
 
-    async def _run_once(self, request: ValidatedRequest) -> AsyncIterator[Event]:
-        entry = Entry(next(self._ids), request)
+    async def _run_once(
+        self, request: ValidatedRequest, output: OutputState
+    ) -> AsyncIterator[Event]:
+        entry = Entry(next(self._ids), request, output)
         self.queue.append(entry)
         try:
             while True:
@@ -130,15 +137,19 @@ class Infer:
         finally:
             entry.cancelled = True  # no-op once finished; otherwise the batcher drops it
 
-    def _final(self, end: EndEvent, generated: list[int]) -> EndEvent:
+    def _final(self, end: EndEvent, generated: list[int], output: OutputState) -> EndEvent:
+        """The last event of the whole generation: its text covers every chunk, and what the
+        stop-sequence trimmer still held is visible after all."""
+        content = end.content + output.flush()
         if len(generated) == len(end.generated_ids):
-            return end
+            return replace(end, content=content)
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         return replace(
             end,
             generated_text=text,
             generated_tokens=len(generated),
             generated_ids=tuple(generated),
+            content=content,
         )
 
     async def generate(self, request: ValidatedRequest) -> GenerateResult:
@@ -151,6 +162,7 @@ class Infer:
                 continue
             result.tokens.append(event.token)
             result.top_tokens.append(event.top_tokens)
+            result.content += event.content
             if isinstance(event, EndEvent):
                 result.end = event
         return result

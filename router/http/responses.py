@@ -3,8 +3,9 @@ nulls and omitted keys exactly as TGI sends them)."""
 
 from __future__ import annotations
 
-from router.entry import EndEvent, Token
-from router.infer import GenerateResult
+from router.batching.events import EndEvent, Token
+from router.batching.infer import GenerateResult
+from router.http.generation import Timings
 from router.request import ValidatedRequest
 
 
@@ -99,14 +100,9 @@ INTEGER_TIMING_HEADERS = (
 )
 
 
-def timing_headers(
-    request: ValidatedRequest,
-    end: EndEvent,
-    received_at: float,
-    validated_at: float,
-    finished_at: float,
-) -> dict[str, str]:
+def timing_headers(request: ValidatedRequest, end: EndEvent, timings: Timings) -> dict[str, str]:
     """TGI's x-* timing headers (seconds, except x-time-per-token in milliseconds)."""
+    received_at, validated_at, finished_at = timings.received, timings.validated, timings.finished
     queue = max(end.started_at - end.queued_at, 0.0)
     inference = max(finished_at - end.started_at, 0.0)
     per_token = inference / max(end.generated_tokens, 1)

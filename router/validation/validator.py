@@ -1,220 +1,39 @@
-"""Request parsing and validation: JSON body -> GenerateRequest -> ValidatedRequest.
+"""`Validation.validate`: GenerateRequest -> ValidatedRequest, TGI's checks in TGI's order with
+TGI's texts (`router/src/validation.rs`). Errors are `ValidationError` (422).
 
-Three steps, each TGI-compatible (`router/src/lib.rs`, `router/src/validation.rs`):
-  1. `loads_strict(bytes)` (`router/json_body.py`, re-exported here): JSON text -> Python value.
-     It rejects what serde_json rejects and Python's `json` accepts (NaN/Infinity, lone
-     surrogates, invalid UTF-8) and nesting deeper than 64 levels. Errors are `BodyError(400)`.
-  2. `parse_generate_request(value)`: serde's typing of `GenerateRequest`: unknown keys ignored,
-     `null` accepted for `Option` fields, unsigned ints non-negative and in range, floats finite
-     f32 (rounded to f32, as TGI compares f32s). Errors are `BodyError(422)`. The per-value
-     converters are in `router/serde.py`.
-  3. `Validation.validate(request)`: TGI's checks, in TGI's order, with TGI's texts. Errors are
-     `ValidationError` (422). Tokenization runs in the given executor, never on the event loop.
+Admission is decided between two calls: `precheck` runs what TGI checks before taking a
+permit (the stream-only rules and best_of), `validate` the rest, once per request. Tokenizing
+runs in the executor with the tokenizer's batch call, which releases the GIL, so a prompt of
+megabytes never stalls the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import secrets
 from collections.abc import Iterable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Protocol
 
 from router.config import RouterConfig
-from router.errors import BodyError, ValidationError
-from router.json_body import MAX_JSON_DEPTH, loads_strict
-from router.request import SamplingParameters, StoppingParameters, ValidatedRequest
-from router.serde import (
-    I32_MAX,
-    I32_MIN,
-    U32_MAX,
-    U64_MAX,
-    Converter,
-    boolean,
-    describe,
-    f32,
-    integer,
-    invalid_type,
-    optional,
-    string,
-    string_list,
+from router.errors import ValidationError
+from router.request import (
+    SamplingParameters,
+    StoppingParameters,
+    ValidatedRequest,
+    random_seed,
 )
-
-__all__ = [
-    "DEFAULT_GENERATION_LENGTH",
-    "MAX_JSON_DEPTH",
-    "GenerateParameters",
-    "GenerateRequest",
-    "Grammar",
-    "Tokenizer",
-    "Validation",
-    "loads_strict",
-    "parse_compat_generate_request",
-    "parse_generate_request",
-    "random_seed",
-]
+from router.validation.generate_request import GenerateParameters, GenerateRequest
 
 DEFAULT_GENERATION_LENGTH = 1024  # TGI schedules at most this many new tokens at a time
-
-_GRAMMAR_TYPES = ("json", "json_object", "regex", "json_schema")
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Typed request (serde's view of lib.rs GenerateRequest / GenerateParameters)
-
-
-@dataclass(frozen=True)
-class Grammar:
-    """`{"type": ..., "value": ...}`; `json_object` is stored as `json`."""
-
-    type: str  # "json" | "regex" | "json_schema"
-    value: Any
-
-
-@dataclass(frozen=True)
-class GenerateParameters:
-    """Every TGI parameter, unvalidated. `None` is "not given" for TGI's `Option` fields; the
-    non-`Option` fields (do_sample, stop, watermark, details, decoder_input_details) hold their
-    serde default. `do_sample` is True only when the whole `parameters` key was absent."""
-
-    best_of: int | None = None
-    temperature: float | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    typical_p: float | None = None
-    do_sample: bool = False
-    max_new_tokens: int | None = None
-    return_full_text: bool | None = None
-    stop: tuple[str, ...] = ()
-    truncate: int | None = None
-    watermark: bool = False
-    details: bool = False
-    decoder_input_details: bool = False
-    seed: int | None = None
-    top_n_tokens: int | None = None
-    grammar: Grammar | None = None
-    adapter_id: str | None = None
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    inputs: str
-    parameters: GenerateParameters = field(default_factory=GenerateParameters)
-    parameters_given: bool = True  # False: the body had no `parameters` key (do_sample=True)
-
-    def with_parameters(self, **changes: Any) -> GenerateRequest:
-        """A copy with some parameters replaced (e.g. a route's return_full_text default)."""
-        return replace(self, parameters=replace(self.parameters, **changes))
-
-
-_ABSENT_PARAMETERS = GenerateParameters(do_sample=True)  # TGI's default_parameters()
-_MISSING = object()
-
-
-def parse_generate_request(body: Any) -> GenerateRequest:
-    """`{"inputs": str, "parameters": {...}}` -> GenerateRequest, or `BodyError(422)`."""
-    request, _ = _parse_request(body, "GenerateRequest", with_stream=False)
-    return request
-
-
-def parse_compat_generate_request(body: Any) -> tuple[GenerateRequest, bool]:
-    """The body of `POST /`: a GenerateRequest plus `stream: bool` (default false)."""
-    return _parse_request(body, "CompatGenerateRequest", with_stream=True)
-
-
-def _parse_request(body: Any, struct_name: str, with_stream: bool) -> tuple[GenerateRequest, bool]:
-    if not isinstance(body, dict):
-        raise BodyError.json_data(f"invalid type: {describe(body)}, expected struct {struct_name}")
-    inputs: Any = _MISSING
-    parameters: GenerateParameters | None = None
-    stream = False
-    for key, value in body.items():  # serde reports the first bad field in document order
-        if key == "inputs":
-            inputs = string(value, "inputs")
-        elif key == "parameters":
-            parameters = _parameters(value, "parameters")
-        elif key == "stream" and with_stream:
-            stream = boolean(value, "stream")
-    if inputs is _MISSING:
-        raise BodyError.json_data("missing field `inputs`")
-    if parameters is None:
-        return GenerateRequest(inputs, _ABSENT_PARAMETERS, parameters_given=False), stream
-    return GenerateRequest(inputs, parameters), stream
-
-
-def _parameters(value: Any, path: str) -> GenerateParameters:
-    if not isinstance(value, dict):
-        raise invalid_type(path, value, "struct GenerateParameters")
-    fields = {
-        name: _PARAMETER_TYPES[name](item, f"{path}.{name}")
-        for name, item in value.items()
-        if name in _PARAMETER_TYPES
-    }
-    return GenerateParameters(**fields)
-
-
-def _grammar(value: Any, path: str) -> Grammar:
-    """serde's adjacently tagged `GrammarType` (tag "type", content "value")."""
-    if not isinstance(value, dict):
-        raise invalid_type(path, value, "adjacently tagged enum GrammarType")
-    for key in ("type", "value"):
-        if key not in value:
-            raise BodyError.json_data(f"{path}: missing field `{key}`")
-    kind = string(value["type"], f"{path}.type")
-    if kind not in _GRAMMAR_TYPES:
-        expected = ", ".join(f"`{name}`" for name in _GRAMMAR_TYPES)
-        raise BodyError.json_data(
-            f"{path}.type: unknown variant `{kind}`, expected one of {expected}"
-        )
-    content = value["value"]
-    if kind == "regex":
-        string(content, f"{path}.value")
-    elif kind == "json_schema":
-        if not isinstance(content, dict):
-            raise invalid_type(f"{path}.value", content, "struct JsonSchemaConfig")
-        if "schema" not in content:
-            raise BodyError.json_data(f"{path}.value: missing field `schema`")
-    return Grammar("json" if kind == "json_object" else kind, content)
-
-
-_PARAMETER_TYPES: dict[str, Converter] = {
-    "best_of": optional(integer("usize", 0, U64_MAX)),
-    "temperature": optional(f32),
-    "repetition_penalty": optional(f32),
-    "frequency_penalty": optional(f32),
-    "top_k": optional(integer("i32", I32_MIN, I32_MAX)),
-    "top_p": optional(f32),
-    "typical_p": optional(f32),
-    "do_sample": boolean,
-    "max_new_tokens": optional(integer("u32", 0, U32_MAX)),
-    "return_full_text": optional(boolean),
-    "stop": string_list,
-    "truncate": optional(integer("usize", 0, U64_MAX)),
-    "watermark": boolean,
-    "details": boolean,
-    "decoder_input_details": boolean,
-    "seed": optional(integer("u64", 0, U64_MAX)),
-    "top_n_tokens": optional(integer("u32", 0, U32_MAX)),
-    "grammar": optional(_grammar),
-    "adapter_id": optional(string),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Validation (validation.rs:Validation::validate, validate_input, validate_best_of)
+# The smallest temperature or repetition penalty accepted: the smallest normal f32. The shard
+# divides logits by them; below it (subnormals) dividing even a logit of 4 overflows f32.
+MIN_DIVISOR = 2.0**-126
 
 
 class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
-
-
-def random_seed() -> int:
-    """A random u64, as TGI draws when the request has no seed."""
-    return secrets.randbits(64)
 
 
 class Validation:
@@ -235,11 +54,10 @@ class Validation:
         self,
         request: GenerateRequest,
         add_special_tokens: bool = True,
-        stream: bool = False,
         default_return_full_text: bool = False,
     ) -> ValidatedRequest:
-        """Every check, in TGI's order; raises `ValidationError` with TGI's text."""
-        self.precheck(request, stream)
+        """Every check after `precheck`, in TGI's order; raises `ValidationError` with TGI's
+        text."""
         p = request.parameters
         best_of = p.best_of or 1  # a non-streamed best_of=0 is silently 1
         sampling = _check_sampling(p, best_of)  # 1-7
@@ -261,6 +79,7 @@ class Validation:
             top_n_tokens=top_n_tokens,
             details=p.details or p.decoder_input_details,
             decoder_input_details=p.decoder_input_details,
+            prefill_logprobs=p.decoder_input_details and self.config.enable_prefill_logprobs,
             return_full_text=default_return_full_text
             if return_full_text is None
             else return_full_text,
@@ -294,7 +113,7 @@ class Validation:
         """Token ids, computed in the executor so the event loop never blocks."""
         encode = functools.partial(
             self.tokenizer.encode, inputs, add_special_tokens=add_special_tokens
-        )
+        )  # Tokenizer.encode releases the GIL while it works
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.executor, encode)
         except Exception as e:
@@ -373,9 +192,11 @@ def _check_sampling(p: GenerateParameters, best_of: int) -> SamplingParameters:
     temperature = 1.0 if p.temperature is None else p.temperature
     if temperature <= 0:
         raise ValidationError("`temperature` must be strictly positive")
+    _check_divisor("temperature", temperature)
     repetition_penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
     if repetition_penalty <= 0:
         raise ValidationError("`repetition_penalty` must be strictly positive")
+    _check_divisor("repetition_penalty", repetition_penalty)
     frequency_penalty = 0.0 if p.frequency_penalty is None else p.frequency_penalty
     if not -2.0 <= frequency_penalty <= 2.0:
         raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
@@ -398,3 +219,13 @@ def _check_sampling(p: GenerateParameters, best_of: int) -> SamplingParameters:
         frequency_penalty=frequency_penalty,
         watermark=p.watermark,
     )
+
+
+def _check_divisor(name: str, value: float) -> None:
+    """Refuses a positive value too small to divide by (its inverse overflows f32). Larger
+    values that still overflow some logits are handled by the shard, row by row."""
+    if value < MIN_DIVISOR:
+        raise ValidationError(
+            f"`{name}` must be at least {MIN_DIVISOR:.8g} (the smallest normal f32: the logits "
+            f"are divided by it). Given: {value:g}"
+        )

@@ -78,6 +78,8 @@ I32 = integer(-(2**31), 2**31 - 1)
 # points halfway to the next f32 (ties round to even): x > 0 is x > 2**-150, x < 1 is
 # x < 1 - 2**-25, |x| <= 2 is |x| <= 2 + 2**-23.
 POSITIVE = {"exclusiveMinimum": 2**-150}
+# At least the smallest normal f32 once rounded to f32 (the tie below it rounds up to it).
+DIVISOR = {"minimum": 2**-126 - 2**-150}
 BELOW_ONE = {"exclusiveMaximum": 1 - 2**-25}
 TWO = 2 + 2**-23
 
@@ -99,8 +101,8 @@ def generate_parameters(checked: bool = True) -> Schema:
     return obj(
         {
             "best_of": field(U64, "> 1 needs sampling and no seed; <= max_best_of."),
-            "temperature": field(F32, "> 0", **POSITIVE),
-            "repetition_penalty": field(F32, "> 0", **POSITIVE),
+            "temperature": field(F32, ">= 2^-126 (the smallest normal f32)", **DIVISOR),
+            "repetition_penalty": field(F32, ">= 2^-126 (the smallest normal f32)", **DIVISOR),
             "frequency_penalty": field(F32, "In [-2, 2].", minimum=-TWO, maximum=TWO),
             "top_k": field(I32, "> 0", minimum=1),
             "top_p": field(F32, "In (0, 1).", **POSITIVE, **BELOW_ONE),

@@ -18,15 +18,19 @@ import logging
 import math
 import time
 
-from pb import generate_pb2 as pb
-from router.block_allocator import BlockAllocator
-from router.client import ShardClient, ShardError
-from router.entry import EndEvent, Entry, ErrorEvent
+from router.batching.block_allocator import BlockAllocator
+from router.batching.entry import Entry
+from router.batching.events import EndEvent, ErrorEvent
+from router.batching.hooks import Hooks
+from router.batching.queue import NextBatch, Queue
+from router.batching.shard_client import (
+    CachedBatch,
+    NewRequest,
+    ShardClient,
+    ShardError,
+    StepResult,
+)
 from router.errors import GenerationError
-from router.metrics import Hooks
-from router.output import OutputState
-from router.queue import NextBatch, Queue
-from router.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,6 @@ class Batcher:
         client: ShardClient,
         queue: Queue,
         allocator: BlockAllocator,
-        tokenizer: Tokenizer,
         max_batch_prefill_tokens: int,
         max_batch_total_tokens: int,
         max_batch_size: int | None,
@@ -47,7 +50,6 @@ class Batcher:
         self.client = client
         self.queue = queue
         self.allocator = allocator
-        self.tokenizer = tokenizer
         self.max_prefill = max_batch_prefill_tokens
         self.max_total = max_batch_total_tokens
         self.max_batch_size = max_batch_size
@@ -67,7 +69,7 @@ class Batcher:
                 cached = await self._prefill(batch, None)
                 await self._drive(cached)
 
-    async def _drive(self, cached: pb.CachedBatch | None) -> None:
+    async def _drive(self, cached: CachedBatch | None) -> None:
         """Runs one batch until it is empty, merging new work in as it comes."""
         waiting_tokens = 1
         while cached is not None:
@@ -109,31 +111,20 @@ class Batcher:
     def _next(self, min_size, max_size, prefill_budget, token_budget) -> NextBatch | None:
         return self.queue.next_batch(min_size, max_size, prefill_budget, token_budget)
 
-    def _to_pb(self, batch: NextBatch) -> pb.Batch:
-        requests = []
+    async def _prefill(self, batch: NextBatch, cached: CachedBatch | None):
         now = time.monotonic()
         for entry in batch.entries:
             entry.started_at = now
-            entry.output = OutputState(self.tokenizer, entry)
             self.entries[entry.id] = entry
-            requests.append(request_to_pb(entry))
         self._next_batch_id += 1
-        max_blocks = max(len(e.allocation.blocks) for e in batch.entries)
-        return pb.Batch(
-            id=self._next_batch_id,
-            requests=requests,
-            size=len(requests),
-            max_tokens=sum(len(e.allocation.slots) for e in batch.entries),
-            max_blocks=max_blocks,
-        )
-
-    async def _prefill(self, batch: NextBatch, cached: pb.CachedBatch | None):
-        request = self._to_pb(batch)
+        batch_id = self._next_batch_id
         ids = [e.id for e in batch.entries] + (list(cached.request_ids) if cached else [])
-        batch_ids = [request.id] + ([cached.id] if cached else [])
-        return await self._step("prefill", ids, batch_ids, self.client.prefill(request, cached))
+        batch_ids = [batch_id] + ([cached.id] if cached else [])
+        new = [NewRequest(e.id, e.request, e.allocation, e.chunk_len) for e in batch.entries]
+        call = self.client.prefill(batch_id, new, cached)
+        return await self._step("prefill", ids, batch_ids, call)
 
-    async def _decode(self, batches: list[pb.CachedBatch]):
+    async def _decode(self, batches: list[CachedBatch]):
         ids = [i for b in batches for i in b.request_ids]
         return await self._step("decode", ids, [b.id for b in batches], self.client.decode(batches))
 
@@ -150,6 +141,11 @@ class Batcher:
         self.healthy = True
         self._answered = (method, time.monotonic())
         self.metrics.batch_step(method, self._answered[1] - start, response)
+        self._send(response)
+        return response.batch
+
+    def _send(self, response: StepResult) -> None:
+        """Each generation's events to its entry; an entry that ended leaves the router."""
         for g in response.generations:
             entry = self.entries.get(g.request_id)
             if entry is None:
@@ -157,11 +153,10 @@ class Batcher:
             if entry.cancelled:  # the client left during this step
                 self._drop(entry)
                 continue
-            for event in entry.output.process(entry, g):
+            for event in entry.output.process(g, entry.queued_at, entry.started_at or 0.0):
                 entry.send(event)
                 if isinstance(event, EndEvent):
                     self._remove(entry)
-        return response.batch if response.HasField("batch") else None
 
     async def _fail(self, request_ids: list[int], batch_ids: list[int], message: str) -> None:
         """Every request of a failed step gets a generation error; the shards forget them."""
@@ -176,14 +171,14 @@ class Batcher:
             except ShardError as err:
                 log.error("clear_cache(%d) after a failed step failed too: %s", batch_id, err)
 
-    async def _filter(self, cached: pb.CachedBatch) -> pb.CachedBatch | None:
+    async def _filter(self, cached: CachedBatch) -> CachedBatch | None:
         """_drop_finished, timed from the step's answer (tgi_batch_filter_duration)."""
         cached = await self._drop_finished(cached)
         method, answered = self._answered
         self.metrics.batch_filter(method, time.monotonic() - answered)
         return cached
 
-    async def _drop_finished(self, cached: pb.CachedBatch) -> pb.CachedBatch | None:
+    async def _drop_finished(self, cached: CachedBatch) -> CachedBatch | None:
         """Removes finished and cancelled requests from the shards' batch before the next step."""
         for request_id in cached.request_ids:
             entry = self.entries.get(request_id)
@@ -212,37 +207,3 @@ class Batcher:
         if entry.allocation is not None:
             self.allocator.free(entry.allocation)
             entry.allocation = None
-
-
-def request_to_pb(entry: Entry) -> pb.Request:
-    r = entry.request
-    s = r.sampling
-    return pb.Request(
-        id=entry.id,
-        inputs=r.inputs,
-        input_ids=r.input_ids,
-        truncate=r.truncate or r.input_length,
-        parameters=pb.NextTokenChooserParameters(
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            typical_p=s.typical_p,
-            do_sample=s.do_sample,
-            seed=s.seed,
-            repetition_penalty=s.repetition_penalty,
-            frequency_penalty=s.frequency_penalty,
-            watermark=s.watermark,
-        ),
-        stopping_parameters=pb.StoppingCriteriaParameters(
-            max_new_tokens=r.stopping.max_new_tokens,
-            stop_sequences=r.stopping.stop_sequences,
-            ignore_eos_token=r.stopping.ignore_eos_token,
-        ),
-        prefill_logprobs=r.decoder_input_details,
-        top_n_tokens=r.top_n_tokens,
-        blocks=entry.allocation.blocks,
-        slots=entry.allocation.slots,
-        cache_len=0,
-        add_special_tokens=r.add_special_tokens,
-        chunk_len=entry.chunk_len,
-    )

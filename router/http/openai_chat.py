@@ -1,8 +1,9 @@
 """`POST /v1/chat/completions` and `POST /chat_tokenize` (TGI's `chat_completions`,
 `get_chat_tokenize`).
 
-The messages are rendered with the model's chat template (in the validation executor, never on
-the event loop) and the text is generated like /generate with `add_special_tokens=false`.
+The messages (at least one) are rendered with the model's chat template (in the validation
+executor, never on the event loop) and the text is generated like /generate with
+`add_special_tokens=false`, through the same path (`generation.py`).
 Content is a string or a list of `{"type": "text"}` parts; image parts are a 422 validation
 error (the served models are text-only). Tools are not supported: with `tool_choice` "auto"
 or "none" they are ignored (the model answers in text, which "auto" allows); "required" or a
@@ -13,47 +14,38 @@ accepts or rejects like the `grammar` parameter of /generate.
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from router.entry import EndEvent, ErrorEvent, PrefillEvent, Token
-from router.errors import (
-    BodyError,
-    GenerationError,
-    InferError,
-    TemplateError,
-    ToolError,
-    ValidationError,
-)
-from router.infer import GenerateResult
-from router.openai import (
+from router.batching.events import EndEvent, ErrorEvent, Event, PrefillEvent, Token
+from router.errors import BodyError, TemplateError, ToolError, ValidationError
+from router.http.generation import Completion, GenerationStream, Options, generate
+from router.http.jsonio import json_response, read_json
+from router.http.openai_common import (
     COMMON_FIELDS,
     DONE,
-    app_state,
     check_n,
     envelope,
     finish_reason,
     generate_parameters,
+    logprob,
     openai_error,
     parse_fields,
-    read_json,
     request_usage,
-    stream_text,
     u32_or_none,
     unix_time,
 )
-from router.protocol import timing_headers
-from router.request import ValidatedRequest
-from router.serde import boolean, invalid_type, optional, string
-from router.streaming import open_stream, sse_data, with_keep_alive
-from router.validation import GenerateParameters, GenerateRequest, Grammar
+from router.http.responses import timing_headers
+from router.http.sse import EventStream, sse_data
+from router.http.state import AppState, app_state
+from router.validation.generate_request import GenerateParameters, GenerateRequest, Grammar
+from router.validation.serde import boolean, invalid_type, optional, string
 
-if TYPE_CHECKING:
-    from router.server import AppState
+CHAT = Options(add_special_tokens=False)  # the template has the special tokens
 
 # ---- request --------------------------------------------------------------------------------
 
@@ -116,6 +108,8 @@ def _message(value: Any, path: str) -> dict:
 def _messages(value: Any, path: str) -> list[dict]:
     if not isinstance(value, list):
         raise invalid_type(path, value, "a sequence")
+    if not value:
+        raise ValidationError("`messages` cannot be empty")
     return [_message(item, f"{path}[{i}]") for i, item in enumerate(value)]
 
 
@@ -205,42 +199,42 @@ def logprobs_json(tokens: list[Token], top_tokens: list[list[Token]]) -> dict:
     content = [
         {
             "token": token.text,
-            "logprob": token.logprob,
-            "top_logprobs": [{"token": t.text, "logprob": t.logprob} for t in top],
+            "logprob": logprob(token),
+            "top_logprobs": [{"token": t.text, "logprob": logprob(t)} for t in top],
         }
         for token, top in zip(tokens, top_tokens)
     ]
     return {"content": content}
 
 
-def completion_json(
-    state: AppState, chat: ChatRequest, request: ValidatedRequest, result: GenerateResult
-) -> dict:
-    end = result.end
+def message_content(done: Completion) -> str:
+    """The answer: the generated text, cut before the stop sequence when one ended it."""
+    end = done.result.end
+    return done.result.content if end.finish_reason == "stop_sequence" else end.generated_text
+
+
+def completion_json(state: AppState, chat: ChatRequest, done: Completion) -> dict:
+    result = done.result
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": end.generated_text},
+        "message": {"role": "assistant", "content": message_content(done)},
         "logprobs": logprobs_json(result.tokens, result.top_tokens) if chat.logprobs else None,
-        "finish_reason": finish_reason(end),
+        "finish_reason": finish_reason(result.end),
     }
-    return envelope(state, "chat.completion", unix_time(), [choice], request_usage(request, end))
+    usage = request_usage(done.request, result.end)
+    return envelope(state, "chat.completion", unix_time(), [choice], usage)
 
 
 def chunk_json(
-    state: AppState,
-    chat: ChatRequest,
-    created: int,
-    token: Token,
-    top: list[Token],
-    end: EndEvent | None,
+    state: AppState, chat: ChatRequest, created: int, event: Event, end: EndEvent | None
 ) -> dict:
-    """One chat.completion.chunk: the token's text as delta (`tool_calls: null` keeps the
-    text-generation client's parser happy), finish_reason on the last one."""
-    delta = {"role": "assistant", "content": stream_text(token), "tool_calls": None}
+    """One chat.completion.chunk: the text the token released as delta (`tool_calls: null`
+    keeps the text-generation client's parser happy), finish_reason on the last one."""
+    delta = {"role": "assistant", "content": event.content, "tool_calls": None}
     choice = {
         "index": 0,
         "delta": delta,
-        "logprobs": logprobs_json([token], [top]) if chat.logprobs else None,
+        "logprobs": logprobs_json([event.token], [event.top_tokens]) if chat.logprobs else None,
         "finish_reason": finish_reason(end) if end is not None else None,
     }
     return envelope(state, "chat.completion.chunk", created, [choice], None)
@@ -250,78 +244,45 @@ def chunk_json(
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await chat(request, await read_json(request))
+
+
+async def chat(request: web.Request, body: Any) -> web.StreamResponse:
+    """A chat request's body -> its answer (also reached through /invocations)."""
     state = app_state(request)
-    chat = parse_chat_request(await read_json(request))
-    inputs = await render(state, chat.messages)  # a template error is an HTTP 422, even streamed
-    generate = GenerateRequest(inputs, chat.parameters)
-    if chat.stream:
-        return await _stream(request, state, chat, generate)
-    return await _complete(state, chat, generate)
-
-
-async def _complete(state: AppState, chat: ChatRequest, generate: GenerateRequest) -> web.Response:
-    received = time.monotonic()
-    permit = state.infer.acquire()
-    try:
-        validated = await state.validation.validate(generate, add_special_tokens=False)
-        validated_at = time.monotonic()
-        result = await state.infer.generate(validated)
-    except GenerationError:
-        state.health.request_failed()
-        raise
-    finally:
-        permit.release()
-    headers = timing_headers(validated, result.end, received, validated_at, time.monotonic())
-    return web.json_response(completion_json(state, chat, validated, result), headers=headers)
+    parsed = parse_chat_request(body)
+    inputs = await render(state, parsed.messages)  # a template error is an HTTP 422, even streamed
+    generate_request = GenerateRequest(inputs, parsed.parameters)
+    if parsed.stream:
+        return await _stream(request, state, parsed, generate_request)
+    done = await generate(state, generate_request, CHAT)
+    headers = timing_headers(done.request, done.result.end, done.timings)
+    return json_response(completion_json(state, parsed, done), headers=headers)
 
 
 async def _stream(
-    request: web.Request, state: AppState, chat: ChatRequest, generate: GenerateRequest
+    request: web.Request, state: AppState, chat: ChatRequest, generate_request: GenerateRequest
 ) -> web.StreamResponse:
-    """SSE chunks then `data: [DONE]`; overload and validation errors arrive in-band."""
-    response = await open_stream(request)
-    try:
-        permit = state.infer.acquire()
-    except InferError as err:
-        await response.write(openai_error(err))
-        await response.write(DONE)
-        return response
-    try:
-        await _stream_events(state, response, chat, generate)
-    finally:
-        permit.release()
-    await response.write(DONE)
-    return response
-
-
-async def _stream_events(
-    state: AppState, response: web.StreamResponse, chat: ChatRequest, generate: GenerateRequest
-) -> None:
-    try:
-        validated = await state.validation.validate(generate, add_special_tokens=False, stream=True)
-    except InferError as err:
-        await response.write(openai_error(err))
-        return
+    """SSE chunks then `data: [DONE]`; overload, validation and generation errors in-band."""
+    generation = GenerationStream(state, generate_request, CHAT)
+    sse = await EventStream.open(request, state.config.stream_write_timeout)
     created = unix_time()
-    events = state.infer.generate_stream(validated)
-    try:
-        async for event in with_keep_alive(events, response):
-            if isinstance(event, PrefillEvent):
-                continue
-            if isinstance(event, ErrorEvent):
-                state.health.request_failed()
-                await response.write(openai_error(event.error))
-                return
-            end = event if isinstance(event, EndEvent) else None
-            chunk = chunk_json(state, chat, created, event.token, event.top_tokens, end)
-            await response.write(sse_data(chunk))
-            if end is not None and chat.include_usage:
-                usage = request_usage(validated, end)
-                await response.write(
-                    sse_data(envelope(state, "chat.completion.chunk", created, [], usage))
-                )
-    finally:
-        await events.aclose()  # a client that left: its entry leaves the batch, blocks freed
+
+    def render(event: Event) -> Iterable[bytes]:
+        if isinstance(event, PrefillEvent):
+            return ()
+        if isinstance(event, ErrorEvent):
+            return (openai_error(event.error),)
+        end = event if isinstance(event, EndEvent) else None
+        out = [sse_data(chunk_json(state, chat, created, event, end))]
+        if end is not None and chat.include_usage:
+            usage = request_usage(generation.validated, end)
+            out.append(sse_data(envelope(state, "chat.completion.chunk", created, [], usage)))
+        return out
+
+    if await sse.send(generation.events(), render):
+        await sse.write_last(DONE)
+    return sse.response
 
 
 async def chat_tokenize(request: web.Request) -> web.Response:
@@ -332,4 +293,4 @@ async def chat_tokenize(request: web.Request) -> web.Response:
     encode = partial(state.tokenizer.encode_with_offsets, text, add_special_tokens=False)
     pieces = await asyncio.get_running_loop().run_in_executor(state.validation.executor, encode)
     tokens = [{"id": i, "text": text[a:b], "start": a, "stop": b} for i, (a, b) in pieces]
-    return web.json_response({"tokenize_response": tokens, "templated_text": text})
+    return json_response({"tokenize_response": tokens, "templated_text": text})

@@ -4,7 +4,7 @@ completion requests, responses and stream chunks. Responses are open (OpenAI add
 
 from __future__ import annotations
 
-from router.openapi_schemas import (
+from router.http.openapi_schemas import (
     U32_MAX,
     Schema,
     array,

@@ -1,13 +1,12 @@
-"""OpenAI-compatible routes, as TGI serves them (`router/src/server.rs`, `lib.rs`, `chat.rs`).
-
-`add_openai_routes(app)` registers:
-  POST /v1/chat/completions   chat, through the model's chat template (router/openai_chat.py)
-  POST /chat_tokenize         the templated text and its tokens (router/openai_chat.py)
+"""What the OpenAI-compatible routes share, as TGI serves them (`router/src/server.rs`,
+`lib.rs`, `chat.rs`):
+  POST /v1/chat/completions   chat, through the model's chat template (openai_chat.py)
+  POST /chat_tokenize         the templated text and its tokens (openai_chat.py)
   POST /v1/completions        legacy completions, 1..max_client_batch_size prompts
-                              (router/openai_completions.py)
+                              (openai_completions.py)
   GET  /v1/models             the served model as an OpenAI model list (here)
 
-This module holds what both routes share: the request fields they have in common and how they
+This module holds what the routes share: the request fields they have in common and how they
 map to TGI's GenerateParameters, the response envelope, in-band stream errors and admission
 permits. The mapping follows TGI's: `temperature: 0` is greedy, any other temperature (or none)
 samples; `presence_penalty` p becomes `repetition_penalty` p + 2.0; `max_tokens` (alias
@@ -16,6 +15,11 @@ Where TGI answers 422 to what OpenAI clients commonly send, we are lenient: `top
 "no top-p", any integer seed is taken modulo 2**64, `user` and `logit_bias` are ignored.
 `n` other than 1 is a 422 (one choice per request). `model` can be any string; responses carry
 the served model id.
+
+Finish reasons and stop sequences follow OpenAI, as vLLM and llama.cpp do (strongly typed
+clients reject TGI's `stop_sequence`): `stop` for EOS and for a stop sequence, whose text is
+left out of the content; `length` otherwise. Logprobs that are not finite are written as
+-9999.0, as vLLM does (OpenAI's schema has no null logprob).
 
 Errors before a stream opens (bad JSON, template, unsupported fields) get an HTTP status; errors
 inside a stream (overload, validation, generation) are `data: {"error": {"message",
@@ -27,21 +31,28 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from router.entry import EndEvent, Token
+from router import VERSION
+from router.batching.events import EndEvent, Token
 from router.errors import BodyError, InferError, ValidationError
-from router.infer import Permit
-from router.json_body import loads_strict
+from router.http.jsonio import json_response
+from router.http.sse import sse_data
+from router.http.state import AppState, app_state
 from router.request import ValidatedRequest
-from router.serde import U32_MAX, boolean, describe, f32, integer, invalid_type, optional, string
-from router.streaming import sse_data
-from router.validation import GenerateParameters, Grammar
-
-if TYPE_CHECKING:
-    from router.server import AppState
+from router.validation.generate_request import GenerateParameters, Grammar
+from router.validation.serde import (
+    U32_MAX,
+    boolean,
+    describe,
+    f32,
+    integer,
+    invalid_type,
+    optional,
+    string,
+)
 
 Converter = Callable[[Any, str], Any]
 DONE = sse_data("[DONE]")
@@ -152,26 +163,10 @@ def generate_parameters(
     )
 
 
-async def read_json(request: web.Request) -> Any:
-    """The JSON body, with the same rejections as the native routes (415, 400)."""
-    if request.content_type != "application/json":
-        raise BodyError.missing_json_content_type()
-    return loads_strict(await request.read())
-
-
 # ---- responses ----------------------------------------------------------------------------
 
 
-def app_state(request: web.Request) -> AppState:
-    # router.server imports this module to register the routes: look its names up late
-    from router.server import STATE
-
-    return request.app[STATE]
-
-
 def system_fingerprint() -> str:
-    from router.server import VERSION
-
     return f"{VERSION}-native"  # TGI: "{version}-{docker_label or 'native'}"
 
 
@@ -207,13 +202,13 @@ def request_usage(request: ValidatedRequest, end: EndEvent) -> dict:
 
 
 def finish_reason(end: EndEvent) -> str:
-    """TGI's `FinishReason::format(true)`: eos_token -> "stop"; length, stop_sequence as is."""
-    return "stop" if end.finish_reason == "eos_token" else end.finish_reason
+    """OpenAI's finish reason: "length", else "stop" (EOS or a stop sequence)."""
+    return "length" if end.finish_reason == "length" else "stop"
 
 
-def stream_text(token: Token) -> str:
-    """A streamed token's text; special tokens (EOS) are not content, as in the final text."""
-    return "" if token.special else token.text
+def logprob(token: Token) -> float:
+    """A logprob for an OpenAI response: never null (-9999.0 when not finite, as vLLM)."""
+    return -9999.0 if token.logprob is None else token.logprob
 
 
 def openai_error(err: InferError) -> bytes:
@@ -221,24 +216,7 @@ def openai_error(err: InferError) -> bytes:
     return sse_data({"error": {"message": str(err), "http_status_code": err.status}})
 
 
-# ---- admission and concurrency ------------------------------------------------------------
-
-
-def acquire(state: AppState, count: int) -> list[Permit]:
-    """`count` admission permits, or none (OverloadedError) if they are not all free."""
-    permits: list[Permit] = []
-    try:
-        for _ in range(count):
-            permits.append(state.infer.acquire())
-    except InferError:
-        release(permits)
-        raise
-    return permits
-
-
-def release(permits: list[Permit]) -> None:
-    for permit in permits:
-        permit.release()
+# ---- concurrency ----------------------------------------------------------------------------
 
 
 async def gather_or_cancel(awaitables: list[Awaitable]) -> list:
@@ -259,15 +237,4 @@ async def gather_or_cancel(awaitables: list[Awaitable]) -> list:
 async def models(request: web.Request) -> web.Response:
     model_id = app_state(request).config.model_id
     model = {"id": model_id, "object": "model", "created": 0, "owned_by": model_id}
-    return web.json_response({"object": "list", "data": [model]})
-
-
-def add_openai_routes(app: web.Application) -> None:
-    """Registers the OpenAI routes on an app made by `router.server.make_app`."""
-    from router.openai_chat import chat_completions, chat_tokenize  # they import this module
-    from router.openai_completions import completions
-
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/chat_tokenize", chat_tokenize)
-    app.router.add_get("/v1/models", models)
+    return json_response({"object": "list", "data": [model]})

@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pb import generate_pb2 as pb
-from router.client import ShardClient, ShardError
+from router.batching.shard_client import ShardClient, ShardError
 
 log = logging.getLogger(__name__)
-LIVENESS_BATCH_ID = 2**64 - 1
 TIMEOUT_SECONDS = 10.0
 
 
@@ -31,27 +29,11 @@ class Health:
             if self.ok or not self.use_liveness_prefill:
                 await self.client.health(timeout=TIMEOUT_SECONDS)
             else:
-                await asyncio.wait_for(self._liveness_prefill(), TIMEOUT_SECONDS)
+                await asyncio.wait_for(
+                    self.client.liveness_prefill(self.liveness_token_id), TIMEOUT_SECONDS
+                )
             self.ok = True
         except (TimeoutError, ShardError) as err:
             log.warning("health check failed: %s", err)
             self.ok = False
         return self.ok
-
-    async def _liveness_prefill(self) -> None:
-        request = pb.Request(
-            id=LIVENESS_BATCH_ID,
-            inputs="liveness",
-            input_ids=[self.liveness_token_id],
-            truncate=1,
-            blocks=[0],
-            slots=[0],
-            parameters=pb.NextTokenChooserParameters(
-                temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0
-            ),
-            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=1),
-        )
-        batch = pb.Batch(
-            id=LIVENESS_BATCH_ID, requests=[request], size=1, max_tokens=2, max_blocks=1
-        )
-        await self.client.prefill(batch, None)

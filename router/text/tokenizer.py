@@ -102,14 +102,19 @@ class Tokenizer:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encode(text, add_special_tokens).ids
 
     def encode_with_offsets(
         self, text: str, add_special_tokens: bool = True
     ) -> list[tuple[int, tuple[int, int]]]:
         """(id, (start, stop)) per token, offsets in characters of `text` (for /tokenize)."""
-        encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        encoding = self._encode(text, add_special_tokens)
         return list(zip(encoding.ids, encoding.offsets))
+
+    def _encode(self, text: str, add_special_tokens: bool) -> tokenizers.Encoding:
+        """The batch call with one text: unlike `encode`, it releases the GIL while it works,
+        so a long prompt tokenized on a worker thread never stalls the event loop."""
+        return self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

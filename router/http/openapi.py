@@ -21,9 +21,10 @@ import json
 
 from aiohttp import web
 
-from router.openapi_openai_schemas import openai_schemas
-from router.openapi_schemas import Schema, native_schemas, ref, string
-from router.protocol import INTEGER_TIMING_HEADERS
+from router import VERSION
+from router.http.openapi_openai_schemas import openai_schemas
+from router.http.openapi_schemas import Schema, native_schemas, ref, string
+from router.http.responses import INTEGER_TIMING_HEADERS
 
 TAG = "Text Generation Inference"
 
@@ -238,6 +239,40 @@ def openai_paths() -> dict:
                 {"200": response("The model list.", json_body(ref("ModelsList")))},
             )
         },
+        "/invocations": {
+            "post": operation(
+                "sagemaker_compatibility",
+                "SageMaker: `/` for a body with `inputs`, chat completions for one with "
+                "`messages`, completions for one with `prompt`",
+                {
+                    "200": response(
+                        "The answer of the route the body was sent to.",
+                        {
+                            "application/json": {
+                                "schema": {
+                                    "anyOf": [
+                                        ref("CompatGenerateResponse"),
+                                        ref("ChatCompletion"),
+                                        ref("Completion"),
+                                    ]
+                                }
+                            },
+                            "text/event-stream": {
+                                "schema": {
+                                    "anyOf": [
+                                        ref("StreamEvent"),
+                                        ref("ChatStreamEvent"),
+                                        ref("CompletionStreamEvent"),
+                                    ]
+                                },
+                            },
+                        },
+                    ),
+                    **body_rejections(),
+                },
+                "SagemakerRequest",
+            )
+        },
         "/chat_tokenize": {
             "post": operation(
                 "get_chat_tokenize",
@@ -290,7 +325,17 @@ def openapi_document(version: str) -> dict:
         "tags": [{"name": TAG}],
         "paths": paths(),
         "components": {
-            "schemas": {**native_schemas(), **openai_schemas()},
+            "schemas": {
+                **native_schemas(),
+                **openai_schemas(),
+                "SagemakerRequest": {
+                    "anyOf": [
+                        ref("CompatGenerateRequest"),
+                        ref("ChatRequest"),
+                        ref("CompletionRequest"),
+                    ]
+                },
+            },
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
         },
     }
@@ -325,12 +370,8 @@ if (window.SwaggerUIBundle) {{
 """
 
 
-def add_docs_routes(app: web.Application, version: str | None = None) -> None:
+def add_docs_routes(app: web.Application, version: str = VERSION) -> None:
     """Registers GET /api-doc/openapi.json and GET /docs (the document is built once)."""
-    if version is None:
-        from router.server import VERSION  # here, not at the top: server.py imports this module
-
-        version = VERSION
     document = json.dumps(openapi_document(version))
 
     async def openapi_json(request: web.Request) -> web.Response:

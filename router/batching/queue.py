@@ -13,10 +13,11 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from router.block_allocator import BlockAllocator
-from router.entry import Entry, ErrorEvent
+from router.batching.block_allocator import BlockAllocator
+from router.batching.entry import Entry
+from router.batching.events import ErrorEvent
+from router.batching.hooks import Hooks
 from router.errors import GenerationError
-from router.metrics import Hooks
 
 log = logging.getLogger(__name__)
 
