@@ -11,6 +11,29 @@ Logprobs are the log_softmax of the final (penalized, warped) scores.
 
 Each processor runs once per step on just the rows that need it, with per-row
 parameters as tensors; only the random draw loops over sampling rows.
+
+Numerical guard: one request's parameters must never poison its neighbours. Tiny but
+valid values (temperature or repetition_penalty 1e-38: 20 / 1e-38 = 2e39 > f32 max)
+overflow a row to +inf, and a failing model can emit NaN; softmax turns such a row into
+NaN and the inverse-CDF draw would index out of range, failing the whole batch. So after
+the penalties, before the warpers, one max per touched row (_guard) flags the rows with
+NaN, +inf or no finite entry, or whose max the temperature would overflow, and only
+those rows are rewritten:
+  - a row with +inf entries keeps the +inf tokens of highest unprocessed logit, equally
+    likely (0.0), and everything else becomes -inf: the limit the overflow approached
+    (the repetition penalty divides all seen tokens by one p, so it keeps their order;
+    +inf straight from the model ties them all);
+  - NaN entries become -inf;
+  - a row left with no finite entry falls back to the request's unprocessed logits row,
+    repaired alike, and to uniform (all 0.0) when even that has none;
+  - a row the temperature would overflow becomes its exact limit: its argmax(es) 0.0,
+    everything else -inf.
+The warpers then cannot create NaN or +inf (they only write -inf and keep a token), so
+there is no second check after them; _draw, the last line of defence, takes the argmax
+of a row whose probabilities are NaN or sum to zero instead of indexing out of range.
+Repaired rows have finite or -inf logprobs, never NaN; healthy rows give exactly the same
+tokens and logprobs as without the guard. The all-greedy fast path and the untouched
+greedy rows of a mixed batch are not checked (a NaN there still yields an in-range id).
 """
 
 from __future__ import annotations
@@ -142,6 +165,7 @@ def sample(
     x = scores[touched]  # [T, V] copy of the rows we modify
     x = _watermark(x, sub, sub_histories, watermark)
     x = _penalize(x, sub, sub_histories)
+    x = _guard(x, sub, scores, touched)  # NaN / +inf, and the temperature's overflow
     drawn = [j for j, s in enumerate(sub) if s.sampling]
     if drawn:
         x = _apply_rows(x, drawn, _warp, [sub[j] for j in drawn])
@@ -326,6 +350,76 @@ def _warp(x: torch.Tensor, samplers: list[RequestSampler]) -> torch.Tensor:
     return x
 
 
+_NEG_INF = float("-inf")
+
+
+def _guard(
+    x: torch.Tensor, samplers: list[RequestSampler], raw: torch.Tensor, raw_rows: Sequence[int]
+) -> torch.Tensor:
+    """Make the rows of x [T, V] safe for the warpers and softmax, in place.
+
+    One request's NaN or +inf (model failure, repetition_penalty 1e-38), or a temperature
+    overflowing its row, would make softmax NaN and the draw fail for the whole batch.
+    One max per row finds them all (max propagates NaN, is +inf with any +inf, -inf with
+    nothing finite, and x / t overflows iff max / t does), so a healthy row costs one
+    reduction and the rest runs on the flagged rows only. raw [B, V]: the unprocessed
+    logits, row raw_rows[i] for row i of x, the fallback of _repair (which has the rule).
+    """
+    peak = x.amax(dim=-1)  # [T]
+    bad = (~torch.isfinite(peak)).nonzero().squeeze(1)  # [X]
+    if bad.numel():
+        fixed = _repair(x[bad], raw[torch.tensor(raw_rows, device=x.device)[bad]])  # [X, V]
+        x[bad] = fixed
+        peak[bad] = fixed.amax(dim=-1)
+    if any(s.temperature is not None for s in samplers):
+        _temperature_limit(x, peak, _param_or(samplers, "temperature", 1.0, x.device))
+    return x
+
+
+def _temperature_limit(x: torch.Tensor, peak: torch.Tensor, temperature: torch.Tensor) -> None:
+    """Replace, in place, the rows of x [T, V] the temperature [T] would overflow.
+
+    x / t (t = 1e-38: 20 / 1e-38 = 2e39) is +inf, or nothing in the row stays finite,
+    exactly when peak / t is (peak [T]: the row max; division by t > 0 is correctly
+    rounded, so monotone). The exact limit of such a row is its argmax(es) at 0.0 and -inf
+    elsewhere: any other token is lower by more than float32 can hold. The division in
+    lp.apply_temperature then leaves it as it is.
+    """
+    over = (~torch.isfinite(peak / temperature.to(x.dtype))).nonzero().squeeze(1)  # [O]
+    if over.numel():
+        rows = x[over]  # [O, V]
+        x[over] = torch.full_like(rows, _NEG_INF).masked_fill_(rows == peak[over, None], 0.0)
+
+
+def _repair(x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """Repair rows x [X, V] (in place) given their unprocessed logits raw [X, V] (a copy).
+
+    +inf tokens: the limit of the overflow, keeping those the model ranks highest (the
+    repetition penalty divides every seen token by the same p, so their order is raw's);
+    NaN -> -inf; a row then without a finite entry takes raw, repaired alike, or else
+    uniform (0.0 everywhere) if the model's own row has nothing finite either.
+    """
+    x = _overflow_limit(x, raw)
+    empty = x.amax(dim=-1) == _NEG_INF  # [X]: nothing finite left
+    if bool(empty.any()):
+        alt = raw[empty]  # [E, V]
+        alt = _overflow_limit(alt, alt.clone())
+        alt[alt.amax(dim=-1) == _NEG_INF] = 0.0
+        x[empty] = alt
+    return x
+
+
+def _overflow_limit(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """x [X, V] in place: NaN -> -inf; in a row with +inf entries only the +inf tokens
+    of largest key [X, V] stay, as 0.0 (equally likely), and everything else is -inf."""
+    pos = torch.isposinf(x)  # [X, V]
+    best = key.masked_fill(~pos, _NEG_INF).amax(dim=-1, keepdim=True)  # [X, 1]
+    top = pos & (key == best)  # [X, V]: the +inf tokens that keep the mass
+    overflowed = pos.any(dim=-1, keepdim=True)  # [X, 1]
+    x.masked_fill_(x.isnan() | (overflowed & ~top), _NEG_INF)
+    return x.masked_fill_(top, 0.0)
+
+
 _DRAW_BLOCK = 1024  # vocabulary block size of the two-level inverse-CDF draw
 
 
@@ -336,15 +430,32 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     not depend on the rest of the batch. The CDF is two-level (cumsum over per-block
     sums, then within the chosen block) in float64: accurate for a 150k vocabulary
     without a slow float64 cumsum over every token. Zero-probability tokens are never
-    chosen.
+    chosen. A row whose probabilities are NaN, infinite or sum to zero (which the guard
+    in `sample` should have prevented) takes its argmax instead, NaN counting as 0:
+    never an out-of-range id, and the generator still advances by one.
     """
     u = torch.empty(len(generators), 1, dtype=torch.float64)  # [S, 1]
     for j, gen in enumerate(generators):
         u[j].uniform_(generator=gen)
+    u = u.to(probs.device)
     blocks = _blocked(probs)  # [S, nb, blk]
     block_sums = blocks.sum(dim=-1).to(torch.float64)  # [S, nb]
-    block, rem = _invert(block_sums, u.to(probs.device))  # [S], [S, 1]
-    inner = blocks[torch.arange(blocks.size(0), device=probs.device), block]  # [S, blk]
+    total = block_sums.sum(dim=-1)  # [S]
+    ok = torch.isfinite(total) & (total > 0)  # [S]
+    if bool(ok.all()):
+        return _draw_blocks(blocks, block_sums, u)
+    ids = probs.nan_to_num(nan=0.0).argmax(dim=-1)  # [S]: the fallback, for the bad rows
+    good = ok.nonzero().squeeze(1)  # [G]
+    if good.numel():
+        ids[good] = _draw_blocks(blocks[good], block_sums[good], u[good])
+    return ids
+
+
+def _draw_blocks(blocks: torch.Tensor, block_sums: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The two-level inverse CDF: blocks [S, nb, blk], block_sums [S, nb] (positive total,
+    float64), u [S, 1] uniforms -> ids [S]."""
+    block, rem = _invert(block_sums, u)  # [S], [S, 1]
+    inner = blocks[torch.arange(blocks.size(0), device=blocks.device), block]  # [S, blk]
     offset, _ = _invert(inner.to(torch.float64), rem / block_sums.gather(1, block[:, None]))
     return block * blocks.size(2) + offset
 

@@ -395,3 +395,116 @@ def test_row_chunking_gives_identical_results(monkeypatch: pytest.MonkeyPatch) -
     chunked = _run(x, params, hists, top_n=3)
     for name in ("next_ids", "logprobs", "top_ids", "top_logprobs"):
         assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+
+
+# ---------------------------------------------------------------- numerical guard
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _assert_as_alone(out: SampleOutput, x, params, hists, rows, top_n: int) -> None:
+    """Rows `rows` of a batch output equal each row sampled alone (fresh samplers, same seed)."""
+    for i in rows:
+        alone = _run(x[i : i + 1], [params[i]], [hists[i]], top_n=top_n)
+        assert int(out.next_ids[i]) == int(alone.next_ids[0]), i
+        assert torch.equal(out.logprobs[i], alone.logprobs[0]), i
+        assert torch.equal(out.top_ids[i], alone.top_ids[0]), i
+        assert torch.equal(out.top_logprobs[i], alone.top_logprobs[0]), i
+
+
+def _assert_no_nan(out: SampleOutput, rows=None) -> None:
+    rows = slice(None) if rows is None else list(rows)
+    assert not out.logprobs[rows].isnan().any()
+    assert not out.top_logprobs[rows].isnan().any()
+
+
+@pytest.mark.parametrize("negative", [False, True])  # all-negative row: overflows to -inf
+@pytest.mark.parametrize("warpers", [{}, {"top_k": 50, "top_p": 0.9, "typical_p": 0.9}])
+def test_tiny_temperature_takes_the_argmax_and_spares_the_batch(negative, warpers) -> None:
+    params = [
+        SamplingParams(),
+        SamplingParams(do_sample=True, seed=7, top_p=0.9),
+        SamplingParams(temperature=1e-38, do_sample=True, seed=8, **warpers),
+    ]
+    x = _logits(3)
+    if negative:
+        x[2] = -x[2].abs() - 4.0  # even its max / 1e-38 is -inf
+    hists = [[], [], []]
+    x_before = x.clone()
+    out = _run(x, params, hists, top_n=5)
+    _assert_as_alone(out, x, params, hists, rows=(0, 1), top_n=5)
+    assert int(out.next_ids[2]) == int(x[2].argmax())  # the limit of temperature -> 0
+    assert float(out.logprobs[2]) == 0.0
+    assert out.top_ids[2, 0] == out.next_ids[2] and (out.top_logprobs[2, 1:] == -INF).all()
+    _assert_no_nan(out)
+    assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_tiny_repetition_penalty_takes_the_best_overflowed_token(do_sample: bool) -> None:
+    x = _logits(3)
+    best, second = x[2].topk(2).indices.tolist()
+    assert float(x[2, second]) > 3.5  # / 1e-38 overflows too: the logits break the tie
+    params = [
+        SamplingParams(),
+        SamplingParams(do_sample=True, seed=7, repetition_penalty=1.3),
+        SamplingParams(repetition_penalty=1e-38, do_sample=do_sample, seed=9),
+    ]
+    hists = [[], [1, 2, 3], [second, int(x[2].argmin()), best, 5]]
+    out = _run(x, params, hists, top_n=5)
+    _assert_as_alone(out, x, params, hists, rows=(0, 1), top_n=5)
+    assert int(out.next_ids[2]) == best
+    assert float(out.logprobs[2]) == 0.0
+    _assert_no_nan(out)
+
+
+def test_nan_and_inf_logits_rows_spare_the_batch() -> None:
+    """Simulated model failures: NaN entries -> -inf, +inf entries share the mass."""
+    params = [
+        SamplingParams(),
+        SamplingParams(do_sample=True, seed=7, top_k=20),
+        SamplingParams(do_sample=True, seed=8, top_p=0.9),  # some NaN
+        SamplingParams(temperature=0.5, seed=9),  # all NaN: uniform
+        SamplingParams(repetition_penalty=1.2),  # greedy, penalized, some NaN
+        SamplingParams(do_sample=True, seed=10, top_k=5),  # two +inf and a NaN
+        SamplingParams(),  # untouched greedy, all NaN: not guarded, still in range
+    ]
+    hists = [[], [], [4], [], [5, 6], [], []]
+    x = _logits(len(params))
+    x[2, ::3] = NAN
+    x[3] = NAN
+    x[4, 5::7] = NAN
+    x[5, [10, 20]] = INF
+    x[5, 30] = NAN
+    x[6] = NAN
+    x_before = x.clone()
+    out = _run(x, params, hists, top_n=5)
+    assert ((out.next_ids >= 0) & (out.next_ids < V)).all()
+    _assert_as_alone(out, x, params, hists, rows=(0, 1), top_n=5)
+    cleaned = x.nan_to_num(nan=-INF, posinf=INF)  # what rows 2 and 4 must be sampled from
+    _assert_as_alone(out, cleaned, params, hists, rows=(2, 4), top_n=5)
+    torch.testing.assert_close(out.logprobs[3], torch.tensor(-float(torch.tensor(V).log())))
+    assert int(out.next_ids[5]) in (10, 20)
+    torch.testing.assert_close(out.logprobs[5], torch.tensor(0.5).log())
+    _assert_no_nan(out, rows=range(6))
+    assert torch.equal(x.nan_to_num(), x_before.nan_to_num()), "logits must not change"
+
+
+def test_draw_never_returns_out_of_range_ids() -> None:
+    from shard.sampler import _draw
+
+    v = 1500  # two draw blocks, the second padded
+    probs = torch.softmax(_logits(4, v=v), -1)
+    probs[0] = NAN
+    probs[1] = 0.0
+    probs[2] = 0.0
+    probs[2, 700], probs[2, 1200] = 0.3, NAN
+    gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    ids = _draw(probs, gens)
+    assert ids.tolist()[:3] == [0, 0, 700]  # argmax, NaN counting as 0
+    alone = _draw(probs[3:], [torch.Generator().manual_seed(3)])
+    assert int(ids[3]) == int(alone[0])
+    # every generator advanced by exactly one uniform, drawn or not
+    fresh = torch.Generator().manual_seed(0)
+    torch.empty(1, dtype=torch.float64).uniform_(generator=fresh)
+    assert torch.equal(torch.rand(2, generator=gens[0]), torch.rand(2, generator=fresh))
