@@ -101,7 +101,7 @@ class Launcher:
 
 @pytest.fixture(scope="session")
 def launcher():
-    handle = Launcher("main", "--max-concurrent-requests", "20")
+    handle = Launcher("main", "--max-concurrent-requests", "20", "--enable-prefill-logprobs")
     yield handle
     handle.stop()
 

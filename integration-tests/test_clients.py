@@ -36,17 +36,25 @@ def test_text_generation_client(launcher, expected_greedy, tokenizer):
     assert tokens == expected_greedy[prompt]
 
 
-def test_text_generation_async_client_and_stop(launcher, expected_greedy):
+def until_stop(tokenizer, ids: list[int], stop: str) -> str:
+    """The greedy text up to the token that completes `stop` (TGI keeps that whole token)."""
+    for k in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:k], skip_special_tokens=True)
+        if stop in text:
+            return text
+    raise AssertionError(f"{stop!r} is not in the greedy answer")
+
+
+def test_text_generation_async_client_and_stop(launcher, expected_greedy, tokenizer):
     from text_generation import AsyncClient
 
     async def main():
         client = AsyncClient(launcher.url, timeout=120)
         prompt = PROMPTS[0]
+        expected = until_stop(tokenizer, expected_greedy[prompt], "Paris")
         response = await client.generate(prompt, max_new_tokens=32, stop_sequences=["Paris"])
-        assert response.details.finish_reason.value in ("stop_sequence", "length", "eos_token")
-        if "Paris" in response.generated_text:
-            assert response.details.finish_reason.value == "stop_sequence"
-            assert response.generated_text.endswith("Paris")
+        assert response.details.finish_reason.value == "stop_sequence"
+        assert response.generated_text == expected
         tokens = [r.token.id async for r in client.generate_stream(PROMPTS[1], max_new_tokens=32)]
         assert tokens == expected_greedy[PROMPTS[1]]
 
@@ -128,4 +136,10 @@ def test_inference_client_all_generate_parameters(launcher, tokenizer):
         stop=["\n\n"],
     )
     assert sampled.details.seed == 5
-    assert sampled.details.finish_reason in ("length", "eos_token", "stop_sequence")
+    finish, tokens = sampled.details.finish_reason, sampled.details.tokens
+    if finish == "stop_sequence":
+        assert "\n\n" in sampled.generated_text
+    elif finish == "eos_token":
+        assert tokens[-1].id == tokenizer.eos_token_id and len(tokens) <= 6
+    else:
+        assert finish == "length" and len(tokens) == 6 and "\n\n" not in sampled.generated_text

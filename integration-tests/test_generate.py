@@ -29,7 +29,8 @@ def test_generate_greedy_matches_transformers(launcher, expected_greedy, tokeniz
         ids = [t["id"] for t in out["details"]["tokens"]]
         assert ids == expected_greedy[prompt], prompt
         assert out["generated_text"] == tokenizer.decode(ids, skip_special_tokens=True)
-        assert out["details"]["finish_reason"] in ("length", "eos_token")
+        ended_by_eos = ids[-1] == tokenizer.eos_token_id
+        assert out["details"]["finish_reason"] == ("eos_token" if ended_by_eos else "length")
         assert out["details"]["generated_tokens"] == len(ids)
         assert out["details"]["seed"] is None and out["details"]["prefill"] == []
         assert int(response.headers["x-generated-tokens"]) == len(ids)

@@ -41,7 +41,8 @@ def test_openai_chat_greedy_matches_transformers(launcher, expected_chat, tokeni
     )
     expected = tokenizer.decode(expected_chat, skip_special_tokens=True)
     assert out.choices[0].message.content == expected
-    assert out.choices[0].finish_reason in ("stop", "length")
+    ended_by_eos = expected_chat[-1] == tokenizer.eos_token_id
+    assert out.choices[0].finish_reason == ("stop" if ended_by_eos else "length")
     assert out.usage.completion_tokens == len(expected_chat)
     chunks = list(
         client.chat.completions.create(

@@ -1,3 +1,4 @@
 from router.cli import app
 
-app()
+if __name__ == "__main__":  # not when a tokenization worker process imports it
+    app()

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from router.batching.batcher import Batcher
 from router.batching.block_allocator import BlockAllocator
@@ -23,6 +22,7 @@ from router.http.server import HttpServer
 from router.http.state import AppState
 from router.metrics import Metrics
 from router.text.tokenizer import Tokenizer
+from router.text.workers import start_workers, warm_up
 from router.validation.validator import Validation
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,7 @@ def build_state(
         config.waiting_served_ratio,
         config.max_waiting_tokens,
     )
-    executor = ThreadPoolExecutor(config.validation_workers, thread_name_prefix="tokenizer")
-    validation = Validation(config, tokenizer, executor)
+    validation = Validation(config, tokenizer, start_workers(config.validation_workers))
     infer = Infer(queue, tokenizer, config.max_concurrent_requests, config.max_total_tokens)
     liveness_id = next(iter(sorted(tokenizer.eos_token_ids)), 0)
     metrics = Metrics(config)
@@ -107,6 +106,7 @@ async def run(config: RouterConfig, client: ShardClient, info: ShardInfo, stop: 
     batcher_task = asyncio.create_task(batcher.run(), name="batcher")
     http = HttpServer(state)
     try:
+        await warm_up(state.validation.executor, state.tokenizer, config.validation_workers)
         await http.start()
         await _wait_for_stop_or_crash(stop, batcher_task)
         await http.drain(config.graceful_shutdown_timeout)

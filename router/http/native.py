@@ -85,23 +85,26 @@ async def stream(
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    """Token ids and character offsets of `inputs`, computed off the event loop under a
-    permit like any other request."""
+    """Token ids and character offsets of `inputs`, under a permit like any other request."""
     state = app_state(request)
     parsed = parse_generate_request(await read_json(request))
     if not parsed.inputs:
         raise ValidationError("`inputs` cannot be empty")
+    return await tokenize_response(state, parsed.inputs, add_special_tokens=True)
+
+
+async def tokenize_response(state: AppState, text: str, add_special_tokens: bool) -> web.Response:
+    """The pieces of `text` as JSON, made entirely by a validation worker: for a prompt of
+    megabytes the list alone is millions of objects, which must not be built in this process
+    (it would stall the event loop)."""
     permit = state.infer.acquire()
     try:
-        encode = partial(state.tokenizer.encode_with_offsets, parsed.inputs, True)
+        build = partial(state.tokenizer.pieces_json, text, add_special_tokens)
         loop = asyncio.get_running_loop()
-        pieces = await loop.run_in_executor(state.validation.executor, encode)
+        body = await loop.run_in_executor(state.validation.executor, build)
     finally:
         permit.release()
-    text = parsed.inputs
-    return json_response(
-        [{"id": i, "text": text[a:b], "start": a, "stop": b} for i, (a, b) in pieces]
-    )
+    return web.Response(text=body, content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:

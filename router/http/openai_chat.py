@@ -24,7 +24,8 @@ from aiohttp import web
 from router.batching.events import EndEvent, ErrorEvent, Event, PrefillEvent, Token
 from router.errors import BodyError, TemplateError, ToolError, ValidationError
 from router.http.generation import Completion, GenerationStream, Options, generate
-from router.http.jsonio import json_response, read_json
+from router.http.jsonio import dumps, json_response, read_json
+from router.http.native import tokenize_response
 from router.http.openai_common import (
     COMMON_FIELDS,
     DONE,
@@ -290,7 +291,6 @@ async def chat_tokenize(request: web.Request) -> web.Response:
     state = app_state(request)
     chat = parse_chat_request(await read_json(request))
     text = await render(state, chat.messages)
-    encode = partial(state.tokenizer.encode_with_offsets, text, add_special_tokens=False)
-    pieces = await asyncio.get_running_loop().run_in_executor(state.validation.executor, encode)
-    tokens = [{"id": i, "text": text[a:b], "start": a, "stop": b} for i, (a, b) in pieces]
-    return json_response({"tokenize_response": tokens, "templated_text": text})
+    pieces = await tokenize_response(state, text, add_special_tokens=False)
+    body = f'{{"tokenize_response":{pieces.text},"templated_text":{dumps(text)}}}'
+    return web.Response(text=body, content_type="application/json")

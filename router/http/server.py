@@ -1,15 +1,23 @@
 """The HTTP server's life: listen, then drain on shutdown the way hyper's graceful shutdown
-does in TGI. Draining stops listening, closes idle keep-alive connections at once and every
-other connection after its current response (no new request is served), and waits for the
-requests in flight to end, up to a deadline, while the batching loop still runs."""
+does in TGI: stop listening, close idle keep-alive connections, let every request in flight
+finish (one still uploading its body included) and close its connection after the response,
+answer 503 to a request that still arrives on an open connection, and wait for the last
+handler, up to a deadline, while the batching loop still runs.
+
+aiohttp's own `pre_shutdown` is not used for this: once it closes a connection, the server
+ignores the rest of a request body still on its way, so that request could never finish.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import Counter
 
 from aiohttp import web
 
 from router.http.app import make_app
+from router.http.middleware import Handler
 from router.http.state import AppState
 
 log = logging.getLogger(__name__)
@@ -18,8 +26,37 @@ log = logging.getLogger(__name__)
 class HttpServer:
     def __init__(self, state: AppState):
         self.state = state
-        self.runner = web.AppRunner(make_app(state), handler_cancellation=True, access_log=None)
+        app = make_app(state)
+        app.middlewares.insert(0, self._track)
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         self.site: web.TCPSite | None = None
+        self.draining = False
+        self.busy: Counter = Counter()  # connection (aiohttp's protocol) -> requests in flight
+        self.idle = asyncio.Event()  # set when no request is in flight
+        self.idle.set()
+
+    @web.middleware
+    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.draining:
+            response = web.json_response(
+                {"error": "the server is shutting down", "error_type": "unavailable"}, status=503
+            )
+            response.force_close()
+            return response
+        connection = request.protocol
+        self.busy[connection] += 1
+        self.idle.clear()
+        try:
+            response = await handler(request)
+            if self.draining and not response.prepared:
+                response.force_close()  # no next request on this connection
+            return response
+        finally:
+            self.busy[connection] -= 1
+            if not self.busy[connection]:
+                del self.busy[connection]
+            if not self.busy:
+                self.idle.set()
 
     async def start(self) -> None:
         config = self.state.config
@@ -30,14 +67,18 @@ class HttpServer:
 
     async def drain(self, timeout: float) -> None:
         """Serves no new request and waits (at most `timeout` s) for those in flight."""
-        server = self.runner.server
-        if server is None:
-            return
-        log.info("shutting down: %d connections open", len(server.connections))
+        self.draining = True
+        log.info("shutting down: %d requests in flight", sum(self.busy.values()))
         if self.site is not None:
             await self.site.stop()  # no new connection
-        server.pre_shutdown()  # idle keep-alive connections close; busy ones after this response
-        await server.shutdown(timeout)  # waits for the handlers; cancels them past the deadline
+        server = self.runner.server
+        for connection in server.connections if server is not None else ():
+            if connection not in self.busy:
+                connection.force_close()  # idle keep-alive: closed now
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout)
+        except TimeoutError:
+            log.warning("graceful timeout: %d requests still in flight", sum(self.busy.values()))
 
     async def close(self) -> None:
         await self.runner.cleanup()

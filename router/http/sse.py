@@ -107,6 +107,7 @@ async def _with_keep_alive(events: AsyncIterator[T], stream: EventStream) -> Asy
             except StopAsyncIteration:
                 return
         finally:
-            if not next_event.done():
-                next_event.cancel()
+            if not next_event.done():  # we are cancelled: stop the generator's step first,
+                next_event.cancel()  # so that closing the generator finds it idle
+                await asyncio.wait({next_event})
         yield event

@@ -82,7 +82,18 @@ class Tokenizer:
             for name in ("generation_config.json", "config.json")
             for i in _as_ids(_read_json(path / name).get("eos_token_id"))
         ]
-        return cls(tokenizer, config, eos_ids, _load_chat_template(path, config))
+        loaded = cls(tokenizer, config, eos_ids, _load_chat_template(path, config))
+        loaded.path = str(path)
+        return loaded
+
+    path: str | None = None  # the directory it was loaded from
+
+    def __reduce__(self):
+        """Pickled as its directory: a tokenization worker process loads it once and then
+        reuses it (`load_tokenizer`), so sending it with every call costs nothing."""
+        if self.path is None:
+            raise TypeError("only a Tokenizer loaded with from_dir can be sent to a process")
+        return load_tokenizer, (self.path,)
 
     @property
     def bos_token(self) -> str | None:
@@ -104,6 +115,17 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._encode(text, add_special_tokens).ids
 
+    def encode_tail(
+        self, text: str, add_special_tokens: bool, keep: int | None, limit: int
+    ) -> tuple[int, list[int]]:
+        """(number of tokens of `text`, its last `keep` ids, or all without `keep`). The ids
+        are [] when more than `limit` would be kept: the caller refuses such an input on its
+        length, and making a Python list of a million ids holds the GIL for ~50 ms."""
+        encoding = self._encode(text, add_special_tokens)
+        length = len(encoding)
+        kept = length if keep is None else min(length, keep)
+        return length, (encoding.ids[length - kept :] if kept <= limit else [])
+
     def encode_with_offsets(
         self, text: str, add_special_tokens: bool = True
     ) -> list[tuple[int, tuple[int, int]]]:
@@ -115,6 +137,13 @@ class Tokenizer:
         """The batch call with one text: unlike `encode`, it releases the GIL while it works,
         so a long prompt tokenized on a worker thread never stalls the event loop."""
         return self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
+    def pieces_json(self, text: str, add_special_tokens: bool = True) -> str:
+        """/tokenize's answer: `[{"id", "text", "start", "stop"}, ...]` as JSON text."""
+        pieces = self.encode_with_offsets(text, add_special_tokens)
+        return json.dumps(
+            [{"id": i, "text": text[a:b], "start": a, "stop": b} for i, (a, b) in pieces]
+        )
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -147,6 +176,12 @@ class Tokenizer:
         return compile_chat_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables
         )
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer of a directory, loaded once per process."""
+    return Tokenizer.from_dir(path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Protocol
@@ -33,7 +33,9 @@ MIN_DIVISOR = 2.0**-126
 
 
 class Tokenizer(Protocol):
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+    def encode_tail(
+        self, text: str, add_special_tokens: bool, keep: int | None, limit: int
+    ) -> tuple[int, Sequence[int]]: ...
 
 
 class Validation:
@@ -109,16 +111,21 @@ class Validation:
             raise ValidationError(f"`best_of` must be > 0 and <= {max_best_of}. Given: {best_of}")
         return best_of
 
-    async def tokenize(self, inputs: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids, computed in the executor so the event loop never blocks."""
+    async def _encode(
+        self, inputs: str, add_special_tokens: bool, truncate: int | None
+    ) -> tuple[int, Sequence[int]]:
+        """(input length after truncation, its ids), computed in the executor. The ids are not
+        made when the input is too long anyway: for a prompt of megabytes, turning a million
+        ids into Python objects alone would hold the GIL (and stall the event loop) for
+        tens of milliseconds."""
         encode = functools.partial(
-            self.tokenizer.encode, inputs, add_special_tokens=add_special_tokens
-        )  # Tokenizer.encode releases the GIL while it works
+            self.tokenizer.encode_tail, inputs, add_special_tokens, truncate, self.max_input_tokens
+        )
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self.executor, encode)
+            length, ids = await asyncio.get_running_loop().run_in_executor(self.executor, encode)
         except Exception as e:
             raise ValidationError(f"tokenizer error {e}") from e
-        return list(getattr(result, "ids", result))  # a raw `tokenizers.Encoding` works too
+        return (length if truncate is None else min(length, truncate)), ids
 
     def _check_counts(self, p: GenerateParameters, best_of: int) -> tuple[int, int]:
         """Items 8-11: max_new_tokens, stop, seed, top_n_tokens -> (seed, top_n_tokens)."""
@@ -159,8 +166,7 @@ class Validation:
         stop: Iterable[str],
     ) -> tuple[tuple[int, ...], StoppingParameters]:
         """Items 14-16: tokenize, keep the last `truncate` ids, size the first chunk."""
-        ids = await self.tokenize(inputs, add_special_tokens)
-        input_length = len(ids) if truncate is None else min(len(ids), truncate)
+        input_length, ids = await self._encode(inputs, add_special_tokens, truncate)
         if max_new_tokens is None:  # as many as fit; re-scheduled every 1024 tokens
             max_new_tokens = max(self.max_total_tokens - input_length, 0)
         chunk = min(max_new_tokens, DEFAULT_GENERATION_LENGTH)
@@ -179,7 +185,7 @@ class Validation:
         stopping = StoppingParameters(
             max_new_tokens=chunk, max_total_new_tokens=max_new_tokens, stop_sequences=tuple(stop)
         )
-        return tuple(ids[len(ids) - input_length :]), stopping
+        return tuple(ids), stopping
 
 
 def _check_sampling(p: GenerateParameters, best_of: int) -> SamplingParameters:

@@ -21,6 +21,7 @@ from router.config import RouterConfig
 from router.http.app import make_app
 from router.http.state import AppState
 from router.metrics import Metrics
+from router.text.workers import start_workers
 from router.validation.validator import Validation
 from tests.router.fake_shard import FakeShardClient
 
@@ -29,7 +30,12 @@ BLOCK_SIZE = 4
 
 class RouterApp:
     def __init__(
-        self, tokenizer, num_blocks: int = 512, vocab: list[int] | None = None, **config_overrides
+        self,
+        tokenizer,
+        num_blocks: int = 512,
+        vocab: list[int] | None = None,
+        worker_processes: bool = False,  # the router's validation worker processes
+        **config_overrides,
     ):
         defaults = dict(
             max_input_tokens=200,
@@ -54,7 +60,8 @@ class RouterApp:
             1.2,
             20,
         )
-        executor = ThreadPoolExecutor(2)
+        executor = start_workers(2) if worker_processes else ThreadPoolExecutor(2)
+        self.executor = executor
         self.metrics = Metrics()
         self.metrics.watch(self.allocator, self.queue, self.batcher)
         self.state = AppState(
@@ -80,4 +87,5 @@ class RouterApp:
     async def __aexit__(self, *exc) -> None:
         await self.client.close()
         self.task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
         assert self.allocator.free_blocks == self.allocator.total_blocks, "blocks leaked"
