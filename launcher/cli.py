@@ -91,7 +91,7 @@ def main(
     ] = None,
     revision: Annotated[str | None, Opt(envvar="REVISION", help="Hub commit or branch")] = None,
     validation_workers: Annotated[
-        int, Opt(envvar="VALIDATION_WORKERS", help="Tokenizer workers in the router")
+        int, Opt(envvar="VALIDATION_WORKERS", help="Tokenizer worker processes in the router")
     ] = 2,
     sharded: Annotated[
         str | None,

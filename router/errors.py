@@ -34,9 +34,6 @@ class InferError(Exception):
         return {"error": self.message, "error_type": self.error_type}
 
 
-RouterError = InferError  # alias
-
-
 class ValidationError(InferError):
     """A request that breaks a validation rule; `detail` is TGI's inner `ValidationError` text."""
 
@@ -69,26 +66,6 @@ class OverloadedError(InferError):
         super().__init__("Model is overloaded")
 
 
-class IncompleteGenerationError(InferError):
-    """The backend stream ended without an End message (non-streaming routes)."""
-
-    status = 500
-    error_type = "incomplete_generation"
-
-    def __init__(self) -> None:
-        super().__init__("Incomplete generation")
-
-
-class IncompleteGenerationStreamError(InferError):
-    """The backend stream ended without an End message (`/generate_stream`)."""
-
-    status = 500
-    error_type = "incomplete_generation_stream"
-
-    def __init__(self) -> None:
-        super().__init__("Incomplete generation stream")
-
-
 class TemplateError(InferError):
     """The chat template failed to render."""
 
@@ -98,17 +75,6 @@ class TemplateError(InferError):
     def __init__(self, detail: object):
         super().__init__(f"Template error: {detail}")
         self.detail = str(detail)
-
-
-class MissingTemplateVariableError(InferError):
-    """A variable the chat template needs is missing (TGI's text keeps its typo)."""
-
-    status = 422
-    error_type = "missing_template_variable"
-
-    def __init__(self, name: str):
-        super().__init__(f"Missing template vatiable: {name}")
-        self.detail = name
 
 
 class ToolError(InferError):
@@ -126,16 +92,10 @@ class BodyError(InferError):
     """A rejection before the handler runs; answered as `text/plain`, not JSON.
 
     Use the constructors: `json_syntax` (400), `json_data` (422), `missing_json_content_type`
-    (415), `payload_too_large` (413).
+    (415). A body over --payload-limit is answered 413 by aiohttp itself.
     """
 
-    content_type = "text/plain; charset=utf-8"
-    _TYPES: ClassVar[dict[int, str]] = {
-        400: "json_syntax",
-        413: "payload_too_large",
-        415: "content_type",
-        422: "json_data",
-    }
+    _TYPES: ClassVar[dict[int, str]] = {400: "json_syntax", 415: "content_type", 422: "json_data"}
 
     def __init__(self, status: int, text: str):
         super().__init__(text, status=status, error_type=self._TYPES.get(status, "body"))
@@ -151,7 +111,3 @@ class BodyError(InferError):
     @classmethod
     def missing_json_content_type(cls) -> BodyError:
         return cls(415, "Expected request with `Content-Type: application/json`")
-
-    @classmethod
-    def payload_too_large(cls) -> BodyError:
-        return cls(413, "Failed to buffer the request body: length limit exceeded")

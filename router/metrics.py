@@ -57,10 +57,7 @@ FAILURE_LABELS = {
     "validation": "validation",
     "overloaded": "overloaded",
     "generation": "generation",
-    "incomplete_generation": "incomplete",
-    "incomplete_generation_stream": "incomplete",
     "template_error": "template",
-    "missing_template_variable": "template",
 }
 ERR_LABELS = ("validation", "overloaded", "generation", "dropped", "incomplete")
 METHODS = ("prefill", "decode")

@@ -7,6 +7,7 @@ process exits."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -107,6 +108,9 @@ async def run(config: RouterConfig, client: ShardClient, info: ShardInfo, stop: 
     http = HttpServer(state)
     try:
         await warm_up(state.validation.executor, state.tokenizer, config.validation_workers)
+        # What start-up made (tokenizer, templates, modules) lives forever: keep the cyclic GC
+        # from scanning it, or a full collection pauses every stream (as vLLM does).
+        gc.freeze()
         await http.start()
         await _wait_for_stop_or_crash(stop, batcher_task)
         await http.drain(config.graceful_shutdown_timeout)

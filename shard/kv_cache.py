@@ -50,10 +50,6 @@ class KVCache:
     def __getitem__(self, layer: int) -> LayerKV:
         return self.layers[layer]
 
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
-
     @staticmethod
     def bytes_per_block(
         num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype

@@ -33,8 +33,9 @@ class Decoder(Protocol):
 class IncrementalDetokenizer:
     """Turns generated ids, one at a time, into the text each one adds.
 
-    The concatenation of every `step` output (plus `flush()`) equals
-    `tokenizer.decode(generated_ids, skip_special_tokens=...)` for byte-level tokenizers.
+    The concatenation of every `step` output equals
+    `tokenizer.decode(generated_ids, skip_special_tokens=...)` for byte-level tokenizers, once
+    no incomplete character is pending (the final text is decoded whole anyway).
     """
 
     def __init__(
@@ -53,10 +54,6 @@ class IncrementalDetokenizer:
         """Appends one id; returns the text it completes ("" while a character is partial)."""
         self._window.append(token_id)
         return self._emit(force=self.num_pending >= MAX_PENDING_TOKENS)
-
-    def flush(self) -> str:
-        """The text of pending ids (possibly ending in "\ufffd"); call once the sequence ends."""
-        return self._emit(force=True) if self.num_pending else ""
 
     @property
     def num_pending(self) -> int:
