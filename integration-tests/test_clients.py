@@ -50,9 +50,10 @@ def test_text_generation_async_client_and_stop(launcher, expected_greedy, tokeni
 
     async def main():
         client = AsyncClient(launcher.url, timeout=120)
-        prompt = PROMPTS[0]
-        expected = until_stop(tokenizer, expected_greedy[prompt], "Paris")
-        response = await client.generate(prompt, max_new_tokens=32, stop_sequences=["Paris"])
+        prompt = max(PROMPTS, key=lambda p: len(expected_greedy[p]))
+        stop = tokenizer.decode(expected_greedy[prompt][4:6])  # in the answer, by construction
+        expected = until_stop(tokenizer, expected_greedy[prompt], stop)
+        response = await client.generate(prompt, max_new_tokens=32, stop_sequences=[stop])
         assert response.details.finish_reason.value == "stop_sequence"
         assert response.generated_text == expected
         tokens = [r.token.id async for r in client.generate_stream(PROMPTS[1], max_new_tokens=32)]

@@ -23,7 +23,7 @@ from router.http.server import HttpServer
 from router.http.state import AppState
 from router.metrics import Metrics
 from router.text.tokenizer import Tokenizer
-from router.text.workers import start_workers, warm_up
+from router.text.workers import start_workers, stop_workers, warm_up
 from router.validation.validator import Validation
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ async def connect_shards(config: RouterConfig) -> tuple[ShardClient, RouterConfi
     info = await client.info()
     start = time.monotonic()
     answer = await client.warmup(
-        max_input_tokens=config.max_input_tokens or config.max_batch_prefill_tokens,
+        max_input_tokens=config.max_input_tokens,
         max_prefill_tokens=config.max_batch_prefill_tokens,
         max_total_tokens=config.max_total_tokens,
         max_batch_size=config.max_batch_size,
@@ -118,7 +118,7 @@ async def run(config: RouterConfig, client: ShardClient, info: ShardInfo, stop: 
         batcher_task.cancel()
         await asyncio.gather(batcher_task, return_exceptions=True)
         await http.close()
-        state.validation.executor.shutdown(wait=False, cancel_futures=True)
+        stop_workers(state.validation.executor)
 
 
 async def _wait_for_stop_or_crash(stop: asyncio.Event, batcher_task: asyncio.Task) -> None:

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import signal
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from common.logs import setup_logging
+from common.parent import exit_with_parent
 
 app = typer.Typer(add_completion=False, help=__doc__)
-
-
-def exit_with_parent() -> None:
-    """Asks Linux to send SIGTERM to this process when its parent (the launcher) dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @app.callback()

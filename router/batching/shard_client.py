@@ -159,14 +159,16 @@ class ShardClient:
 
     async def warmup(
         self,
-        max_input_tokens: int,
+        max_input_tokens: int | None,
         max_prefill_tokens: int,
         max_total_tokens: int | None,
         max_batch_size: int | None,
     ) -> WarmupResult:
-        """The most constrained answer over the ranks."""
+        """The most constrained answer over the ranks. Limits left None are the shards' to
+        choose (from the model and the KV cache)."""
+        longest = max_input_tokens or max_prefill_tokens
         request = pb.WarmupRequest(
-            batch=_warmup_batch(max_input_tokens, max_prefill_tokens, max_batch_size),
+            batch=_warmup_batch(longest, max_prefill_tokens, max_batch_size),
             max_input_tokens=max_input_tokens,
             max_prefill_tokens=max_prefill_tokens,
             max_total_tokens=max_total_tokens,

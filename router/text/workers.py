@@ -13,13 +13,28 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import resource_tracker
 
+from common.parent import exit_with_parent
 from router.text.tokenizer import Tokenizer
 
 
 def start_workers(count: int) -> ProcessPoolExecutor:
-    # spawn, not fork: the router runs threads (asyncio, gRPC) that a fork would copy mid-state
-    return ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+    """`count` worker processes, started on first use; each ends with the router, however the
+    router ends. Spawned, not forked: the router runs threads (asyncio, gRPC) that a fork
+    would copy mid-state."""
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(count, mp_context=context, initializer=exit_with_parent)
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Ends the workers, then multiprocessing's resource tracker (a helper process that spawn
+    starts), so that no process outlives the router. The tracker has no public stop: without
+    this it ends on its own a moment after the router, which a supervisor sees as a leftover."""
+    pool.shutdown(wait=True, cancel_futures=True)
+    tracker = resource_tracker._resource_tracker
+    if hasattr(tracker, "_stop"):
+        tracker._stop()
 
 
 async def warm_up(pool: ProcessPoolExecutor, tokenizer: Tokenizer, count: int) -> None:
