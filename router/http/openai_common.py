@@ -7,8 +7,8 @@
   GET  /v1/models             the served model as an OpenAI model list (here)
 
 This module holds what the routes share: the request fields they have in common and how they
-map to TGI's GenerateParameters, the response envelope, in-band stream errors and admission
-permits. The mapping follows TGI's: `temperature: 0` is greedy, any other temperature (or none)
+map to TGI's GenerateParameters, the response envelope and in-band stream errors; admission,
+validation and metrics are the one path of generation.py. The mapping follows TGI's: `temperature: 0` is greedy, any other temperature (or none)
 samples; `presence_penalty` p becomes `repetition_penalty` p + 2.0; `max_tokens` (alias
 `max_completion_tokens`) is `max_new_tokens` (absent: as many as fit, as on /generate).
 Where TGI answers 422 to what OpenAI clients commonly send, we are lenient: `top_p: 1` means
