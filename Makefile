@@ -41,11 +41,12 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check common shard router launcher tests integration-tests scripts
-	$(PY) -m ruff format --check common shard router launcher tests integration-tests scripts
+	$(PY) -m ruff check common shard router launcher benchmark tests integration-tests scripts
+	$(PY) -m ruff format --check common shard router launcher benchmark tests integration-tests scripts
 
+# This server beside the naive transformers baseline and llama-server (when built), in one run.
 bench: install
-	$(PY) scripts/bench_shard.py
+	$(PY) -m benchmark $(ARGS)
 
 clean:
 	rm -rf $(VENV) pb .pytest_cache

@@ -8,9 +8,10 @@
 
 This module holds what the routes share: the request fields they have in common and how they
 map to TGI's GenerateParameters, the response envelope and in-band stream errors; admission,
-validation and metrics are the one path of generation.py. The mapping follows TGI's: `temperature: 0` is greedy, any other temperature (or none)
-samples; `presence_penalty` p becomes `repetition_penalty` p + 2.0; `max_tokens` (alias
-`max_completion_tokens`) is `max_new_tokens` (absent: as many as fit, as on /generate).
+validation and metrics are the one path of generation.py. The mapping follows TGI's:
+`temperature: 0` is greedy, any other temperature (or none) samples; `presence_penalty` p
+becomes `repetition_penalty` p + 2.0; `max_tokens` (alias `max_completion_tokens`) is
+`max_new_tokens` (absent: as many as fit, as on /generate).
 Where TGI answers 422 to what OpenAI clients commonly send, we are lenient: `top_p: 1` means
 "no top-p", any integer seed is taken modulo 2**64, `user` and `logit_bias` are ignored.
 `n` other than 1 is a 422 (one choice per request). `model` can be any string; responses carry
@@ -110,6 +111,7 @@ COMMON_FIELDS: dict[str, Converter] = {
     "n": optional(integer("u32", 0, U32_MAX)),
     "user": _ignored,
     "logit_bias": _ignored,
+    "ignore_eos": optional(boolean),  # vLLM's extension, for benchmarks
 }
 
 
@@ -160,6 +162,7 @@ def generate_parameters(
         seed=fields["seed"],
         top_n_tokens=top_n_tokens,
         grammar=grammar,
+        ignore_eos=bool(fields["ignore_eos"]),
     )
 
 

@@ -56,6 +56,7 @@ def sampling_properties() -> dict[str, Schema]:
         "n": nullable(integer(None)),
         "user": nullable(string()),
         "logit_bias": nullable({"type": ["object", "array"]}),
+        "ignore_eos": nullable(boolean(description="vLLM's extension: generate past EOS.")),
     }
 
 

@@ -126,6 +126,10 @@ def generate_parameters(checked: bool = True) -> Schema:
             "top_n_tokens": field(U32, "<= max_top_n_tokens."),
             "grammar": grammar,
             "adapter_id": nullable(string()),
+            "ignore_eos": boolean(
+                default=False,
+                description="Not TGI's: keep generating past EOS (for benchmarks).",
+            ),
         },
         closed=False,
     )

@@ -62,6 +62,7 @@ class GenerateParameters:
     top_n_tokens: int | None = None
     grammar: Grammar | None = None
     adapter_id: str | None = None
+    ignore_eos: bool = False  # not TGI's: generate past EOS, for benchmarks (as vLLM's)
 
 
 @dataclass(frozen=True)
@@ -165,4 +166,5 @@ _PARAMETER_TYPES: dict[str, Converter] = {
     "top_n_tokens": optional(integer("u32", 0, U32_MAX)),
     "grammar": optional(_grammar),
     "adapter_id": optional(string),
+    "ignore_eos": boolean,
 }

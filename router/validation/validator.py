@@ -68,6 +68,7 @@ class Validation:
         input_ids, stopping = await self._fit_input(  # 14-16
             request.inputs, add_special_tokens, truncate, p.max_new_tokens, p.stop
         )
+        stopping = replace(stopping, ignore_eos_token=p.ignore_eos)
         if p.grammar is not None:  # 17
             raise ValidationError("grammar is not supported")
         return_full_text = p.return_full_text

@@ -116,3 +116,21 @@ def test_prompt_logprobs_follow_enable_prefill_logprobs(tokenizer, enabled):
             assert [r.prefill_logprobs for r in sent] == [enabled]
 
     run(main())
+
+
+def test_ignore_eos_generates_past_eos_on_every_dialect(tokenizer):
+    """`ignore_eos` (vLLM's extension; for benchmarks) reaches the shard as ignore_eos_token."""
+
+    async def main():
+        async with RouterApp(tokenizer) as app:
+            params = {"max_new_tokens": 2, "ignore_eos": True}
+            body = {"inputs": "Hello", "parameters": params}
+            assert (await app.client.post("/generate", json=body)).status == 200
+            chat = {**CHAT, "ignore_eos": True}
+            assert (await app.client.post("/v1/chat/completions", json=chat)).status == 200
+            body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+            assert (await app.client.post("/generate", json=body)).status == 200
+            sent = [r.stopping_parameters.ignore_eos_token for r in app.shard.requests.values()]
+            assert sent == [True, True, False]
+
+    run(main())

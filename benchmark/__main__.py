@@ -1,0 +1,183 @@
+"""`python -m benchmark` (`make bench`): this server beside the naive transformers baseline and
+llama.cpp's llama-server, on the same model and the same machine, in one run.
+
+Every server gets the same chat-formatted prompts and generates exactly `--max-new-tokens`
+tokens per request (`ignore_eos`), from closed-loop clients at each concurrency. The table
+gives total generated tokens/s, then TTFT and TPOT, then each of our configurations' ratio to
+llama-server and to the baseline. This machine is shared and noisy: compare ratios from one
+run, never absolute figures across runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from benchmark.loadgen import Load, Report, run_load
+from benchmark.servers import Running, ServerSpec, llama_server, naive, ours
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in one paragraph.",
+    "List three prime numbers greater than 100.",
+    "Translate 'good morning' into Spanish and German.",
+    "Give me a short recipe for pancakes.",
+    "Why is the sky blue?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+]
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def cpu_description() -> str:
+    model, flags = "unknown CPU", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name") and model == "unknown CPU":
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    present = [f for f in SIMD_FLAGS if f in flags]
+    return f"{model}; {len(present) and ' '.join(present) or 'no AVX2'}"
+
+
+def chat_prompts(model_dir: Path) -> list[str]:
+    """The prompts in the model's chat template, as raw text every server takes as is."""
+    from router.text.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in PROMPTS
+    ]
+
+
+def measure(
+    spec: ServerSpec,
+    streams: list[int],
+    per_stream: int,
+    max_new: int,
+    prompts: list[str],
+    log_dir: Path,
+) -> dict[int, Report]:
+    reports: dict[int, Report] = {}
+    print(f"starting {spec.name} ...", file=sys.stderr)
+    server = Running(spec, log_dir)
+    try:
+        for n in streams:
+            load = Load(n, max(n * per_stream, 2), max_new, spec.dialect)
+            with tqdm(
+                total=load.requests, desc=f"{spec.name} @ {n}", file=sys.stderr, leave=False
+            ) as bar:
+                reports[n] = asyncio.run(
+                    run_load(server.url, load, prompts, lambda done, total: bar.update(1))
+                )
+            r = reports[n]
+            print(
+                f"  {n:>2} streams: {r.tokens_per_second:7.1f} tok/s, {r.errors} errors",
+                file=sys.stderr,
+            )
+    finally:
+        server.stop()
+    return reports
+
+
+def table(
+    results: dict[str, dict[int, Report]],
+    streams: list[int],
+    ours_names: list[str],
+    llama: str | None,
+    baseline: str | None,
+) -> str:
+    head = "| server | " + " | ".join(f"{n} stream{'s' * (n > 1)}" for n in streams)
+    ttft_at = 16 if 16 in streams else streams[-1]
+    lines = [head + f" | TTFT p50 @{ttft_at} | TPOT p50 @{ttft_at} |"]
+    lines.append("|---" * (len(streams) + 3) + "|")
+    for name, reports in results.items():
+        cells = [f"{reports[n].tokens_per_second:.1f}" if n in reports else "—" for n in streams]
+        last = reports.get(ttft_at)
+        ttft = f"{last.summary()['ttft_p50']:.2f} s" if last else "—"
+        tpot = f"{last.summary()['tpot_p50'] * 1000:.0f} ms" if last else "—"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ttft} | {tpot} |")
+    for reference in (r for r in (llama, baseline) if r is not None):
+        for name in ours_names:
+            ratios = []
+            for n in streams:
+                ref, own = results[reference].get(n), results[name].get(n)
+                ok = ref and own and ref.tokens_per_second
+                ratios.append(
+                    f"{own.tokens_per_second / ref.tokens_per_second:.2f}×" if ok else "—"
+                )
+            lines.append(f"| {name} ÷ {reference} | " + " | ".join(ratios) + " | | |")
+    return "\n".join(lines)
+
+
+@app.command()
+def main(
+    model_id: str = typer.Option(
+        "", help="A local model directory (default: the embedded SmolLM2)"
+    ),
+    gguf: str = typer.Option("", help="The GGUF llama-server serves (default: the embedded one)"),
+    ours_args: list[str] = typer.Option(
+        ["--dtype float32", "--dtype bfloat16"],
+        "--ours",
+        help="Launcher flags of one configuration of this server (repeatable)",
+    ),
+    streams: str = typer.Option("1,4,16,32", help="Concurrency levels"),
+    per_stream: int = typer.Option(3, help="Requests per client at each level"),
+    max_new_tokens: int = typer.Option(128),
+    llama_server_bin: str = typer.Option(
+        str(Path.home() / ".cache/llama-server/llama-server"),
+        "--llama-server",
+        help="llama-server binary (../shared/tools/build-llama-server.sh builds it); "
+        "skipped when absent",
+    ),
+    baseline: bool = typer.Option(True, help="Run the naive transformers baseline"),
+    baseline_streams: str = typer.Option("1", help="Its concurrency levels (it serializes)"),
+    baseline_dtype: str = typer.Option("bfloat16"),
+) -> None:
+    """Runs every server at every concurrency and prints the table."""
+    from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
+
+    gguf_path = gguf or str(default_gguf_path())
+    model_dir = Path(model_id) if model_id else ensure_converted(gguf_path, default_cache_dir())
+    levels = [int(n) for n in streams.split(",")]
+    prompts = chat_prompts(model_dir)
+    specs: list[tuple[ServerSpec, list[int]]] = [(ours(a), levels) for a in ours_args]
+    llama_name = baseline_name = None
+    if Path(llama_server_bin).exists():
+        spec = llama_server(llama_server_bin, gguf_path, max(levels), max(levels) * 512)
+        specs.append((spec, levels))
+        llama_name = spec.name
+    else:
+        print(f"no llama-server at {llama_server_bin}: skipped", file=sys.stderr)
+    if baseline:
+        spec = naive(str(model_dir), baseline_dtype)
+        specs.append((spec, [int(n) for n in baseline_streams.split(",")]))
+        baseline_name = spec.name
+    log_dir = Path(tempfile.mkdtemp(prefix="textgen-bench-"))
+    results = {}
+    for spec, spec_levels in specs:
+        results[spec.name] = measure(
+            spec, spec_levels, per_stream, max_new_tokens, prompts, log_dir
+        )
+    print(f"\nCPU: {cpu_description()}")
+    print(
+        f"{max_new_tokens} new tokens per request (ignore_eos), {per_stream} requests per "
+        f"client, chat-formatted prompts; total generated tokens/s. Logs: {log_dir}\n"
+    )
+    print(
+        table(
+            results, levels, [s.name for s, _ in specs[: len(ours_args)]], llama_name, baseline_name
+        )
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,157 @@
+"""An async, closed-loop load generator: `concurrency` clients each send their next request as
+soon as the previous one ends, until `requests` have been sent. Every request streams; a
+token is one streamed event with text (the three dialects send one event per token).
+
+Dialects:
+  tgi     POST /generate_stream  {"inputs", "parameters": {max_new_tokens, ignore_eos, ...}}
+  openai  POST /v1/completions   {"prompt", "max_tokens", "stream": true, "ignore_eos"}
+  llama   POST /completion       {"prompt", "n_predict", "stream": true, "ignore_eos"}
+          (llama.cpp's llama-server)
+
+`ignore_eos` makes every server generate exactly the tokens asked for, so they all do the
+same work; it is meant for benchmarking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+
+@dataclass(frozen=True)
+class Load:
+    concurrency: int
+    requests: int
+    max_new_tokens: int
+    dialect: str = "tgi"  # tgi | openai | llama
+
+
+@dataclass
+class RequestResult:
+    sent: float
+    token_times: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first."""
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
+
+
+@dataclass(frozen=True)
+class Report:
+    load: Load
+    seconds: float
+    tokens: int
+    errors: int
+    ttft: list[float]  # seconds, one per request
+    tpot: list[float]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def percentile(self, values: list[float], p: float) -> float:
+        if not values:
+            return float("nan")
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "tok/s": self.tokens_per_second,
+            "ttft_p50": self.percentile(self.ttft, 50),
+            "ttft_p90": self.percentile(self.ttft, 90),
+            "ttft_p99": self.percentile(self.ttft, 99),
+            "tpot_p50": self.percentile(self.tpot, 50),
+            "tpot_p90": self.percentile(self.tpot, 90),
+        }
+
+
+def request_body(dialect: str, prompt: str, max_new_tokens: int) -> tuple[str, dict]:
+    if dialect == "tgi":
+        params = {"max_new_tokens": max_new_tokens, "ignore_eos": True}
+        return "/generate_stream", {"inputs": prompt, "parameters": params}
+    if dialect == "openai":
+        body = {"model": "m", "prompt": prompt, "max_tokens": max_new_tokens, "stream": True}
+        return "/v1/completions", {**body, "ignore_eos": True, "temperature": 0}
+    if dialect == "llama":
+        body = {"prompt": prompt, "n_predict": max_new_tokens, "stream": True}
+        return "/completion", {**body, "ignore_eos": True, "cache_prompt": False}
+    raise ValueError(f"unknown dialect {dialect!r}")
+
+
+def is_token(dialect: str, event: dict) -> bool:
+    """Whether a streamed event carries one generated token."""
+    if "error" in event:
+        raise RuntimeError(str(event["error"]))
+    if dialect == "tgi":
+        return "token" in event
+    if dialect == "openai":
+        return bool(event.get("choices"))
+    return not event.get("stop", False)  # llama-server's last event only carries timings
+
+
+async def one_request(
+    session: aiohttp.ClientSession, url: str, dialect: str, prompt: str, max_new_tokens: int
+) -> RequestResult:
+    path, body = request_body(dialect, prompt, max_new_tokens)
+    result = RequestResult(sent=time.perf_counter())
+    try:
+        async with session.post(url + path, json=body) as response:
+            if response.status != 200:
+                result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                return result
+            async for line in response.content:
+                if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                    continue
+                if is_token(dialect, json.loads(line[5:])):
+                    result.token_times.append(time.perf_counter())
+    except (aiohttp.ClientError, RuntimeError) as err:
+        result.error = str(err)
+    return result
+
+
+async def run_load(
+    url: str, load: Load, prompts: list[str], progress: Callable[[int, int], None] | None = None
+) -> Report:
+    """Runs `load` against the server at `url`; `progress(done, total)` after each request."""
+    results: list[RequestResult] = []
+    next_index = 0
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    connector = aiohttp.TCPConnector(limit=load.concurrency)
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal next_index
+        while next_index < load.requests:
+            prompt = prompts[next_index % len(prompts)]
+            next_index += 1
+            results.append(
+                await one_request(session, url, load.dialect, prompt, load.max_new_tokens)
+            )
+            if progress is not None:
+                progress(len(results), load.requests)
+
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(load.concurrency)))
+        seconds = time.perf_counter() - start
+    ok = [r for r in results if r.error is None and r.token_times]
+    return Report(
+        load=load,
+        seconds=seconds,
+        tokens=sum(len(r.token_times) for r in ok),
+        errors=len(results) - len(ok),
+        ttft=[r.ttft for r in ok],
+        tpot=[t for r in ok if (t := r.tpot) is not None],
+    )

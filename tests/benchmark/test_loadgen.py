@@ -1,0 +1,92 @@
+"""The load generator against stub servers of each dialect: tokens counted per streamed event,
+TTFT and TPOT measured, errors counted; and the table's ratios."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from benchmark.__main__ import table
+from benchmark.loadgen import Load, Report, run_load
+
+TOKENS = 5
+
+
+def stub_app(sent: list[dict]) -> web.Application:
+    async def sse(request: web.Request, events: list, done: bool) -> web.StreamResponse:
+        sent.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await asyncio.sleep(0.01)
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        if done:
+            await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def tgi(request):
+        return await sse(request, [{"token": {"id": i}} for i in range(TOKENS)], False)
+
+    async def openai(request):
+        chunks = [{"choices": [{"text": "x"}]} for _ in range(TOKENS)] + [{"choices": []}]
+        return await sse(request, chunks, True)  # the last chunk is usage only
+
+    async def llama(request):
+        events = [{"content": "x", "stop": False} for _ in range(TOKENS)]
+        return await sse(request, events + [{"content": "", "stop": True}], False)
+
+    async def failing(request):
+        return web.Response(status=500, text="boom")
+
+    app = web.Application()
+    app.router.add_post("/generate_stream", tgi)
+    app.router.add_post("/v1/completions", openai)
+    app.router.add_post("/completion", llama)
+    app.router.add_post("/fail/generate_stream", failing)
+    return app
+
+
+@pytest.mark.parametrize("dialect", ["tgi", "openai", "llama"])
+def test_each_dialect_counts_one_token_per_event(dialect):
+    async def main():
+        sent: list[dict] = []
+        async with TestServer(stub_app(sent)) as server:
+            url = str(server.make_url("")).rstrip("/")
+            report = await run_load(url, Load(2, 4, TOKENS, dialect), ["a", "b"])
+        assert report.tokens == 4 * TOKENS and report.errors == 0
+        assert len(report.ttft) == 4 and all(t > 0 for t in report.ttft)
+        assert all(0.005 < t < 1 for t in report.tpot)
+        assert all(body.get("ignore_eos") or body["parameters"]["ignore_eos"] for body in sent)
+        assert report.tokens_per_second > 0
+
+    asyncio.run(main())
+
+
+def test_errors_are_counted_not_timed():
+    async def main():
+        async with TestServer(stub_app([])) as server:
+            url = str(server.make_url("/fail")).rstrip("/")
+            report = await run_load(url, Load(1, 2, TOKENS, "tgi"), ["a"])
+        assert report.errors == 2 and report.tokens == 0 and report.ttft == []
+
+    asyncio.run(main())
+
+
+def report(tokens_per_second: float, n: int) -> Report:
+    return Report(Load(n, n, 8), 1.0, int(tokens_per_second), 0, [0.5], [0.01])
+
+
+def test_table_gives_ratios_to_each_reference():
+    results = {
+        "ours": {1: report(100, 1), 16: report(300, 16)},
+        "llama": {1: report(50, 1), 16: report(200, 16)},
+        "naive": {1: report(20, 1)},
+    }
+    text = table(results, [1, 16], ["ours"], "llama", "naive")
+    assert "| ours ÷ llama | 2.00× | 1.50× |" in text
+    assert "| ours ÷ naive | 5.00× | — |" in text
+    assert "| naive | 20.0 | — |" in text
