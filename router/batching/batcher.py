@@ -9,11 +9,18 @@ one forward, so decoding requests never wait for a whole prompt. Without chunkin
 rule) a new batch is prefilled alone once enough requests wait (`waiting_served_ratio`) or
 the running batch has waited `max_waiting_tokens` steps, and the next Decode merges both.
 
+The router's per-token work never leaves the shards idle: a step's outputs (detokenizing,
+stop sequences, events to the clients) are handled while the shards compute the next step.
+The requests the shards stopped (EOS, length) leave the batch before that next step; one that
+a stop sequence ends is found a step later, computes one token nobody sees (its blocks still
+hold it: a stop sequence ends a request before its last reserved position) and leaves then.
+
 Blocks are freed in exactly one place, `_remove`, when an entry leaves the router.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -56,6 +63,8 @@ class Batcher:
         self.waiting_served_ratio = waiting_served_ratio
         self.max_waiting_tokens = max_waiting_tokens
         self.entries: dict[int, Entry] = {}  # running entries by request id
+        self.stopped: set[int] = set()  # entries the shards stopped, outputs not yet sent
+        self._pending: StepResult | None = None  # the last answer, its outputs not yet sent
         self._next_batch_id = 0
         self.healthy = True
         self.metrics: Hooks = Hooks()  # router.metrics.Metrics once watched
@@ -106,6 +115,7 @@ class Batcher:
                         continue
             cached = await self._decode([cached])
             waiting_tokens += 1
+        self._send_pending()
         self.metrics.batch_current(0, 0)
 
     def _next(self, min_size, max_size, prefill_budget, token_budget) -> NextBatch | None:
@@ -130,8 +140,11 @@ class Batcher:
 
     async def _step(self, method: str, request_ids: list[int], batch_ids: list[int], call):
         start = time.monotonic()
+        step = asyncio.ensure_future(call)
+        await _let_the_call_go_out()
+        self._send_pending()  # the previous step's outputs, while the shards compute this one
         try:
-            response = await call
+            response = await step
         except ShardError as err:
             log.error("%s failed: %s", method, err)
             self.healthy = False
@@ -141,8 +154,14 @@ class Batcher:
         self.healthy = True
         self._answered = (method, time.monotonic())
         self.metrics.batch_step(method, self._answered[1] - start, response)
-        self._send(response)
+        self.stopped.update(g.request_id for g in response.generations if g.finish_reason)
+        self._pending = response
         return response.batch
+
+    def _send_pending(self) -> None:
+        if self._pending is not None:
+            response, self._pending = self._pending, None
+            self._send(response)
 
     def _send(self, response: StepResult) -> None:
         """Each generation's events to its entry; an entry that ended leaves the router."""
@@ -184,7 +203,7 @@ class Batcher:
             entry = self.entries.get(request_id)
             if entry is not None and entry.cancelled:
                 self._drop(entry)
-        keep = [i for i in cached.request_ids if i in self.entries]
+        keep = [i for i in cached.request_ids if i in self.entries and i not in self.stopped]
         if len(keep) == len(cached.request_ids):
             return cached
         try:
@@ -204,6 +223,14 @@ class Batcher:
     def _remove(self, entry: Entry) -> None:
         """The one place an entry leaves the router and its blocks are freed."""
         self.entries.pop(entry.id, None)
+        self.stopped.discard(entry.id)
         if entry.allocation is not None:
             self.allocator.free(entry.allocation)
             entry.allocation = None
+
+
+async def _let_the_call_go_out() -> None:
+    """Two turns of the event loop: one for the step's coroutine to create its gRPC calls, one
+    for grpc.aio's tasks to send them. After that the shards are computing."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)

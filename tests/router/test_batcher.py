@@ -229,3 +229,43 @@ def test_a_request_that_can_never_fit_fails_instead_of_blocking_the_queue(tokeni
             assert isinstance((await h.collect(request(4, 4)))[-1], EndEvent)
 
     run(main())
+
+
+def test_the_next_step_is_sent_before_the_outputs_of_the_last_one(tokenizer):
+    """The router's per-token work overlaps the shard: when step k+1 reaches the shard, the
+    token of step k has not been sent to its client yet (it is, while the shard computes)."""
+
+    async def main():
+        async with Harness(tokenizer, step_delay=0.01) as h:
+            delivered: list[int] = []  # tokens delivered when each decode reached the shard
+            entries = h.batcher.entries
+            decode = h.client.decode
+
+            async def watched(batches):
+                (entry,) = entries.values()
+                delivered.append(entry.events.qsize() + received[0])
+                return await decode(batches)
+
+            h.client.decode = watched
+            received = [0]
+            events = []
+            async for event in h.infer.generate_stream(request(5, 6)):
+                events.append(event)
+                received[0] += 1
+            assert len(events) == 6
+            # decode j (j = 1..5) runs while the token of step j - 1 is still being sent
+            assert delivered == [0, 1, 2, 3, 4]
+
+    run(main())
+
+
+def test_a_stop_sequence_ends_the_request_a_step_later_without_leaking(tokenizer):
+    async def main():
+        the, quick = tokenizer.encode(" the quick", add_special_tokens=False)
+        async with Harness(tokenizer, vocab=[the, quick]) as h:
+            events = await h.collect(request(5, 10, stops=("quick",)))
+            end = events[-1]
+            assert isinstance(end, EndEvent) and end.finish_reason == "stop_sequence"
+            assert end.generated_tokens == len(events) <= 3
+
+    run(main())
