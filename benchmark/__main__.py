@@ -68,7 +68,11 @@ def measure(
 ) -> dict[int, Report]:
     reports: dict[int, Report] = {}
     print(f"starting {spec.name} ...", file=sys.stderr)
-    server = Running(spec, log_dir)
+    try:
+        server = Running(spec, log_dir)
+    except (RuntimeError, TimeoutError) as err:  # its row stays empty; the others still run
+        print(f"  skipped: {err}", file=sys.stderr)
+        return reports
     try:
         for n in streams:
             load = Load(n, max(n * per_stream, 2), max_new, spec.dialect)

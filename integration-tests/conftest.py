@@ -61,6 +61,8 @@ class Launcher:
             "512",
             "--kv-cache-memory",
             "512MiB",
+            "--dtype",
+            "float32",  # the oracle: transformers in float32 (the default may be bfloat16)
             *args,
         ]
         self.process = subprocess.Popen(

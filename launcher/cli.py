@@ -101,7 +101,12 @@ def main(
         int | None, Opt(envvar="NUM_SHARD", help="Default: entries in CUDA_VISIBLE_DEVICES, else 1")
     ] = None,
     dtype: Annotated[
-        str | None, Opt(envvar="DTYPE", help="float32 (default on CPU), bfloat16 or float16")
+        str | None,
+        Opt(
+            envvar="DTYPE",
+            help="float32, bfloat16 or float16. Default: bfloat16 where the CPU computes it "
+            "natively (AVX512-BF16 or AMX), float32 elsewhere",
+        ),
     ] = None,
     max_concurrent_requests: Annotated[int, Opt(envvar="MAX_CONCURRENT_REQUESTS")] = 128,
     max_best_of: Annotated[int, Opt(envvar="MAX_BEST_OF")] = 2,

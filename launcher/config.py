@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from common.cpu import cpu_flags, native_bf16
+
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `shard` serves without a model
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("auto", "sdpa", "torch", "flash")
@@ -197,6 +199,12 @@ def resolve_log_level(environ: Mapping[str, str]) -> str:
     return LOG_LEVELS[name]
 
 
+def default_dtype(flags: frozenset[str]) -> str:
+    """Without --dtype: bfloat16 where the CPU computes it natively (half the bytes per step,
+    and faster arithmetic), float32 elsewhere (emulated bfloat16 is slower than float32)."""
+    return "bfloat16" if native_bf16(flags) else "float32"
+
+
 def resolve_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> LauncherConfig:
     """The one place where the raw flags become a LauncherConfig: TGI's derived defaults,
     the legacy alias, and every check. Raises ConfigError."""
@@ -210,7 +218,7 @@ def resolve_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Laun
     return LauncherConfig(
         **{
             **flags,
-            "dtype": flags["dtype"] or "float32",
+            "dtype": flags["dtype"] or default_dtype(cpu_flags()),
             "cors_allow_origin": tuple(flags["cors_allow_origin"] or ()),
         },
         num_shard=num_shard,
