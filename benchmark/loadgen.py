@@ -129,7 +129,9 @@ async def run_load(
     results: list[RequestResult] = []
     next_index = 0
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-    connector = aiohttp.TCPConnector(limit=load.concurrency)
+    # A connection per request: llama-server closes a kept-alive connection after a stream,
+    # which a reused one would meet as an error. Every server pays the same (~0.1 ms).
+    connector = aiohttp.TCPConnector(limit=load.concurrency, force_close=True)
 
     async def client(session: aiohttp.ClientSession) -> None:
         nonlocal next_index
