@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -46,6 +46,7 @@ from router.request import ValidatedRequest
 from router.validation.generate_request import GenerateParameters, Grammar
 from router.validation.serde import (
     U32_MAX,
+    Converter,
     boolean,
     describe,
     f32,
@@ -55,7 +56,6 @@ from router.validation.serde import (
     string,
 )
 
-Converter = Callable[[Any, str], Any]
 DONE = sse_data("[DONE]")
 _U64 = 2**64
 
