@@ -239,6 +239,20 @@ def openai_paths() -> dict:
                 {"200": response("The model list.", json_body(ref("ModelsList")))},
             )
         },
+        "/chat_tokenize": {
+            "post": operation(
+                "get_chat_tokenize",
+                "Apply the chat template and tokenize",
+                {"200": tokenize_ok, **body_rejections(json_errors=False)},
+                "ChatRequest",
+            )
+        },
+    }
+
+
+def sagemaker_paths() -> dict:
+    """/invocations answers as the route its body belongs to."""
+    return {
         "/invocations": {
             "post": operation(
                 "sagemaker_compatibility",
@@ -272,15 +286,7 @@ def openai_paths() -> dict:
                 },
                 "SagemakerRequest",
             )
-        },
-        "/chat_tokenize": {
-            "post": operation(
-                "get_chat_tokenize",
-                "Apply the chat template and tokenize",
-                {"200": tokenize_ok, **body_rejections(json_errors=False)},
-                "ChatRequest",
-            )
-        },
+        }
     }
 
 
@@ -306,7 +312,7 @@ def docs_paths() -> dict:
 def paths() -> dict:
     """Every route; `/` has both GET (health) and POST (compat generate)."""
     out: dict = {}
-    for group in (generate_paths(), info_paths(), openai_paths(), docs_paths()):
+    for group in (generate_paths(), info_paths(), openai_paths(), sagemaker_paths(), docs_paths()):
         for path, operations in group.items():
             out[path] = {**out.get(path, {}), **operations}
     return out
