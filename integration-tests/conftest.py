@@ -63,6 +63,8 @@ class Launcher:
             "512MiB",
             "--dtype",
             "float32",  # the oracle: transformers in float32 (the default may be bfloat16)
+            "--quantize",
+            "none",  # ... on dense weights (the embedded GGUF model is quantized by default)
             *args,
         ]
         self.process = subprocess.Popen(

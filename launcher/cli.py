@@ -62,10 +62,11 @@ def run(flags: Mapping[str, Any], environ: Mapping[str, str]) -> int:
 def supervise(config: LauncherConfig) -> int:
     """Runs the deployment until a stop signal or a crash; returns the exit code."""
     log.info(
-        "launching %s: %d shard(s), %s, port %d",
+        "launching %s: %d shard(s), %s, quantize %s, port %d",
         config.model_name,
         config.num_shard,
         config.dtype,
+        config.quantize or "default",
         config.port,
     )
     with StopSignal() as stop:
@@ -106,6 +107,15 @@ def main(
             envvar="DTYPE",
             help="float32, bfloat16 or float16. Default: bfloat16 where the CPU computes it "
             "natively (AVX512-BF16 or AMX), float32 elsewhere",
+        ),
+    ] = None,
+    quantize: Annotated[
+        str | None,
+        Opt(
+            envvar="QUANTIZE",
+            help="Weight quantization: int8 (= eetq, per channel), int4 (groups of 32), gguf "
+            "(a GGUF file's own blocks), gptq, awq, or none. Default: the checkpoint's own "
+            "(the embedded GGUF model's blocks, GPTQ/AWQ), else none",
         ),
     ] = None,
     max_concurrent_requests: Annotated[int, Opt(envvar="MAX_CONCURRENT_REQUESTS")] = 128,

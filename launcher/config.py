@@ -15,6 +15,8 @@ from common.cpu import cpu_flags, native_bf16
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `shard` serves without a model
 DTYPES = ("float32", "bfloat16", "float16")
+# --quantize values served on the CPU (shard/quant/loaders.py says what each one is).
+QUANTIZE = ("none", "int8", "eetq", "int4", "gguf", "gptq", "awq")
 ATTENTIONS = ("auto", "sdpa", "torch", "flash")
 # TGI's LOG_LEVEL names -> Python's; "trace" has no Python level.
 LOG_LEVELS = {
@@ -42,6 +44,7 @@ class LauncherConfig:
     validation_workers: int = 2
     num_shard: int = 1
     dtype: str = "float32"
+    quantize: str | None = None  # None: the checkpoint's own (GGUF blocks, GPTQ/AWQ), else dense
     max_concurrent_requests: int = 128
     max_best_of: int = 2
     max_stop_sequences: int = 4
@@ -116,6 +119,11 @@ class LauncherConfig:
             (
                 self.dtype in DTYPES,
                 f"`dtype` must be one of {', '.join(DTYPES)}, not {self.dtype!r}",
+            ),
+            (
+                self.quantize is None or self.quantize in QUANTIZE,
+                f"`quantize` must be one of {', '.join(QUANTIZE)} on the CPU, not "
+                f"{self.quantize!r}",
             ),
             (
                 self.attention in ATTENTIONS,
@@ -219,6 +227,7 @@ def resolve_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Laun
         **{
             **flags,
             "dtype": flags["dtype"] or default_dtype(cpu_flags()),
+            "quantize": flags["quantize"].lower() if flags["quantize"] else None,
             "cors_allow_origin": tuple(flags["cors_allow_origin"] or ()),
         },
         num_shard=num_shard,

@@ -35,6 +35,10 @@ class RouterConfig:
     # A stream write that cannot finish for this long (the client stopped reading) drops the
     # connection, freeing the request's permit and KV blocks.
     stream_write_timeout: float = 60.0
+    # What the shards serve, from their Info (shown in /info): filled in at start-up.
+    model_dtype: str = ""
+    model_device_type: str = ""
+    quantize: str = ""
 
     def __post_init__(self):
         checks = [
@@ -65,6 +69,9 @@ class RouterConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def with_model(self, dtype: str, device_type: str, quantize: str) -> RouterConfig:
+        return replace(self, model_dtype=dtype, model_device_type=device_type, quantize=quantize)
 
     def with_limits(
         self, max_input_tokens: int, max_total_tokens: int, max_batch_total_tokens: int

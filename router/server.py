@@ -57,6 +57,8 @@ async def connect_shards(config: RouterConfig) -> tuple[ShardClient, RouterConfi
     if config.max_batch_total_tokens is not None:
         log.warning("--max-batch-total-tokens is ignored: the KV cache size comes from warmup")
     config = config.with_limits(answer.max_input_tokens, answer.max_total_tokens, usable)
+    config = config.with_model(info.dtype, info.device_type, info.quantize)
+    log.info("serving %s weights in %s on %s", info.quantize, info.dtype, info.device_type)
     return client, config, info
 
 

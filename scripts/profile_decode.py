@@ -54,6 +54,7 @@ def requests(batch: int, prompt: int, new: int, block_size: int) -> list[pb.Requ
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantize", default=None, help="as the shard's --quantize")
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
@@ -63,12 +64,13 @@ def main() -> None:
         model_id=str(model_dir),
         uds_path="/tmp/unused",
         dtype=args.dtype,
+        quantize=args.quantize,
         kv_cache_memory=MemoryBudget(bytes=256 * 2**20),
     )
     generator, attention = load_generator(config)
     runner = generator.runner
     runner.allocate_cache(2048)
-    print(f"dtype {args.dtype}, attention {attention}, threads {torch.get_num_threads()}")
+    print(f"dtype {args.dtype}, quantize {runner.quantize}, attention {attention}, threads {torch.get_num_threads()}")
     for batch_size in (int(b) for b in args.batch.split(",")):
         pbs = requests(batch_size, 64, args.steps + 12, runner.block_size)
         states = [

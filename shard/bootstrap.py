@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -16,6 +17,7 @@ from shard.distributed import init_distributed
 from shard.generator import Generator
 from shard.model_runner import ModelRunner
 from shard.models import load_model
+from shard.quant.loaders import QuantizationError, resolve_method
 from shard.server import DEFAULT_MAX_PREFILL_TOKENS, TextGenerationService, serve
 from shard.watermark import Watermark
 
@@ -46,15 +48,24 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
         device,
         config.collective_timeout,
     )
-    model = load_model(config.model_dir, config.torch_dtype, device, dist)
+    quantize = resolve_method(config.quantize, Path(config.model_dir))
+    if quantize != "none" and device.type != "cpu":
+        raise QuantizationError(f"--quantize {quantize} runs on the CPU only, not {device}")
+    # Quantization the user did not ask for (a GGUF model's own) keeps dense copies as well:
+    # the fastest setting for both one and many streams; an explicit --quantize saves memory.
+    keep_dense = config.quantize is None
+    model = load_model(config.model_dir, config.torch_dtype, device, dist, quantize, keep_dense)
     backend = get_backend(config.attention, device, block_size=config.block_size)
-    runner = ModelRunner(model, backend, config.block_size, device, config.torch_dtype)
+    runner = ModelRunner(
+        model, backend, config.block_size, device, config.torch_dtype, quantize
+    )
     watermark = Watermark(config.watermark_gamma, config.watermark_delta)
     generator = Generator(runner, model.config.eos_token_ids, DEFAULT_MAX_PREFILL_TOKENS, watermark)
     log.info(
-        "loaded %s (%s, %s, attention %s, %d threads)",
+        "loaded %s (%s, quantize %s, %s, attention %s, %d threads)",
         config.model_id,
         config.dtype,
+        quantize,
         device,
         backend.name,
         torch.get_num_threads(),

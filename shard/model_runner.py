@@ -24,8 +24,10 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        quantize: str = "none",
     ):
         self.model = model
+        self.quantize = quantize  # the resolved --quantize method, for Info and logs
         self.config = model.config
         self.backend = backend
         self.block_size = block_size

@@ -121,6 +121,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             block_size=self.runner.block_size,
             vocab_size=self.runner.config.vocab_size,
             world_size=self.config.world_size,
+            quantize=self.runner.quantize,
         )
 
     async def Health(self, request, context):

@@ -13,6 +13,10 @@ import torch
 from safetensors import safe_open
 
 from shard.distributed import SINGLE, Dist
+from shard.quant.loaders import GGUF_BLOCKS_FILE, Quantizer
+from shard.quant.weight import QuantizedWeight
+
+Matrix = torch.Tensor | QuantizedWeight  # a linear layer's weight [out, in], dense or not
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -27,7 +31,8 @@ def list_safetensors(model_dir: Path) -> dict[str, Path]:
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: model_dir / file for name, file in weight_map.items()}
-    files = sorted(model_dir.glob("*.safetensors"))
+    # The GGUF blocks beside a converted model are not checkpoint tensors (shard.quant).
+    files = sorted(p for p in model_dir.glob("*.safetensors") if p.name != GGUF_BLOCKS_FILE)
     if not files:
         pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
@@ -50,11 +55,13 @@ class Weights:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         dist: Dist = SINGLE,
+        quantizer: Quantizer | None = None,
     ):
         self.model_dir = Path(model_dir)
         self.dtype = dtype
         self.device = torch.device(device)
         self.dist = dist
+        self.quantizer = quantizer
         self.routing = list_safetensors(self.model_dir)
         self._handles: dict[Path, object] = {}
 
@@ -98,6 +105,46 @@ class Weights:
         rows = part.get_shape()[0] // num_kv_heads
         head = rank // (world // num_kv_heads)
         return self._cast(part[head * rows : (head + 1) * rows])
+
+    def get_raw(self, name: str) -> torch.Tensor:
+        """The whole tensor as stored (quantized checkpoints' packed integers and scales)."""
+        return self._slice(name)[:]
+
+    def get_full(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return self._slice(name)[:].to(dtype)
+
+    def get_matrix(self, prefix: str, dim: int) -> Matrix:
+        """This rank's part of the linear weight `prefix.weight`, split along `dim` (0: output
+        rows, column-parallel; 1: input columns, row-parallel), quantized if the shard is."""
+        quantized = self.quantizer.load(self, prefix) if self.quantizer else None
+        if quantized is None:
+            return self.get_sharded(f"{prefix}.weight", dim)
+        world, rank = self.dist.world_size, self.dist.rank
+        size = quantized.shape[dim]
+        if size % world:
+            raise CheckpointError(f"{prefix}: dimension {dim} of size {size} cannot be split in {world}")
+        block = size // world
+        if dim == 0:
+            return quantized.rows(rank * block, (rank + 1) * block)
+        return quantized.columns(rank * block, (rank + 1) * block)
+
+    def finish_matrix(self, matrix: Matrix) -> Matrix:
+        """A layer's final weight (fused and sharded); quantized ones may keep a dense copy."""
+        if isinstance(matrix, QuantizedWeight) and self.quantizer is not None:
+            return self.quantizer.finish(matrix, self.dtype)
+        return matrix
+
+    def get_matrix_kv_heads(self, prefix: str, num_kv_heads: int) -> Matrix:
+        """get_kv_heads for the linear weight `prefix.weight`, quantized if the shard is."""
+        quantized = self.quantizer.load(self, prefix) if self.quantizer else None
+        if quantized is None:
+            return self.get_kv_heads(f"{prefix}.weight", num_kv_heads)
+        world, rank = self.dist.world_size, self.dist.rank
+        if num_kv_heads >= world:
+            return self.get_matrix(prefix, dim=0)
+        rows = quantized.out_features // num_kv_heads
+        head = rank // (world // num_kv_heads)
+        return quantized.rows(head * rows, (head + 1) * rows)
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=self.dtype)

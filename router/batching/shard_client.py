@@ -57,6 +57,9 @@ class ShardInfo:
     block_size: int
     support_chunking: bool
     world_size: int  # ranks behind the master socket (0 from an older shard: read it as 1)
+    dtype: str = ""
+    device_type: str = ""
+    quantize: str = ""  # the weight quantization served ("none" when dense)
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,14 @@ class ShardClient:
 
     async def info(self) -> ShardInfo:
         answer = (await self._all("Info", pb.InfoRequest()))[-1]
-        return ShardInfo(answer.block_size, answer.support_chunking, max(answer.world_size, 1))
+        return ShardInfo(
+            answer.block_size,
+            answer.support_chunking,
+            max(answer.world_size, 1),
+            answer.dtype,
+            answer.device_type,
+            answer.quantize or "none",
+        )
 
     async def health(self, timeout: float = 5.0) -> None:
         await self._all("Health", pb.HealthRequest(), timeout)

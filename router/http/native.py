@@ -119,7 +119,10 @@ async def info(request: web.Request) -> web.Response:
         {
             "model_id": c.model_id,
             "model_sha": None,
+            "model_dtype": c.model_dtype,
+            "model_device_type": c.model_device_type,
             "model_pipeline_tag": "text-generation",
+            "quantize": c.quantize,  # not in TGI: none, eetq, int4, gguf, gptq or awq
             "max_concurrent_requests": c.max_concurrent_requests,
             "max_best_of": c.max_best_of,
             "max_stop_sequences": c.max_stop_sequences,

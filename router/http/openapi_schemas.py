@@ -280,7 +280,10 @@ def info() -> Schema:
     properties = {
         "model_id": string(example="HuggingFaceTB/SmolLM2-135M-Instruct"),
         "model_sha": nullable(string()),
+        "model_dtype": string(example="bfloat16"),
+        "model_device_type": string(example="cpu"),
         "model_pipeline_tag": nullable(string(example="text-generation")),
+        "quantize": string(example="gguf", description="Not in TGI: the weight quantization."),
         **{name: integer(0) for name in counts},
         "router": string(example="text-generation-router"),
         "version": string(),

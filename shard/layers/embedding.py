@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from shard.distributed import Dist
-from shard.layers.linear import linear
-from shard.weights import Weights
+from shard.quant.weight import QuantizedWeight
+from shard.layers.linear import as_weight, linear
+from shard.weights import Matrix, Weights
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -37,17 +38,25 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    def __init__(self, weight: torch.Tensor, dist: Dist):
+    def __init__(self, weight: Matrix, dist: Dist):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # [V / world, hidden]
+        self.weight = as_weight(weight)  # [V / world, hidden]
         self.dist = dist
 
     @classmethod
-    def load(cls, weights: Weights, name: str) -> "ParallelLMHead":
-        return cls(weights.get_sharded(name, dim=0), weights.dist)
+    def load(cls, weights: Weights, prefix: str) -> "ParallelLMHead":
+        return cls(weights.finish_matrix(weights.get_matrix(prefix, dim=0)), weights.dist)
 
     @classmethod
-    def tied(cls, embedding: VocabParallelEmbedding) -> "ParallelLMHead":
+    def tied(
+        cls, embedding: VocabParallelEmbedding, weights: Weights, prefix: str
+    ) -> "ParallelLMHead":
+        """The embedding matrix as the head: shared when dense, its own quantized copy when
+        the shard is quantized (the embedding lookup keeps the dense rows)."""
+        if weights.quantizer is not None:
+            quantized = weights.get_matrix(prefix, dim=0)
+            if isinstance(quantized, QuantizedWeight):
+                return cls(weights.finish_matrix(quantized), weights.dist)
         head = cls.__new__(cls)
         nn.Module.__init__(head)
         head.weight = embedding.weight  # the same Parameter: tied, no copy

@@ -3,6 +3,9 @@
 ColumnParallelLinear  output features split: each rank computes its slice of the output.
                       Several checkpoint tensors can be fused into one matmul (q|k|v, gate|up).
 RowParallelLinear     input features split: each rank computes a partial sum, all-reduced.
+
+A weight is dense (an nn.Parameter) or a QuantizedWeight (shard/quant), multiplied by the
+quantized kernels; the layers do not otherwise care which.
 """
 
 from __future__ import annotations
@@ -11,23 +14,41 @@ import torch
 from torch import nn
 
 from shard.distributed import Dist
-from shard.weights import Weights
+from shard.quant.kernels import get_kernels
+from shard.quant.weight import QuantizedWeight
+from shard.weights import Matrix, Weights
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in]^T (+ bias). A single row in 16-bit on the CPU goes through
     matrix-vector product: oneDNN's GEMM reads 16-bit weights at ~2/3 of the memory bandwidth
     GEMV reaches, and one-token decode steps are bandwidth-bound."""
+    if isinstance(weight, QuantizedWeight):
+        out = get_kernels().matmul(x, weight)
+        return out if bias is None else out + bias
     if x.shape[0] == 1 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         out = torch.mv(weight, x[0]).unsqueeze(0)
         return out if bias is None else out + bias
     return nn.functional.linear(x, weight, bias)
 
 
+def as_weight(weight: Matrix) -> nn.Parameter | QuantizedWeight:
+    if isinstance(weight, QuantizedWeight):
+        return weight
+    return nn.Parameter(weight, requires_grad=False)
+
+
+def cat_rows(parts: list[Matrix]) -> Matrix:
+    """Fuses matrices along their output rows."""
+    if isinstance(parts[0], QuantizedWeight):
+        return QuantizedWeight.cat_rows(parts)
+    return torch.cat(parts, dim=0)
+
+
 class ColumnParallelLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: Matrix, bias: torch.Tensor | None):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # [out / world, in]
+        self.weight = as_weight(weight)  # [out / world, in]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
@@ -36,22 +57,22 @@ class ColumnParallelLinear(nn.Module):
     ) -> "ColumnParallelLinear":
         """q | k | v fused: query heads split evenly, KV heads split or replicated."""
         names = [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"]
-        parts = [weights.get_sharded(f"{names[0]}.weight", dim=0)]
-        parts += [weights.get_kv_heads(f"{n}.weight", num_kv_heads) for n in names[1:]]
+        parts = [weights.get_matrix(names[0], dim=0)]
+        parts += [weights.get_matrix_kv_heads(n, num_kv_heads) for n in names[1:]]
         b = None
         if bias:
             b = torch.cat(
                 [weights.get_sharded(f"{names[0]}.bias", dim=0)]
                 + [weights.get_kv_heads(f"{n}.bias", num_kv_heads) for n in names[1:]]
             )
-        return cls(torch.cat(parts, dim=0), b)
+        return cls(weights.finish_matrix(cat_rows(parts)), b)
 
     @classmethod
     def load(
         cls, weights: Weights, prefixes: list[str], bias: bool = False
     ) -> "ColumnParallelLinear":
         """Fuses `prefix.weight` of every prefix along the output dimension, each one sharded."""
-        weight = torch.cat([weights.get_sharded(f"{p}.weight", dim=0) for p in prefixes], dim=0)
+        weight = weights.finish_matrix(cat_rows([weights.get_matrix(p, dim=0) for p in prefixes]))
         b = torch.cat([weights.get_sharded(f"{p}.bias", dim=0) for p in prefixes]) if bias else None
         return cls(weight, b)
 
@@ -60,15 +81,15 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dist: Dist):
+    def __init__(self, weight: Matrix, bias: torch.Tensor | None, dist: Dist):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in / world]
+        self.weight = as_weight(weight)  # [out, in / world]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.dist = dist
 
     @classmethod
     def load(cls, weights: Weights, prefix: str, bias: bool = False) -> "RowParallelLinear":
-        weight = weights.get_sharded(f"{prefix}.weight", dim=1)
+        weight = weights.finish_matrix(weights.get_matrix(prefix, dim=1))
         b = weights.get(f"{prefix}.bias") if bias else None
         return cls(weight, b, weights.dist)
 

@@ -9,6 +9,7 @@ import torch
 from shard.distributed import SINGLE, Dist, check_divisible
 from shard.models.config import ModelConfig
 from shard.models.llama import LlamaForCausalLM
+from shard.quant.loaders import Quantizer
 from shard.weights import Weights
 
 MODEL_CLASSES = {
@@ -19,9 +20,16 @@ MODEL_CLASSES = {
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu", dist: Dist = SINGLE
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    dist: Dist = SINGLE,
+    quantize: str = "none",
+    keep_dense: bool = False,
 ):
-    """Builds the model for `model_dir`'s architecture and loads this rank's weights."""
+    """Builds the model for `model_dir`'s architecture and loads this rank's weights;
+    `quantize` is a resolved method (shard.quant.loaders.resolve_method); keep_dense: see
+    shard.quant.loaders.Quantizer."""
     config = ModelConfig.from_dir(Path(model_dir))
     model_class = MODEL_CLASSES.get(config.architecture)
     if model_class is None:
@@ -30,7 +38,8 @@ def load_model(
     check_divisible(
         config.num_heads, config.num_kv_heads, config.intermediate_size, dist.world_size
     )
-    weights = Weights(Path(model_dir), dtype, device, dist)
+    quantizer = None if quantize == "none" else Quantizer(quantize, Path(model_dir), keep_dense)
+    weights = Weights(Path(model_dir), dtype, device, dist, quantizer)
     with torch.device(device):
         model = model_class(config, weights)
     weights.close()

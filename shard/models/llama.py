@@ -56,9 +56,9 @@ class LlamaForCausalLM(nn.Module):
         )
         self.norm = RMSNorm.load(weights, "model.norm", config.rms_norm_eps)
         if config.tie_word_embeddings or not weights.has("lm_head.weight"):
-            self.lm_head = ParallelLMHead.tied(self.embed_tokens)
+            self.lm_head = ParallelLMHead.tied(self.embed_tokens, weights, "model.embed_tokens")
         else:
-            self.lm_head = ParallelLMHead.load(weights, "lm_head.weight")
+            self.lm_head = ParallelLMHead.load(weights, "lm_head")
         self.rotary = RotaryEmbedding(
             config.head_dim,
             config.rope_theta,

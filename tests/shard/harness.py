@@ -26,6 +26,7 @@ class ShardHarness:
         block_size: int = 16,
         kv_bytes: int = 64 * 2**20,
         attention: str = "auto",
+        quantize: str | None = "none",  # the oracle: dense weights, as transformers has them
     ):
         self.config = ShardConfig(
             model_dir=str(model_dir),
@@ -34,6 +35,7 @@ class ShardHarness:
             dtype=dtype,
             block_size=block_size,
             attention=attention,
+            quantize=quantize,
             kv_cache_memory=MemoryBudget(bytes=kv_bytes),
         )
         self.service = build_service(self.config)

@@ -1,0 +1,306 @@
+/* Weight-only quantized matrix products for the CPU: y[T, N] = x[T, K] @ dequant(W)[N, K]^T.
+ *
+ * Compiled at run time by shard/quant/kernels.py with `-O3 -march=native -fopenmp`: the
+ * 16-float vector type below becomes one AVX-512 register, two AVX2 registers, or plain
+ * loops elsewhere. Byte-to-float conversions use intrinsics where the CPU has them, because
+ * GCC 12 turns a generic vector conversion from bytes into scalar code.
+ * The pure-PyTorch reference of these kernels is `dequantize` in shard/quant/weight.py.
+ *
+ * Layouts (GGUF's Q4_1 and Q8_0 blocks, so a GGUF file is served as it is stored):
+ *   q4: qs [N, K/2] uint8. In each block of 32 weights, byte j holds weight j in its low
+ *       nibble and weight j + 16 in its high nibble; w = q * scale + min (q in 0..15).
+ *   q8: qs [N, K] int8; w = q * scale.
+ *   scale, min: [N, K / group] float32; group is a multiple of 32 (32, or K: per channel).
+ *   x [T, K] and y [T, N] are float32 or bfloat16, contiguous.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+typedef float v16f __attribute__((vector_size(64)));
+
+#define TILE 4 /* rows of x that share one dequantized block of W */
+
+static inline v16f splat(float s) {
+    v16f v = {0};
+    return v + s;
+}
+
+static inline v16f load16(const float *p) {
+    v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* 16 bytes (unsigned / signed) to 16 floats. */
+static inline v16f u8_to_f32(const uint8_t *p, int shift) {
+#if defined(__AVX512F__)
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    b = _mm_and_si128(_mm_srli_epi16(b, shift), _mm_set1_epi8(0x0F));
+    return (v16f)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    b = _mm_and_si128(_mm_srli_epi16(b, shift), _mm_set1_epi8(0x0F));
+    union { v16f v; __m256 h[2]; } u;
+    u.h[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    u.h[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+    return u.v;
+#else
+    v16f v;
+    for (int i = 0; i < 16; i++) v[i] = (float)((p[i] >> shift) & 0x0F);
+    return v;
+#endif
+}
+
+static inline v16f i8_to_f32(const int8_t *p) {
+#if defined(__AVX512F__)
+    return (v16f)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    union { v16f v; __m256 h[2]; } u;
+    u.h[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    u.h[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
+    return u.v;
+#else
+    v16f v;
+    for (int i = 0; i < 16; i++) v[i] = (float)p[i];
+    return v;
+#endif
+}
+
+static inline float hsum(v16f v) {
+    float s = 0.f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline void store(void *y, int y_bf16, long index, float value) {
+    if (y_bf16)
+        ((uint16_t *)y)[index] = f32_to_bf16(value);
+    else
+        ((float *)y)[index] = value;
+}
+
+/* The 32 weights of the block at column k of one row, as two vectors (k..k+15, k+16..k+31). */
+static inline __attribute__((always_inline)) void block(int kind, const uint8_t *row, int k,
+                                                        float scale, float min, v16f *lo,
+                                                        v16f *hi) {
+    if (kind == 4) {
+        v16f s = splat(scale), m = splat(min);
+        *lo = u8_to_f32(row + k / 2, 0) * s + m;
+        *hi = u8_to_f32(row + k / 2, 4) * s + m;
+    } else {
+        v16f s = splat(scale);
+        *lo = i8_to_f32((const int8_t *)row + k) * s;
+        *hi = i8_to_f32((const int8_t *)row + k + 16) * s;
+    }
+}
+
+/* ---- Decode products: x quantized to int8 blocks, integer dot products (as llama.cpp) ----
+ *
+ * A step with few rows of x is bound by how fast the weights stream from memory; converting
+ * every weight to float costs more instructions than that allows. So x is quantized once per
+ * call to int8 in blocks of 32 (xq = round(x / dx), dx = max|x| / 127, as GGUF Q8_0) and each
+ * block of weights meets it in one integer dot product (u8 x s8 -> i32: one VNNI instruction,
+ * or two AVX2 ones), scaled once per block: sum_k w x = dw dx sum(q xq) + mw dx sum(xq).
+ */
+
+typedef struct {
+    int8_t *q;   /* [T, K] */
+    float *d;    /* [T, K/32] dx */
+    float *sum;  /* [T, K/32] dx * sum(xq) of the block */
+} QuantX;
+
+static void quantize_x(const float *x, int T, int K, QuantX *out) {
+    int blocks = K / 32;
+    for (long b = 0; b < (long)T * blocks; b++) {
+        const float *v = x + b * 32;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = v[i] > amax ? v[i] : (-v[i] > amax ? -v[i] : amax);
+        float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        int total = 0;
+        for (int i = 0; i < 32; i++) {
+            float r = v[i] * inv;
+            int q = (int)(r + (r >= 0.f ? 0.5f : -0.5f));
+            out->q[b * 32 + i] = (int8_t)q;
+            total += q;
+        }
+        out->d[b] = d;
+        out->sum[b] = d * (float)total;
+    }
+}
+
+#if defined(__AVX2__)
+/* 8 int32 sums of 4 products each, of 32 unsigned bytes a and 32 signed bytes b. */
+static inline __m256i dot_u8s8(__m256i a, __m256i b) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* A block's weights as unsigned bytes: q4's nibbles (weights 0..15, then 16..31), or |q8|;
+ * u8 x s8 products then need x with the signs of q8's weights (sign_x). */
+static inline __attribute__((always_inline)) __m256i block_weights(int kind, const uint8_t *row,
+                                                                   int b, __m256i *signs) {
+    if (kind == 4) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(row + b * 16));
+        __m128i low = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+        __m128i high = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+        return _mm256_set_m128i(high, low);
+    }
+    *signs = _mm256_loadu_si256((const __m256i *)(row + b * 32));
+    return _mm256_sign_epi8(*signs, *signs);
+}
+
+/* out[t] = x[t] . w_row for `rows` rows (a constant where inlined: accumulators stay in
+ * registers). */
+static inline __attribute__((always_inline)) void dot_rows(int kind, const QuantX *xq, long x0,
+                                                           int rows, int K, const uint8_t *row,
+                                                           const float *scale, const float *min,
+                                                           int group, float *out) {
+    int blocks = K / 32;
+    __m256 acc[TILE];
+    float low[TILE];
+    for (int t = 0; t < rows; t++) {
+        acc[t] = _mm256_setzero_ps();
+        low[t] = 0.f;
+    }
+    for (int g = 0; g < K / group; g++) {
+        float dw = scale[g], mw = kind == 4 ? min[g] : 0.f;
+        for (int b = g * group / 32; b < (g + 1) * group / 32; b++) {
+            __m256i signs = _mm256_setzero_si256();
+            __m256i w = block_weights(kind, row, b, &signs);
+            for (int t = 0; t < rows; t++) {
+                long xb = (x0 + t) * blocks + b;
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xq->q + xb * 32));
+                if (kind == 8) x = _mm256_sign_epi8(x, signs);
+                __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w, x));
+                acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * xq->d[xb]), acc[t]);
+                if (kind == 4) low[t] += mw * xq->sum[xb];
+            }
+        }
+    }
+    for (int t = 0; t < rows; t++) out[t] = hsum8(acc[t]) + low[t];
+}
+#else
+/* Portable: the same arithmetic in plain loops. */
+static inline void dot_rows(int kind, const QuantX *xq, long x0, int rows, int K,
+                            const uint8_t *row, const float *scale, const float *min, int group,
+                            float *out) {
+    int blocks = K / 32;
+    for (int t = 0; t < rows; t++) {
+        float total = 0.f;
+        for (int b = 0; b < blocks; b++) {
+            long xb = (x0 + t) * blocks + b;
+            const int8_t *x = xq->q + xb * 32;
+            int dot = 0;
+            for (int i = 0; i < 32; i++) {
+                int w = kind == 4 ? (row[b * 16 + i % 16] >> (i < 16 ? 0 : 4)) & 0x0F
+                                  : ((const int8_t *)row)[b * 32 + i];
+                dot += w * x[i];
+            }
+            int g = b * 32 / group;
+            total += scale[g] * xq->d[xb] * (float)dot + (kind == 4 ? min[g] * xq->sum[xb] : 0.f);
+        }
+        out[t] = total;
+    }
+}
+#endif
+
+static void matmul(int kind, const QuantX *xq, int T, int K, const uint8_t *qs,
+                   const float *scale, const float *min, int N, int group, void *y, int y_bf16) {
+    int groups = K / group;
+    long row_bytes = kind == 4 ? K / 2 : K;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = qs + (long)n * row_bytes;
+        const float *s = scale + (long)n * groups, *m = kind == 4 ? min + (long)n * groups : 0;
+        float out[TILE];
+        int t0 = 0;
+        for (; t0 + TILE <= T; t0 += TILE) {
+            dot_rows(kind, xq, t0, TILE, K, row, s, m, group, out);
+            for (int t = 0; t < TILE; t++) store(y, y_bf16, (long)(t0 + t) * N + n, out[t]);
+        }
+        for (; t0 < T; t0++) {
+            dot_rows(kind, xq, t0, 1, K, row, s, m, group, out);
+            store(y, y_bf16, (long)t0 * N + n, out[0]);
+        }
+    }
+}
+
+/* kind 4: q4 (qs, scale, min); kind 8: q8 (qs, scale; min unused). */
+void quant_matmul(int kind, const void *x, int x_bf16, int T, int K, const void *qs,
+                  const float *scale, const float *min, int N, int group, void *y, int y_bf16) {
+    long count = (long)T * K;
+    float *xf = malloc(sizeof(float) * count);
+    for (long i = 0; i < count; i++)
+        xf[i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+    QuantX xq = {malloc(count), malloc(sizeof(float) * count / 32),
+                 malloc(sizeof(float) * count / 32)};
+    quantize_x(xf, T, K, &xq);
+    if (kind == 4)
+        matmul(4, &xq, T, K, qs, scale, min, N, group, y, y_bf16);
+    else
+        matmul(8, &xq, T, K, qs, scale, min, N, group, y, y_bf16);
+    free(xf);
+    free(xq.q);
+    free(xq.d);
+    free(xq.sum);
+}
+
+/* W dequantized into w [N, K] (float32 or bfloat16), for products with many rows of x, which
+ * go to the dense GEMM instead. Weights are finite, so bfloat16 rounding skips the NaN case. */
+void quant_dequantize(int kind, const void *qs, const float *scale, const float *min, int N,
+                      int K, int group, void *w, int w_bf16) {
+    int groups = K / group;
+    long row_bytes = kind == 4 ? K / 2 : K;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = (const uint8_t *)qs + (long)n * row_bytes;
+        for (int k = 0; k < K; k += 32) {
+            int g = n * groups + k / group;
+            v16f half[2];
+            if (kind == 4)
+                block(4, row, k, scale[g], min[g], &half[0], &half[1]);
+            else
+                block(8, row, k, scale[g], 0.f, &half[0], &half[1]);
+            if (!w_bf16) {
+                memcpy((float *)w + (long)n * K + k, half, sizeof half);
+                continue;
+            }
+            uint32_t bits[32];
+            uint16_t *out = (uint16_t *)w + (long)n * K + k;
+            memcpy(bits, half, sizeof bits);
+            for (int i = 0; i < 32; i++) /* round to nearest even, vectorized by GCC */
+                out[i] = (uint16_t)((bits[i] + 0x7fffu + ((bits[i] >> 16) & 1u)) >> 16);
+        }
+    }
+}

@@ -1,0 +1,180 @@
+"""Which quantization a shard serves with, and how each kind of checkpoint becomes
+QuantizedWeight matrices.
+
+`--quantize` values (TGI's flag and QUANTIZE env var; TGI has no CPU int4, so `int4` is ours):
+  int8, eetq  int8 per output channel, round-to-nearest from a dense checkpoint (TGI's eetq is
+              exactly this scheme)
+  int4        4-bit asymmetric groups of 32 (as GGUF Q4_1) from a dense checkpoint; the LM head
+              is kept at int8 groups of 32, as llama.cpp keeps its output layer at 6-8 bits
+  gguf        a GGUF file's own Q4_0/Q4_1/Q8_0 blocks, kept as they are (the default for a GGUF
+              model, the embedded one included); other GGUF types are served dense
+  gptq, awq   4-bit checkpoints (`quantization_config` in config.json: detected, so the flag
+              is optional); their groups map exactly to the int4 layout
+  none        dense weights in --dtype
+Any other checkpoint quantization (fp8, bitsandbytes, compressed-tensors, ...) is refused at
+start-up: loading it as if dense would drop its scales and serve garbage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from shard.quant.weight import QuantizedWeight, dequantize, pack_nibbles, quantize
+
+METHODS = ("none", "int8", "eetq", "int4", "gguf", "gptq", "awq")
+GGUF_BLOCKS_FILE = "gguf-blocks.safetensors"  # written by shard.convert next to the dense file
+INT4_GROUP = 32
+LM_HEAD = "lm_head"
+
+
+class QuantizationError(ValueError):
+    pass
+
+
+def checkpoint_quantization(model_dir: Path) -> dict | None:
+    """config.json's `quantization_config`, if any."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.exists():
+        return None
+    return json.loads(config_path.read_text()).get("quantization_config")
+
+
+def resolve_method(requested: str | None, model_dir: Path) -> str:
+    """The method to serve with: the request checked against what the checkpoint holds.
+    Without a request: the checkpoint's own (GPTQ/AWQ, a GGUF file's blocks), else none."""
+    if requested is None:
+        has_blocks = (Path(model_dir) / GGUF_BLOCKS_FILE).exists()
+        requested = "gguf" if has_blocks and checkpoint_quantization(model_dir) is None else "none"
+    requested = requested.lower()
+    if requested not in METHODS:
+        raise QuantizationError(
+            f"--quantize {requested!r} is not supported on the CPU; choose one of "
+            f"{', '.join(METHODS)}"
+        )
+    stored = checkpoint_quantization(model_dir)
+    if stored is not None:
+        method = str(stored.get("quant_method", "")).lower()
+        if method not in ("gptq", "awq"):
+            raise QuantizationError(
+                f"the checkpoint is quantized with {method or 'an unnamed method'!r}, which "
+                "cannot be served on the CPU (supported: gptq and awq, 4 bits); serve a dense "
+                "checkpoint, optionally with --quantize int8 or int4"
+            )
+        if requested not in ("none", method):
+            raise QuantizationError(
+                f"the checkpoint is {method}-quantized; --quantize {requested} cannot apply"
+            )
+        _check_int4_config(stored)
+        return method
+    if requested in ("gptq", "awq"):
+        raise QuantizationError(f"--quantize {requested} needs a {requested} checkpoint")
+    if requested == "gguf" and not (Path(model_dir) / GGUF_BLOCKS_FILE).exists():
+        raise QuantizationError("--quantize gguf needs a model converted from a .gguf file")
+    return "eetq" if requested == "int8" else requested
+
+
+def _check_int4_config(config: dict) -> None:
+    bits = config.get("bits", config.get("w_bit", 4))
+    group = config.get("group_size", config.get("q_group_size", 128))
+    if bits != 4:
+        raise QuantizationError(f"only 4-bit GPTQ/AWQ checkpoints are supported, not {bits}-bit")
+    if group != -1 and group % 32:
+        raise QuantizationError(f"group size {group} is not a multiple of 32")
+    if config.get("quant_method") == "awq" and config.get("version", "gemm").lower() != "gemm":
+        raise QuantizationError("only AWQ's GEMM packing is supported")
+
+
+@dataclass
+class Quantizer:
+    """Loads the whole matrix `prefix.weight` quantized, or returns None to keep it dense.
+
+    keep_dense: also keep each quantized matrix dequantized in the model dtype, for steps of
+    many rows (see shard/quant/kernels.py). The fastest setting, at the dense model's memory
+    plus the quantized one's: the default where quantization was not asked for (a GGUF model
+    served without --quantize); an explicit --quantize keeps only the quantized weights."""
+
+    method: str
+    model_dir: Path
+    keep_dense: bool = False
+
+    def __post_init__(self):
+        self._blocks = None
+        if self.method == "gguf":
+            self._blocks = safe_open(self.model_dir / GGUF_BLOCKS_FILE, framework="pt")
+        config = checkpoint_quantization(self.model_dir) or {}
+        self._checkpoint_format = config.get("checkpoint_format", "gptq")
+
+    def finish(self, matrix: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+        """A layer's final matrix (after fusing and sharding), with its dense copy if kept."""
+        return replace(matrix, dense=dequantize(matrix, dtype)) if self.keep_dense else matrix
+
+    def load(self, weights, prefix: str) -> QuantizedWeight | None:
+        if self.method in ("eetq", "int4"):
+            dense = weights.get_full(f"{prefix}.weight", torch.float32)
+            if self.method == "eetq":
+                return quantize(dense, "q8", dense.shape[1])
+            lm_head = prefix == LM_HEAD or prefix.endswith(".embed_tokens")
+            return quantize(dense, "q8" if lm_head else "q4", INT4_GROUP)
+        if self.method == "gguf":
+            return self._gguf(prefix)
+        if self.method in ("gptq", "awq") and weights.has(f"{prefix}.qweight"):
+            return self._int4_checkpoint(weights, prefix)
+        return None
+
+    def _gguf(self, prefix: str) -> QuantizedWeight | None:
+        if f"{prefix}.qs" not in self._blocks.keys():
+            return None
+        qs = self._blocks.get_tensor(f"{prefix}.qs")
+        scale = self._blocks.get_tensor(f"{prefix}.scale")
+        has_min = f"{prefix}.min" in self._blocks.keys()
+        kind = "q4" if qs.dtype == torch.uint8 else "q8"
+        low = self._blocks.get_tensor(f"{prefix}.min") if has_min else None
+        return QuantizedWeight(kind, qs, scale, low, 32)
+
+    def _int4_checkpoint(self, weights, prefix: str) -> QuantizedWeight:
+        qweight = weights.get_raw(f"{prefix}.qweight")
+        qzeros = weights.get_raw(f"{prefix}.qzeros")
+        scales = weights.get_raw(f"{prefix}.scales").float()  # [K / group, N]
+        if self.method == "gptq":
+            q = unpack_int32(qweight, dim=0)  # [K, N]
+            zeros = unpack_int32(qzeros, dim=1)  # [K / group, N]
+            if self._checkpoint_format != "gptq_v2":
+                zeros = zeros + 1  # GPTQ v1 stores zero - 1
+            _check_trivial_g_idx(weights, prefix, q.shape[0], scales.shape[0])
+        else:
+            q = unpack_int32(qweight, dim=1, order=AWQ_ORDER)  # [K, N]
+            zeros = unpack_int32(qzeros, dim=1, order=AWQ_ORDER)
+        k = q.shape[0]
+        group = k // scales.shape[0]
+        scale = scales.t().contiguous()  # [N, K / group]
+        low = (-zeros.float() * scales).t().contiguous()
+        return QuantizedWeight("q4", pack_nibbles(q.t().contiguous()), scale, low, group)
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's GEMM kernels interleave the 8 nibbles of a word
+
+
+def unpack_int32(packed: torch.Tensor, dim: int, order=tuple(range(8))) -> torch.Tensor:
+    """int32 words of 8 4-bit values along `dim` -> the values [.., 8x, ..] (int32 0..15).
+    Nibble i of a word (bits 4i..4i+3) holds value order[i] of its 8."""
+    shifts = torch.arange(8, dtype=torch.int32) * 4
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [..., 8]: nibble i
+    values = nibbles[..., torch.tensor(order).argsort()]  # [..., 8]: value j
+    if dim == 0:  # [K/8, N, 8] -> [K, N]
+        return values.permute(0, 2, 1).reshape(-1, packed.shape[1])
+    return values.reshape(packed.shape[0], -1)  # [R, N/8, 8] -> [R, N]
+
+
+def _check_trivial_g_idx(weights, prefix: str, k: int, groups: int) -> None:
+    if not weights.has(f"{prefix}.g_idx"):
+        return
+    g_idx = weights.get_raw(f"{prefix}.g_idx").long()
+    if not torch.equal(g_idx, torch.arange(k) // (k // groups)):
+        raise QuantizationError(
+            f"{prefix}: act-order GPTQ (desc_act with a permuted g_idx) is not supported"
+        )

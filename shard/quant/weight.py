@@ -1,0 +1,143 @@
+"""A weight-only quantized matrix, its pure-PyTorch reference, and how to make one.
+
+Two layouts, which are GGUF's Q4_1 and Q8_0 blocks so that a GGUF file is served as stored:
+
+  q4  qs [N, K/2] uint8: in each block of 32 weights, byte j holds weight j in its low nibble
+      and weight j + 16 in its high nibble; w = q * scale + min, q in 0..15 (asymmetric).
+      GGUF Q4_0 (w = d * (q - 8)) is the same with min = -8 d; GPTQ/AWQ with
+      w = (q - zero) * scale is the same with min = -zero * scale.
+  q8  qs [N, K] int8; w = q * scale (symmetric).
+
+  scale, min  [N, K / group] float32, one per group of `group` consecutive weights of a row;
+              group is a multiple of 32 (32 for GGUF blocks and int4; K for per-channel int8).
+
+N is the output features (rows), K the input features, as in torch's Linear weight [N, K].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+BLOCK = 32  # weights per packed block (the nibble layout is defined over 32 weights)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    kind: str  # "q4" or "q8"
+    qs: torch.Tensor  # q4: [N, K/2] uint8; q8: [N, K] int8
+    scale: torch.Tensor  # [N, K / group] float32
+    min: torch.Tensor | None  # [N, K / group] float32 for q4; None for q8
+    group: int
+    # The same matrix dequantized [N, K], kept only where memory is traded for speed: products
+    # with many rows use it instead of dequantizing into scratch each time (Quantizer.keep_dense).
+    dense: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("q4", "q8"):
+            raise ValueError(f"unknown quantized kind {self.kind!r}")
+        if self.group % BLOCK or self.in_features % self.group:
+            raise ValueError(
+                f"group {self.group} must be a multiple of {BLOCK} dividing {self.in_features}"
+            )
+
+    @property
+    def out_features(self) -> int:  # N
+        return self.qs.shape[0]
+
+    @property
+    def in_features(self) -> int:  # K
+        return self.qs.shape[1] * (2 if self.kind == "q4" else 1)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def nbytes(self) -> int:
+        extra = 0 if self.min is None else self.min.nbytes
+        return self.qs.nbytes + self.scale.nbytes + extra
+
+    def rows(self, start: int, end: int) -> "QuantizedWeight":
+        """Output rows [start, end): a column-parallel shard."""
+        return replace(
+            self,
+            dense=None,
+            qs=self.qs[start:end].contiguous(),
+            scale=self.scale[start:end].contiguous(),
+            min=None if self.min is None else self.min[start:end].contiguous(),
+        )
+
+    def columns(self, start: int, end: int) -> "QuantizedWeight":
+        """Input columns [start, end): a row-parallel shard; bounds must fall on groups."""
+        if start % self.group or end % self.group:
+            raise ValueError(
+                f"columns [{start}, {end}) do not fall on quantization groups of {self.group}"
+            )
+        per_byte = 2 if self.kind == "q4" else 1
+        g0, g1 = start // self.group, end // self.group
+        return replace(
+            self,
+            dense=None,
+            qs=self.qs[:, start // per_byte : end // per_byte].contiguous(),
+            scale=self.scale[:, g0:g1].contiguous(),
+            min=None if self.min is None else self.min[:, g0:g1].contiguous(),
+        )
+
+    @staticmethod
+    def cat_rows(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
+        """Fuses matrices along the output rows (q|k|v, gate|up)."""
+        first = parts[0]
+        if any(p.kind != first.kind or p.group != first.group for p in parts):
+            raise ValueError("cannot fuse matrices quantized differently")
+        return replace(
+            first,
+            dense=None,
+            qs=torch.cat([p.qs for p in parts]),
+            scale=torch.cat([p.scale for p in parts]),
+            min=None if first.min is None else torch.cat([p.min for p in parts]),
+        )
+
+
+def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] uint8 -> [N, K] uint8 values 0..15, in weight order."""
+    n = qs.shape[0]
+    blocks = qs.view(n, -1, BLOCK // 2)  # [N, K/32, 16]
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).view(n, -1)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] integers 0..15 -> [N, K/2] uint8 (the inverse of unpack_nibbles)."""
+    n = q.shape[0]
+    blocks = q.to(torch.uint8).view(n, -1, BLOCK)  # [N, K/32, 32]
+    return (blocks[..., : BLOCK // 2] | (blocks[..., BLOCK // 2 :] << 4)).view(n, -1)
+
+
+def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference: the dense [N, K] matrix the kernels multiply by."""
+    n, k = w.shape
+    q = unpack_nibbles(w.qs) if w.kind == "q4" else w.qs
+    q = q.float().view(n, k // w.group, w.group)
+    dense = q * w.scale.unsqueeze(-1)
+    if w.min is not None:
+        dense = dense + w.min.unsqueeze(-1)
+    return dense.view(n, k).to(dtype)
+
+
+def quantize(weight: torch.Tensor, kind: str, group: int) -> QuantizedWeight:
+    """Round-to-nearest quantization of a dense [N, K] matrix: q4 asymmetric per group
+    (min/max, as GGUF Q4_1), q8 symmetric per group (absmax, as Q8_0; group = K is per
+    channel)."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // group, group)
+    if kind == "q8":
+        scale = w.abs().amax(-1) / 127.0
+        q = torch.round(w / scale.clamp_min(1e-12).unsqueeze(-1)).clamp(-127, 127)
+        return QuantizedWeight("q8", q.to(torch.int8).view(n, k), scale.contiguous(), None, group)
+    if kind == "q4":
+        low, high = w.amin(-1), w.amax(-1)
+        scale = (high - low) / 15.0
+        q = torch.round((w - low.unsqueeze(-1)) / scale.clamp_min(1e-12).unsqueeze(-1))
+        q = q.clamp(0, 15).view(n, k)
+        return QuantizedWeight("q4", pack_nibbles(q), scale.contiguous(), low.contiguous(), group)
+    raise ValueError(f"unknown quantized kind {kind!r}")
