@@ -129,7 +129,7 @@ def main(
     ),
     gguf: str = typer.Option("", help="The GGUF llama-server serves (default: the embedded one)"),
     ours_args: list[str] = typer.Option(
-        ["--dtype float32", "--dtype bfloat16"],
+        ["", "--quantize none"],
         "--ours",
         help="Launcher flags of one configuration of this server (repeatable)",
     ),
