@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from launcher.config import LauncherConfig
@@ -55,10 +54,6 @@ def shard_command(config: LauncherConfig, model_dir: str, rank: int) -> Command:
         "MASTER_ADDR": config.master_addr,
         "MASTER_PORT": str(config.master_port),
         "LOG_LEVEL": config.log_level,
-        # OpenMP workers spin between parallel regions instead of sleeping: a decode step is
-        # hundreds of short regions, and waking sleeping workers for each one made steps
-        # ~30 % slower (measured on 2 cores). Read when torch loads, so set in the environment.
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "ACTIVE"),
     }
     return Command(f"shard {rank}", tuple(argv), env)
 
