@@ -70,7 +70,10 @@ def main() -> None:
     generator, attention = load_generator(config)
     runner = generator.runner
     runner.allocate_cache(2048)
-    print(f"dtype {args.dtype}, quantize {runner.quantize}, attention {attention}, threads {torch.get_num_threads()}")
+    print(
+        f"dtype {args.dtype}, quantize {runner.quantize}, "
+        f"attention {attention}, threads {torch.get_num_threads()}"
+    )
     for batch_size in (int(b) for b in args.batch.split(",")):
         pbs = requests(batch_size, 64, args.steps + 12, runner.block_size)
         states = [

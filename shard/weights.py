@@ -122,7 +122,9 @@ class Weights:
         world, rank = self.dist.world_size, self.dist.rank
         size = quantized.shape[dim]
         if size % world:
-            raise CheckpointError(f"{prefix}: dimension {dim} of size {size} cannot be split in {world}")
+            raise CheckpointError(
+                f"{prefix}: dimension {dim} of size {size} cannot be split in {world}"
+            )
         block = size // world
         if dim == 0:
             return quantized.rows(rank * block, (rank + 1) * block)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from shard.distributed import Dist
-from shard.quant.weight import QuantizedWeight
 from shard.layers.linear import as_weight, linear
+from shard.quant.weight import QuantizedWeight
 from shard.weights import Matrix, Weights
 
 

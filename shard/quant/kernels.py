@@ -84,7 +84,9 @@ class NativeKernels:
         lib = ctypes.CDLL(str(path))
         self._matmul = lib.quant_matmul
         self._matmul.restype = None
-        self._matmul.argtypes = [_int, _ptr, _int, _int, _int, _ptr, _ptr, _ptr, _int, _int, _ptr, _int]
+        # kind, x, x_bf16, T, K, qs, scale, min, N, group, y, y_bf16
+        ints = [_int, _int, _int]
+        self._matmul.argtypes = [_int, _ptr, *ints, _ptr, _ptr, _ptr, _int, _int, _ptr, _int]
         self._dequantize = lib.quant_dequantize
         self._dequantize.restype = None
         self._dequantize.argtypes = [_int, _ptr, _ptr, _ptr, _int, _int, _int, _ptr, _int]

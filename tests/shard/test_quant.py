@@ -17,7 +17,6 @@ from shard.quant.loaders import (
     AWQ_ORDER,
     GGUF_BLOCKS_FILE,
     QuantizationError,
-    Quantizer,
     resolve_method,
     unpack_int32,
 )
@@ -195,9 +194,7 @@ def test_method_resolution_and_refusals(tmp_path):
     fp8 = write_config(tmp_path / "fp8", quantization_config={"quant_method": "fp8"})
     with pytest.raises(QuantizationError, match="'fp8', which cannot be served"):
         resolve_method(None, fp8)
-    gptq = write_config(
-        tmp_path / "gptq", quantization_config={"quant_method": "gptq", "bits": 8}
-    )
+    gptq = write_config(tmp_path / "gptq", quantization_config={"quant_method": "gptq", "bits": 8})
     with pytest.raises(QuantizationError, match="only 4-bit"):
         resolve_method(None, gptq)
     awq = write_config(tmp_path / "awq", quantization_config={"quant_method": "awq", "bits": 4})
