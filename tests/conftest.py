@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from shard.quant.quality import PROMPTS
+
 TINY_LLAMA = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -61,13 +63,5 @@ def smollm2_dir() -> Path:
     return ensure_converted(default_gguf_path(), default_cache_dir())
 
 
-SMOLLM2_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain what a hash table is in one paragraph.",
-    "List three prime numbers greater than 100.",
-    "Translate 'good morning' into Spanish and German.",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "Give me a short recipe for pancakes.",
-]
+# The 8 chat prompts the oracle tests and the quantization quality measure share.
+SMOLLM2_PROMPTS = PROMPTS
