@@ -251,3 +251,27 @@ def test_metrics_and_docs(launcher):
         timeout=10,
     )
     assert response.headers["access-control-allow-origin"] == "*"
+
+
+def test_a_shared_prefix_is_served_from_the_prefix_cache(launcher):
+    """The second request's prompt starts with the first one's: its prefill skips the cached
+    blocks, and its greedy tokens equal those computed without the cache (prompt logprobs
+    bypass it)."""
+    system = "You are a careful assistant. " * 40  # ~240 tokens, many full blocks
+    first = {"inputs": system + "Name a colour.", "parameters": {"max_new_tokens": 4}}
+    assert requests.post(f"{launcher.url}/generate", json=first, timeout=120).ok
+    hits = metric(launcher.url, "tgi_prefix_cache_hit_tokens")
+
+    def greedy(bypass: bool) -> list[int]:
+        parameters = {"max_new_tokens": 16, "details": True, "decoder_input_details": bypass}
+        body = {"inputs": system + "Name a fruit.", "parameters": parameters}
+        response = requests.post(f"{launcher.url}/generate", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return [t["id"] for t in response.json()["details"]["tokens"]]
+
+    cached = greedy(bypass=False)
+    assert metric(launcher.url, "tgi_prefix_cache_hit_tokens") - hits >= 200
+    assert cached == greedy(bypass=True)
+    assert metric(launcher.url, "tgi_kv_cache_blocks_free") == metric(
+        launcher.url, "tgi_kv_cache_blocks_total"
+    )

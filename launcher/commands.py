@@ -37,6 +37,7 @@ def shard_command(config: LauncherConfig, model_dir: str, rank: int) -> Command:
         "--dtype",
         config.dtype,
         *(["--quantize", config.quantize] if config.quantize else []),
+        "--prefix-caching" if config.prefix_caching else "--no-prefix-caching",
         "--attention",
         config.attention,
         "--block-size",

@@ -74,6 +74,7 @@ class LauncherConfig:
     block_size: int = 16
     cache_dir: str | None = None  # where converted models live
     log_level: str = "info"
+    prefix_caching: bool = True  # env PREFIX_CACHING, as TGI (no flag)
 
     def __post_init__(self) -> None:
         for ok, message in self._checks():
@@ -234,4 +235,5 @@ def resolve_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Laun
         max_input_tokens=max_input_tokens,
         max_batch_prefill_tokens=4096 if prefill is None else prefill,
         log_level=resolve_log_level(environ),
+        prefix_caching=parse_bool("PREFIX_CACHING", environ.get("PREFIX_CACHING")) is not False,
     )

@@ -90,6 +90,15 @@ class Metrics(Hooks):
         self.blocks_total = Gauge(
             "tgi_kv_cache_blocks_total", "KV cache blocks for requests", registry=r
         )
+        # Not in TGI: what prefix caching keeps and saves.
+        self.blocks_cached = Gauge(
+            "tgi_kv_cache_blocks_cached",
+            "Free KV cache blocks that keep a prefix for later prompts (counted as free)",
+            registry=r,
+        )
+        self.prefix_cache_tokens = _counter(
+            "tgi_prefix_cache_hit_tokens", "Prompt tokens whose prefill the prefix cache saved", r
+        )
         if config is not None and config.max_batch_total_tokens:
             self.batch_max_total_tokens.set(config.max_batch_total_tokens)
 
@@ -196,6 +205,7 @@ class Metrics(Hooks):
         """Live gauges read at scrape time, and the hooks of the queue and the loop."""
         self.blocks_free.set_function(lambda: allocator.free_blocks)
         self.blocks_total.set_function(lambda: allocator.total_blocks)
+        self.blocks_cached.set_function(lambda: allocator.cached_blocks)
         self.queue_size.set_function(lambda: len(queue))
         self.batch_max_total_tokens.set(batcher.max_total)
         queue.metrics = self
@@ -258,6 +268,9 @@ class Metrics(Hooks):
 
     def batch_next(self, size: int) -> None:
         self.next_size.observe(size)
+
+    def prefix_cache_hit(self, tokens: int) -> None:
+        self.prefix_cache_tokens.inc(tokens)
 
     def batch_concat(self, reason: str) -> None:
         self.concat.labels(reason=reason).inc()

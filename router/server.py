@@ -59,6 +59,7 @@ async def connect_shards(config: RouterConfig) -> tuple[ShardClient, RouterConfi
     config = config.with_limits(answer.max_input_tokens, answer.max_total_tokens, usable)
     config = config.with_model(info.dtype, info.device_type, info.quantize)
     log.info("serving %s weights in %s on %s", info.quantize, info.dtype, info.device_type)
+    log.info("prefix caching: %s", "on" if info.use_prefix_caching else "off")
     return client, config, info
 
 
@@ -69,7 +70,9 @@ def build_state(
     requests can use; the allocator adds the reserved block 0."""
     tokenizer = Tokenizer.from_dir(config.tokenizer_dir)
     allocator = BlockAllocator(
-        config.max_batch_total_tokens // info.block_size + 1, info.block_size
+        config.max_batch_total_tokens // info.block_size + 1,
+        info.block_size,
+        prefix_caching=info.use_prefix_caching,
     )
     queue = Queue(allocator, info.support_chunking)
     batcher = Batcher(

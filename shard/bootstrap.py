@@ -56,9 +56,7 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
     keep_dense = config.quantize is None
     model = load_model(config.model_dir, config.torch_dtype, device, dist, quantize, keep_dense)
     backend = get_backend(config.attention, device, block_size=config.block_size)
-    runner = ModelRunner(
-        model, backend, config.block_size, device, config.torch_dtype, quantize
-    )
+    runner = ModelRunner(model, backend, config.block_size, device, config.torch_dtype, quantize)
     watermark = Watermark(config.watermark_gamma, config.watermark_delta)
     generator = Generator(runner, model.config.eos_token_ids, DEFAULT_MAX_PREFILL_TOKENS, watermark)
     log.info(

@@ -44,6 +44,11 @@ def serve(
         help="int8 (= eetq), int4, gguf, gptq, awq or none. Default: the checkpoint's own "
         "(a GGUF file's blocks, GPTQ/AWQ), else none",
     ),
+    prefix_caching: bool = typer.Option(
+        True,
+        envvar="PREFIX_CACHING",
+        help="Tell the router it may reuse the K/V of shared prompt prefixes (cache_len)",
+    ),
     device: str = typer.Option("cpu"),
     attention: str = typer.Option("auto", help="auto, sdpa, torch or flash"),
     block_size: int = typer.Option(16, help="Tokens per KV cache block"),
@@ -85,6 +90,7 @@ def serve(
         collective_timeout=collective_timeout,
         watermark_gamma=watermark_gamma,
         watermark_delta=watermark_delta,
+        use_prefix_caching=prefix_caching,
     )
     service = build_service(config)
     asyncio.run(run_forever(config, service))

@@ -172,6 +172,9 @@ class Batcher:
             if entry.cancelled:  # the client left during this step
                 self._drop(entry)
                 continue
+            if not entry.output.generated_ids and entry.allocation is not None:
+                # Its first token: the whole prompt's K/V is written, later prompts may share it.
+                self.allocator.commit(entry.allocation, entry.request.input_ids)
             for event in entry.output.process(g, entry.queued_at, entry.started_at or 0.0):
                 entry.send(event)
                 if isinstance(event, EndEvent):
@@ -183,7 +186,7 @@ class Batcher:
             entry = self.entries.get(request_id)
             if entry is not None:
                 entry.send(ErrorEvent(GenerationError(message)))
-                self._remove(entry)
+                self._remove(entry, cache=False)
         for batch_id in batch_ids:
             try:
                 await self.client.clear_cache(batch_id)
@@ -220,13 +223,23 @@ class Batcher:
         self.metrics.dropped()
         self._remove(entry)
 
-    def _remove(self, entry: Entry) -> None:
-        """The one place an entry leaves the router and its blocks are freed."""
+    def _remove(self, entry: Entry, cache: bool = True) -> None:
+        """The one place an entry leaves the router and its blocks are freed; with `cache`,
+        what it computed stays in the prefix cache (a later turn of the chat starts with it)."""
         self.entries.pop(entry.id, None)
         self.stopped.discard(entry.id)
         if entry.allocation is not None:
+            if cache:
+                self.allocator.commit(entry.allocation, _computed_tokens(entry))
             self.allocator.free(entry.allocation)
             entry.allocation = None
+
+
+def _computed_tokens(entry: Entry) -> tuple[int, ...]:
+    """The tokens whose K/V the shards have surely written for the entry: the prompt and every
+    generated token but the last (which was never fed back), once a first token came."""
+    generated = entry.output.generated_ids
+    return entry.request.input_ids + tuple(generated[:-1]) if generated else ()
 
 
 async def _let_the_call_go_out() -> None:

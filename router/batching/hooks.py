@@ -20,6 +20,9 @@ class Hooks:
     def batch_next(self, size: int) -> None:
         """A new batch left the queue with `size` requests."""
 
+    def prefix_cache_hit(self, tokens: int) -> None:
+        """A request joined a batch with `tokens` prompt tokens already in cached blocks."""
+
     def batch_concat(self, reason: str) -> None:
         """New requests joined the running batch: chunking, backpressure or wait_exceeded."""
 

@@ -3,7 +3,9 @@ Prefill under the token, block and size budgets (TGI v3's rules).
 
 With chunked prefill (the shards' `support_chunking`), the last entry that overflows the
 prefill budget still joins with `chunk_len` = what is left of the budget; without it, the
-entry waits for the next batch.
+entry waits for the next batch. With prefix caching, the prompt tokens already in cached blocks
+(`cache_len`) cost no prefill budget; requests that want prompt logprobs (TGI's
+`decoder_input_details`) never read the cache, since the skipped positions would have none.
 """
 
 from __future__ import annotations
@@ -68,9 +70,13 @@ class Queue:
         chosen = []
         for entry, take in plan:
             self._entries.popleft()
-            prompt = entry.request.input_length
-            entry.allocation = self.allocator.allocate(self._tokens(entry))
-            entry.chunk_len = take if take < prompt else None
+            entry.allocation = self.allocator.allocate(self._tokens(entry), _cache_key(entry))
+            # An earlier entry of this batch may have evicted blocks the plan counted as cached:
+            # the entry then prefills `take` tokens now and the rest in the next steps.
+            if entry.allocation.cache_len:
+                self.metrics.prefix_cache_hit(entry.allocation.cache_len)
+            rest = entry.request.input_length - entry.allocation.cache_len
+            entry.chunk_len = take if self.support_chunking and take < rest else None
             chosen.append(entry)
         self.metrics.batch_next(len(chosen))
         return NextBatch(chosen, sum(take for _, take in plan))
@@ -90,7 +96,7 @@ class Queue:
         for entry in self._entries:
             if max_size is not None and len(plan) >= max_size:
                 break
-            prompt = entry.request.input_length
+            prompt = entry.request.input_length - self.allocator.cached_prefix(_cache_key(entry))
             take = min(prompt, prefill_budget - prefill)
             if take < prompt and (not self.support_chunking or take <= 0):
                 break
@@ -113,3 +119,8 @@ class Queue:
             self.dropped += len(gone)
             self.metrics.dropped(len(gone))
         return gone
+
+
+def _cache_key(entry: Entry) -> tuple[int, ...] | None:
+    """The prompt to look up in the prefix cache; None for requests that want prompt logprobs."""
+    return None if entry.request.prefill_logprobs else entry.request.input_ids

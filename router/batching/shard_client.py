@@ -60,6 +60,7 @@ class ShardInfo:
     dtype: str = ""
     device_type: str = ""
     quantize: str = ""  # the weight quantization served ("none" when dense)
+    use_prefix_caching: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class ShardClient:
             answer.dtype,
             answer.device_type,
             answer.quantize or "none",
+            answer.use_prefix_caching,
         )
 
     async def health(self, timeout: float = 5.0) -> None:
@@ -255,7 +257,7 @@ def request_to_pb(new: NewRequest) -> pb.Request:
         top_n_tokens=r.top_n_tokens,
         blocks=new.allocation.blocks,
         slots=new.allocation.slots,
-        cache_len=0,
+        cache_len=new.allocation.cache_len,
         add_special_tokens=r.add_special_tokens,
         chunk_len=new.chunk_len,
     )

@@ -62,7 +62,7 @@ OUR_FLAGS = ["--kv-cache-memory", "--attention", "--block-size", "--cache-dir"]
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No flag may come from the test machine's environment; logging is restored after."""
-    for name in [*FLAG_ENV_VARS, "LOG_LEVEL", "CUDA_VISIBLE_DEVICES"]:
+    for name in [*FLAG_ENV_VARS, "LOG_LEVEL", "CUDA_VISIBLE_DEVICES", "PREFIX_CACHING"]:
         monkeypatch.delenv(name, raising=False)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -154,6 +154,8 @@ def test_defaults_match_tgi(captured: list[LauncherConfig]) -> None:
         ("CACHE_DIR", "/cache", "cache_dir", "/cache"),
         ("LOG_LEVEL", "WARN", "log_level", "warning"),
         ("LOG_LEVEL", "trace", "log_level", "debug"),
+        ("PREFIX_CACHING", "0", "prefix_caching", False),
+        ("PREFIX_CACHING", "true", "prefix_caching", True),
     ],
 )
 def test_env_vars(
@@ -246,6 +248,7 @@ def test_sharded_true_counts_cuda_visible_devices(captured: list[LauncherConfig]
         (("--block-size", "0"), {}, "`block_size` must be > 0"),
         (("-g", "-1"), {}, "`graceful_termination_timeout` must be >= 0"),
         ((), {"LOG_LEVEL": "verbose"}, "invalid LOG_LEVEL 'verbose'"),
+        ((), {"PREFIX_CACHING": "maybe"}, "`PREFIX_CACHING` must be true or false"),
     ],
 )
 def test_invalid_arguments_exit_1_with_a_clear_message(
@@ -343,6 +346,7 @@ def test_shard_command() -> None:
         "2",
         "--dtype",
         "bfloat16",
+        "--prefix-caching",
         "--attention",
         "sdpa",
         "--block-size",

@@ -33,6 +33,7 @@ class FakeShardClient:
         block_size: int = 4,
         num_blocks: int = 64,
         step_delay: float = 0.0,
+        use_prefix_caching: bool = True,
     ):
         self.vocab = vocab  # token ids to emit, cycled per request
         self.eos_id = eos_id
@@ -45,9 +46,13 @@ class FakeShardClient:
         self.fail_next: str | None = None  # "prefill" or "decode": raise on the next such call
         self.seeded_logprobs = False  # sampling requests: logprob = seed_logprob(seed)
         self.requests: dict = {}  # every request prefilled, as the protobuf the shard gets
+        self.use_prefix_caching = use_prefix_caching
+        self.kv: dict[int, int] = {}  # slot -> the token id whose K/V it holds
 
     async def info(self):
-        return ShardInfo(self.block_size, self.support_chunking, 1)
+        return ShardInfo(
+            self.block_size, self.support_chunking, 1, use_prefix_caching=self.use_prefix_caching
+        )
 
     async def health(self, timeout=None):
         return None
@@ -98,13 +103,19 @@ class FakeShardClient:
 
     def _state(self, new: NewRequest) -> dict:
         r, allocation = new.request, new.allocation
-        chunk = new.chunk_len if new.chunk_len is not None else r.input_length
+        cache_len = allocation.cache_len
+        chunk = new.chunk_len if new.chunk_len is not None else r.input_length - cache_len
         assert len(allocation.slots) >= r.input_length + r.stopping.max_new_tokens - 1
         assert 0 not in allocation.blocks, "block 0 is reserved"
+        assert cache_len < r.input_length, "the last prompt token must be computed"
+        for p in range(cache_len):  # the prefix cache handed out blocks that hold the prompt
+            assert self.kv.get(allocation.slots[p]) == r.input_ids[p], f"stale KV at {p}"
         return {
             "id": new.id,
+            "tokens": list(r.input_ids),
+            "slots": allocation.slots,
             "prompt": r.input_length,
-            "computed": 0,
+            "computed": cache_len,
             "next": chunk,
             "generated": 0,
             "max_new": r.stopping.max_new_tokens,
@@ -122,6 +133,8 @@ class FakeShardClient:
         for r in self.batches[batch_id]:
             if r["done"] or r["next"] == 0:
                 continue
+            for p in range(r["computed"], r["computed"] + r["next"]):
+                self.kv[r["slots"][p]] = r["tokens"][p]
             r["computed"] += r["next"]
             if r["computed"] < r["prompt"]:
                 r["next"] = r["prompt"] - r["computed"]  # the rest of the prompt next step
@@ -135,6 +148,7 @@ class FakeShardClient:
     def generation(self, r: dict) -> Generation:
         """The next token of request state `r` (subclasses add top tokens or prefill)."""
         token = self.vocab[(r["id"] + r["generated"]) % len(self.vocab)]
+        r["tokens"].append(token)
         r["generated"] += 1
         r["next"] = 1
         finish = None

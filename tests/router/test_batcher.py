@@ -1,9 +1,12 @@
 """The router's queue, block accounting and batching loop against a fake shard (no model).
-After every scenario, including cancellations and shard failures, every block is free again."""
+After every scenario, including cancellations and shard failures, every block is free again
+(or cached: prefix caching is on, and the fake shard checks that every cached block it is
+handed holds the prompt's tokens)."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -44,6 +47,7 @@ class Harness:
         max_batch_size=None,
         vocab=None,
         step_delay=0.0,
+        prefix_caching=True,
     ):
         vocab = vocab or tokenizer.encode(" the quick brown fox jumps", add_special_tokens=False)
         self.client = FakeShardClient(
@@ -53,7 +57,7 @@ class Harness:
             num_blocks=num_blocks,
             step_delay=step_delay,
         )
-        self.allocator = BlockAllocator(num_blocks, BLOCK_SIZE)
+        self.allocator = BlockAllocator(num_blocks, BLOCK_SIZE, prefix_caching)
         self.queue = Queue(self.allocator, chunking)
         self.batcher = Batcher(
             self.client,
@@ -267,5 +271,60 @@ def test_a_stop_sequence_ends_the_request_a_step_later_without_leaking(tokenizer
             end = events[-1]
             assert isinstance(end, EndEvent) and end.finish_reason == "stop_sequence"
             assert end.generated_tokens == len(events) <= 3
+
+    run(main())
+
+
+def test_a_repeated_prompt_skips_its_cached_prefill(tokenizer):
+    async def main():
+        async with Harness(tokenizer) as h:
+            first = await h.collect(request(10, 3))
+            second = await h.collect(request(10, 3))
+            ids = [r.id for r in h.client.requests.values()]
+            assert [h.client.requests[i].cache_len for i in ids] == [0, 8]
+            assert len(first) == len(second) == 3
+            assert h.allocator.cached_blocks == 4  # 2 shared, then a block per (different) answer
+
+    run(main())
+
+
+def test_the_next_chat_turn_reuses_the_previous_answer(tokenizer):
+    async def main():
+        async with Harness(tokenizer) as h:
+            events = await h.collect(request(6, 8))
+            answer = tuple(e.token.id for e in events)
+            turn = ValidatedRequest(
+                inputs="x",
+                input_ids=request(6, 8).input_ids + answer + (7, 7, 7),
+                sampling=SamplingParameters(),
+                stopping=StoppingParameters(2, 2),
+            )
+            await h.collect(turn)
+            last = list(h.client.requests.values())[-1]
+            assert last.cache_len == 12  # prompt + answer but its last token: 13 -> 3 blocks
+
+    run(main())
+
+
+def test_a_request_cancelled_during_its_prefill_caches_nothing(tokenizer):
+    async def main():
+        async with Harness(tokenizer, max_prefill=8, step_delay=0.1) as h:
+            task = asyncio.create_task(h.collect(request(40, 4)))  # 2 prefill steps
+            await asyncio.sleep(0.05)  # the first one is running
+            task.cancel()
+            await asyncio.sleep(0.3)
+            assert h.client.calls[0][0] == "prefill"
+            assert h.allocator.cached_blocks == 0
+
+    run(main())
+
+
+def test_prompt_logprobs_never_read_the_cache(tokenizer):
+    async def main():
+        async with Harness(tokenizer) as h:
+            await h.collect(request(10, 2))
+            await h.collect(replace(request(10, 2), prefill_logprobs=True))
+            ids = list(h.client.requests)
+            assert h.client.requests[ids[-1]].cache_len == 0
 
     run(main())
