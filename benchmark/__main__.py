@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 from tqdm import tqdm
 
-from benchmark.loadgen import Load, Report, run_load
+from benchmark.loadgen import Load, Report, run_load, sequential_ttfts
 from benchmark.servers import Running, ServerSpec, llama_server, naive, ours
 
 PROMPTS = [
@@ -58,6 +58,46 @@ def chat_prompts(model_dir: Path) -> list[str]:
     ]
 
 
+def shared_prefix_prompts(model_dir: Path, tokens: int) -> list[str]:
+    """Three chat prompts: a warm-up with a system prompt of its own, then two questions after
+    the same system prompt of at least `tokens` tokens (the second may reuse the first's K/V)."""
+    from router.text.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+
+    def system(topic: str) -> str:
+        text, n = f"You are the assistant of a {topic} company.", 0
+        while len(tokenizer.encode(text, add_special_tokens=False)) < tokens:
+            n += 1
+            text += f" Rule {n}: answer questions about {topic} item {n} briefly and politely."
+        return text
+
+    def chat(system_text: str, question: str) -> str:
+        messages = [
+            {"role": "system", "content": system_text},
+            {"role": "user", "content": question},
+        ]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    shared = system("shipping")
+    return [
+        chat(system("gardening"), PROMPTS[0]),
+        chat(shared, PROMPTS[1]),
+        chat(shared, PROMPTS[2]),
+    ]
+
+
+def shared_prefix_ttfts(url: str, dialect: str, prompts: list[str]) -> list[float]:
+    """(first, second) TTFT after the shared system prompt; [] when a request failed."""
+    try:
+        _, first, second = asyncio.run(sequential_ttfts(url, dialect, prompts))
+    except RuntimeError as err:
+        print(f"  shared prefix: {err}", file=sys.stderr)
+        return []
+    print(f"  shared prefix TTFT: {first:.3f} s then {second:.3f} s", file=sys.stderr)
+    return [first, second]
+
+
 def measure(
     spec: ServerSpec,
     streams: list[int],
@@ -65,15 +105,20 @@ def measure(
     max_new: int,
     prompts: list[str],
     log_dir: Path,
-) -> dict[int, Report]:
+    prefix_prompts: list[str],
+) -> tuple[dict[int, Report], list[float]]:
+    """The server's report at each concurrency, and its shared-prefix TTFTs (first, second)."""
     reports: dict[int, Report] = {}
     print(f"starting {spec.name} ...", file=sys.stderr)
     try:
         server = Running(spec, log_dir)
     except (RuntimeError, TimeoutError) as err:  # its row stays empty; the others still run
         print(f"  skipped: {err}", file=sys.stderr)
-        return reports
+        return reports, []
+    prefix_ttfts: list[float] = []
     try:
+        if prefix_prompts:
+            prefix_ttfts = shared_prefix_ttfts(server.url, spec.dialect, prefix_prompts)
         for n in streams:
             load = Load(n, max(n * per_stream, 2), max_new, spec.dialect)
             with tqdm(
@@ -89,7 +134,7 @@ def measure(
             )
     finally:
         server.stop()
-    return reports
+    return reports, prefix_ttfts
 
 
 def table(
@@ -122,6 +167,19 @@ def table(
     return "\n".join(lines)
 
 
+def prefix_table(ttfts: dict[str, list[float]], tokens: int) -> str:
+    lines = [
+        f"Shared {tokens}-token system prompt, two questions one after the other (TTFT):",
+        "| server | first | second | second ÷ first |",
+        "|---|---|---|---|",
+    ]
+    for name, pair in ttfts.items():
+        if pair:
+            first, second = pair
+            lines.append(f"| {name} | {first:.3f} s | {second:.3f} s | {second / first:.2f} |")
+    return "\n".join(lines)
+
+
 @app.command()
 def main(
     model_id: str = typer.Option(
@@ -145,6 +203,9 @@ def main(
     baseline: bool = typer.Option(True, help="Run the naive transformers baseline"),
     baseline_streams: str = typer.Option("1", help="Its concurrency levels (it serializes)"),
     baseline_dtype: str = typer.Option("bfloat16"),
+    shared_prefix_tokens: int = typer.Option(
+        1000, help="System prompt length of the prefix-cache TTFT measurement (0: skip it)"
+    ),
 ) -> None:
     """Runs every server at every concurrency and prints the table."""
     from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
@@ -156,7 +217,8 @@ def main(
     specs: list[tuple[ServerSpec, list[int]]] = [(ours(a), levels) for a in ours_args]
     llama_name = baseline_name = None
     if Path(llama_server_bin).exists():
-        spec = llama_server(llama_server_bin, gguf_path, max(levels), max(levels) * 512)
+        per_slot = max(512, shared_prefix_tokens + 256)  # -c is shared by the slots
+        spec = llama_server(llama_server_bin, gguf_path, max(levels), max(levels) * per_slot)
         specs.append((spec, levels))
         llama_name = spec.name
     else:
@@ -166,10 +228,13 @@ def main(
         specs.append((spec, [int(n) for n in baseline_streams.split(",")]))
         baseline_name = spec.name
     log_dir = Path(tempfile.mkdtemp(prefix="textgen-bench-"))
-    results = {}
+    prefix_prompts = (
+        shared_prefix_prompts(model_dir, shared_prefix_tokens) if shared_prefix_tokens else []
+    )
+    results, prefix_ttfts = {}, {}
     for spec, spec_levels in specs:
-        results[spec.name] = measure(
-            spec, spec_levels, per_stream, max_new_tokens, prompts, log_dir
+        results[spec.name], prefix_ttfts[spec.name] = measure(
+            spec, spec_levels, per_stream, max_new_tokens, prompts, log_dir, prefix_prompts
         )
     print(f"\nCPU: {cpu_description()}")
     print(
@@ -181,6 +246,8 @@ def main(
             results, levels, [s.name for s, _ in specs[: len(ours_args)]], llama_name, baseline_name
         )
     )
+    if prefix_prompts:
+        print("\n" + prefix_table(prefix_ttfts, shared_prefix_tokens))
 
 
 if __name__ == "__main__":

@@ -87,7 +87,9 @@ def request_body(dialect: str, prompt: str, max_new_tokens: int) -> tuple[str, d
         return "/v1/completions", {**body, "ignore_eos": True, "temperature": 0}
     if dialect == "llama":
         body = {"prompt": prompt, "n_predict": max_new_tokens, "stream": True}
-        return "/completion", {**body, "ignore_eos": True, "cache_prompt": False}
+        # cache_prompt (its default): a slot reuses the K/V of a prompt's start, as our prefix
+        # cache does
+        return "/completion", {**body, "ignore_eos": True, "cache_prompt": True}
     raise ValueError(f"unknown dialect {dialect!r}")
 
 
@@ -157,3 +159,20 @@ async def run_load(
         ttft=[r.ttft for r in ok],
         tpot=[t for r in ok if (t := r.tpot) is not None],
     )
+
+
+async def sequential_ttfts(
+    url: str, dialect: str, prompts: list[str], max_new_tokens: int = 4
+) -> list[float]:
+    """The TTFT of each prompt, sent one after another on an idle server: with prompts that
+    share a long start, the second one shows what a prefix cache saves."""
+    ttfts = []
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    connector = aiohttp.TCPConnector(force_close=True)  # as in run_load
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        for prompt in prompts:
+            result = await one_request(session, url, dialect, prompt, max_new_tokens)
+            if result.error is not None or not result.token_times:
+                raise RuntimeError(f"shared-prefix request failed: {result.error}")
+            ttfts.append(result.ttft)
+    return ttfts
