@@ -13,12 +13,20 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
 from tqdm import tqdm
 
-from benchmark.loadgen import Load, Report, run_load, sequential_ttfts
+from benchmark.loadgen import (
+    Load,
+    Report,
+    StallReport,
+    run_load,
+    sequential_ttfts,
+    stall_under_long_prompt,
+)
 from benchmark.servers import Running, ServerSpec, llama_server, naive, ours
 
 PROMPTS = [
@@ -58,33 +66,39 @@ def chat_prompts(model_dir: Path) -> list[str]:
     ]
 
 
+def long_text(tokenizer, topic: str, tokens: int) -> str:
+    """Instructions about `topic` of at least `tokens` tokens."""
+    text, n = f"You are the assistant of a {topic} company.", 0
+    while len(tokenizer.encode(text, add_special_tokens=False)) < tokens:
+        n += 1
+        text += f" Rule {n}: answer questions about {topic} item {n} briefly and politely."
+    return text
+
+
+def chat(tokenizer, system: str, question: str) -> str:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
 def shared_prefix_prompts(model_dir: Path, tokens: int) -> list[str]:
     """Three chat prompts: a warm-up with a system prompt of its own, then two questions after
     the same system prompt of at least `tokens` tokens (the second may reuse the first's K/V)."""
     from router.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(model_dir)
-
-    def system(topic: str) -> str:
-        text, n = f"You are the assistant of a {topic} company.", 0
-        while len(tokenizer.encode(text, add_special_tokens=False)) < tokens:
-            n += 1
-            text += f" Rule {n}: answer questions about {topic} item {n} briefly and politely."
-        return text
-
-    def chat(system_text: str, question: str) -> str:
-        messages = [
-            {"role": "system", "content": system_text},
-            {"role": "user", "content": question},
-        ]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-
-    shared = system("shipping")
+    shared = long_text(tokenizer, "shipping", tokens)
     return [
-        chat(system("gardening"), PROMPTS[0]),
-        chat(shared, PROMPTS[1]),
-        chat(shared, PROMPTS[2]),
+        chat(tokenizer, long_text(tokenizer, "gardening", tokens), PROMPTS[0]),
+        chat(tokenizer, shared, PROMPTS[1]),
+        chat(tokenizer, shared, PROMPTS[2]),
     ]
+
+
+def long_prompt(model_dir: Path, tokens: int) -> str:
+    from router.text.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    return chat(tokenizer, long_text(tokenizer, "bakery", tokens), PROMPTS[3])
 
 
 def shared_prefix_ttfts(url: str, dialect: str, prompts: list[str]) -> list[float]:
@@ -98,6 +112,29 @@ def shared_prefix_ttfts(url: str, dialect: str, prompts: list[str]) -> list[floa
     return [first, second]
 
 
+def stall(
+    url: str, dialect: str, prompts: list[str], long: str, streams: int
+) -> StallReport | None:
+    try:
+        report = asyncio.run(stall_under_long_prompt(url, dialect, prompts, long, streams))
+    except RuntimeError as err:
+        print(f"  long prompt: {err}", file=sys.stderr)
+        return None
+    print(
+        f"  long prompt: running streams waited up to {report.worst_wait_ratio:.1f}x their "
+        f"median TPOT; its TTFT {report.long_prompt_ttft:.2f} s",
+        file=sys.stderr,
+    )
+    return report
+
+
+@dataclass
+class Measured:
+    reports: dict[int, Report] = field(default_factory=dict)
+    prefix_ttfts: list[float] = field(default_factory=list)  # first, second
+    stall: StallReport | None = None
+
+
 def measure(
     spec: ServerSpec,
     streams: list[int],
@@ -106,19 +143,24 @@ def measure(
     prompts: list[str],
     log_dir: Path,
     prefix_prompts: list[str],
-) -> tuple[dict[int, Report], list[float]]:
-    """The server's report at each concurrency, and its shared-prefix TTFTs (first, second)."""
-    reports: dict[int, Report] = {}
+    long: str,
+    stall_streams: int,
+) -> Measured:
+    """The server's report at each concurrency, its shared-prefix TTFTs and how its running
+    streams fare when a long prompt arrives."""
+    measured = Measured()
+    reports = measured.reports
     print(f"starting {spec.name} ...", file=sys.stderr)
     try:
         server = Running(spec, log_dir)
     except (RuntimeError, TimeoutError) as err:  # its row stays empty; the others still run
         print(f"  skipped: {err}", file=sys.stderr)
-        return reports, []
-    prefix_ttfts: list[float] = []
+        return measured
     try:
         if prefix_prompts:
-            prefix_ttfts = shared_prefix_ttfts(server.url, spec.dialect, prefix_prompts)
+            measured.prefix_ttfts = shared_prefix_ttfts(server.url, spec.dialect, prefix_prompts)
+        if long:
+            measured.stall = stall(server.url, spec.dialect, prompts, long, stall_streams)
         for n in streams:
             load = Load(n, max(n * per_stream, 2), max_new, spec.dialect)
             with tqdm(
@@ -134,7 +176,7 @@ def measure(
             )
     finally:
         server.stop()
-    return reports, prefix_ttfts
+    return measured
 
 
 def table(
@@ -180,6 +222,21 @@ def prefix_table(ttfts: dict[str, list[float]], tokens: int) -> str:
     return "\n".join(lines)
 
 
+def stall_table(stalls: dict[str, StallReport | None], tokens: int, streams: int) -> str:
+    lines = [
+        f"{streams} streams decoding when a {tokens}-token prompt arrives:",
+        "| server | longest wait ÷ median TPOT | median TPOT | long prompt TTFT |",
+        "|---|---|---|---|",
+    ]
+    for name, r in stalls.items():
+        if r is not None:
+            lines.append(
+                f"| {name} | {r.worst_wait_ratio:.1f} | {r.median_tpot * 1000:.0f} ms "
+                f"| {r.long_prompt_ttft:.2f} s |"
+            )
+    return "\n".join(lines)
+
+
 @app.command()
 def main(
     model_id: str = typer.Option(
@@ -206,6 +263,10 @@ def main(
     shared_prefix_tokens: int = typer.Option(
         1000, help="System prompt length of the prefix-cache TTFT measurement (0: skip it)"
     ),
+    long_prompt_tokens: int = typer.Option(
+        2000, help="Prompt that arrives while streams decode (0: skip the stall measurement)"
+    ),
+    stall_streams: int = typer.Option(4, help="Streams decoding when the long prompt arrives"),
 ) -> None:
     """Runs every server at every concurrency and prints the table."""
     from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
@@ -217,8 +278,9 @@ def main(
     specs: list[tuple[ServerSpec, list[int]]] = [(ours(a), levels) for a in ours_args]
     llama_name = baseline_name = None
     if Path(llama_server_bin).exists():
-        per_slot = max(512, shared_prefix_tokens + 256)  # -c is shared by the slots
-        spec = llama_server(llama_server_bin, gguf_path, max(levels), max(levels) * per_slot)
+        per_slot = max(512, shared_prefix_tokens + 256, long_prompt_tokens + 256)  # -c is
+        slots = max(*levels, stall_streams + 1)  # shared by the slots
+        spec = llama_server(llama_server_bin, gguf_path, slots, slots * per_slot)
         specs.append((spec, levels))
         llama_name = spec.name
     else:
@@ -231,11 +293,22 @@ def main(
     prefix_prompts = (
         shared_prefix_prompts(model_dir, shared_prefix_tokens) if shared_prefix_tokens else []
     )
-    results, prefix_ttfts = {}, {}
-    for spec, spec_levels in specs:
-        results[spec.name], prefix_ttfts[spec.name] = measure(
-            spec, spec_levels, per_stream, max_new_tokens, prompts, log_dir, prefix_prompts
+    long = long_prompt(model_dir, long_prompt_tokens) if long_prompt_tokens else ""
+    measured = {
+        spec.name: measure(
+            spec,
+            spec_levels,
+            per_stream,
+            max_new_tokens,
+            prompts,
+            log_dir,
+            prefix_prompts,
+            long,
+            stall_streams,
         )
+        for spec, spec_levels in specs
+    }
+    results = {name: m.reports for name, m in measured.items()}
     print(f"\nCPU: {cpu_description()}")
     print(
         f"{max_new_tokens} new tokens per request (ignore_eos), {per_stream} requests per "
@@ -247,7 +320,11 @@ def main(
         )
     )
     if prefix_prompts:
-        print("\n" + prefix_table(prefix_ttfts, shared_prefix_tokens))
+        ttfts = {name: m.prefix_ttfts for name, m in measured.items()}
+        print("\n" + prefix_table(ttfts, shared_prefix_tokens))
+    if long:
+        stalls = {name: m.stall for name, m in measured.items()}
+        print("\n" + stall_table(stalls, long_prompt_tokens, stall_streams))
 
 
 if __name__ == "__main__":

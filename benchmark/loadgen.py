@@ -105,10 +105,16 @@ def is_token(dialect: str, event: dict) -> bool:
 
 
 async def one_request(
-    session: aiohttp.ClientSession, url: str, dialect: str, prompt: str, max_new_tokens: int
+    session: aiohttp.ClientSession,
+    url: str,
+    dialect: str,
+    prompt: str,
+    max_new_tokens: int,
+    result: RequestResult | None = None,
 ) -> RequestResult:
+    """Streams one request; `result` (filled as tokens arrive) may be watched meanwhile."""
     path, body = request_body(dialect, prompt, max_new_tokens)
-    result = RequestResult(sent=time.perf_counter())
+    result = result or RequestResult(sent=time.perf_counter())
     try:
         async with session.post(url + path, json=body) as response:
             if response.status != 200:
@@ -176,3 +182,54 @@ async def sequential_ttfts(
                 raise RuntimeError(f"shared-prefix request failed: {result.error}")
             ttfts.append(result.ttft)
     return ttfts
+
+
+@dataclass(frozen=True)
+class StallReport:
+    """Running streams while a long prompt arrives: each stream's longest wait for a token
+    after the prompt was sent, over its median time per output token."""
+
+    worst_wait_ratio: float  # max over the streams of (longest gap) / (median gap)
+    median_tpot: float  # seconds, median over the streams
+    long_prompt_ttft: float  # seconds
+
+
+async def stall_under_long_prompt(
+    url: str,
+    dialect: str,
+    prompts: list[str],
+    long_prompt: str,
+    streams: int = 4,
+    max_new_tokens: int = 160,
+    after_tokens: int = 32,
+) -> StallReport:
+    """`streams` requests decode; once each has `after_tokens` tokens the long prompt is sent
+    (8 new tokens). Gaps are measured on the running streams from then on."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        results = [RequestResult(sent=time.perf_counter()) for _ in range(streams)]
+        running = [
+            asyncio.create_task(
+                one_request(session, url, dialect, prompts[i % len(prompts)], max_new_tokens, r)
+            )
+            for i, r in enumerate(results)
+        ]
+        while min(len(r.token_times) for r in results) < after_tokens:
+            if any(r.error for r in results):
+                break
+            await asyncio.sleep(0.005)
+        sent = time.perf_counter()
+        long = await one_request(session, url, dialect, long_prompt, 8)
+        await asyncio.gather(*running)
+    failed = [r.error for r in [*results, long] if r.error or not r.token_times]
+    if failed:
+        raise RuntimeError(f"stall measurement failed: {failed[0]}")
+    ratios, tpots = [], []
+    for r in results:
+        pairs = list(zip(r.token_times, r.token_times[1:]))
+        median = sorted(b - a for a, b in pairs)[len(pairs) // 2]
+        waits = [b - max(a, sent) for a, b in pairs if b > sent]
+        tpots.append(median)
+        ratios.append(max(waits, default=0.0) / median)
+    return StallReport(max(ratios), sorted(tpots)[len(tpots) // 2], long.ttft)

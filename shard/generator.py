@@ -41,6 +41,8 @@ class Generation:
 class StepTimings:
     forward_ns: int = 0
     decode_ns: int = 0
+    prefill_tokens: int = 0  # prompt tokens the forward computed
+    decode_tokens: int = 0  # requests it computed one generated token for
 
 
 @dataclass
@@ -111,12 +113,20 @@ class Generator:
         self.max_prefill_tokens = max_prefill_tokens
         self.watermark = watermark or Watermark()  # gamma/delta for requests that ask for it
 
-    def step(self, batch: Batch) -> tuple[list[Generation], StepTimings]:
+    def step(
+        self, batch: Batch, prefill_budget: int | None = None
+    ) -> tuple[list[Generation], StepTimings]:
+        """One forward. `prefill_budget` (the router's, so that every rank plans the same
+        step) re-plans the prompt tokens it computes; None keeps the plan of the last step."""
         timings = StepTimings()
         start = time.perf_counter_ns()
+        if prefill_budget is not None:
+            self._schedule(batch, prefill_budget)
         plan = plan_step(batch.requests, self.runner.block_size, self.runner.device)
         if not plan.active:
             return [], timings
+        timings.prefill_tokens = sum(r.scheduled for r in plan.active if r.is_prefilling)
+        timings.decode_tokens = sum(1 for r in plan.active if not r.is_prefilling)
         logits = self.runner.forward(plan.input_ids, plan.positions, plan.meta, plan.logit_rows)
         timings.forward_ns = time.perf_counter_ns() - start
         start = time.perf_counter_ns()
@@ -173,7 +183,11 @@ class Generator:
         """Decoding requests take one token each; prompts share what is left of the prefill
         budget, oldest first."""
         decoding = sum(1 for r in batch.requests if not r.stopped and not r.is_prefilling)
-        budget = max(self.max_prefill_tokens - decoding, 1)
+        self._schedule(batch, max(self.max_prefill_tokens - decoding, 1))
+
+    @staticmethod
+    def _schedule(batch: Batch, budget: int) -> None:
+        """Decoding requests take one token each; prompts share `budget`, oldest first."""
         for r in batch.requests:
             if r.is_prefilling and not r.stopped:
                 budget -= r.schedule_after_step(budget)

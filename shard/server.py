@@ -185,7 +185,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             concat_start = time.perf_counter_ns()
             batch = Batch.concatenate([self.cache.pop(request.cached_batch.id), batch])
             concat_ns = time.perf_counter_ns() - concat_start
-        generations, timings = self.generator.step(batch)
+        generations, timings = self.generator.step(batch, _budget(request))
         return pb.PrefillResponse(
             **self._step_response(batch, generations, timings, start), concat_ns=concat_ns
         )
@@ -201,7 +201,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             concat_start = time.perf_counter_ns()
             batches = [Batch.concatenate(batches)]
             concat_ns = time.perf_counter_ns() - concat_start
-        generations, timings = self.generator.step(batches[0])
+        generations, timings = self.generator.step(batches[0], _budget(request))
         return pb.DecodeResponse(
             **self._step_response(batches[0], generations, timings, start), concat_ns=concat_ns
         )
@@ -216,7 +216,15 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             forward_ns=timings.forward_ns,
             decode_ns=timings.decode_ns,
             total_ns=time.perf_counter_ns() - start_ns,
+            prefill_tokens=timings.prefill_tokens,
+            decode_tokens=timings.decode_tokens,
         )
+
+
+def _budget(request) -> int | None:
+    """A Prefill/Decode request's prefill_budget, None when the router sent none; at least 1,
+    so a batch of prompts always makes progress."""
+    return max(request.prefill_budget, 1) if request.HasField("prefill_budget") else None
 
 
 async def serve(config: ShardConfig, service: TextGenerationService, stop: asyncio.Event) -> None:

@@ -5,7 +5,9 @@
         Prefill(new entries, cached_batch=running)   when the queue has work that fits, or
         Decode(running)
 With chunked prefill the shard merges a new batch into the running one and advances both in
-one forward, so decoding requests never wait for a whole prompt. Without chunking (TGI's older
+one forward, so decoding requests never wait for a whole prompt: while requests decode, each
+step's prompt tokens are capped by `PrefillPacer` (router/batching/pacing.py) so that the step
+lasts at most about twice a decode step. Without chunking (TGI's older
 rule) a new batch is prefilled alone once enough requests wait (`waiting_served_ratio`) or
 the running batch has waited `max_waiting_tokens` steps, and the next Decode merges both.
 
@@ -29,6 +31,7 @@ from router.batching.block_allocator import BlockAllocator
 from router.batching.entry import Entry
 from router.batching.events import EndEvent, ErrorEvent
 from router.batching.hooks import Hooks
+from router.batching.pacing import PrefillPacer
 from router.batching.queue import NextBatch, Queue
 from router.batching.shard_client import (
     CachedBatch,
@@ -64,6 +67,8 @@ class Batcher:
         self.max_waiting_tokens = max_waiting_tokens
         self.entries: dict[int, Entry] = {}  # running entries by request id
         self.stopped: set[int] = set()  # entries the shards stopped, outputs not yet sent
+        self.generating: set[int] = set()  # entries past their prompt (a token came)
+        self.pacer = PrefillPacer(max_batch_prefill_tokens)
         self._pending: StepResult | None = None  # the last answer, its outputs not yet sent
         self._next_batch_id = 0
         self.healthy = True
@@ -80,7 +85,7 @@ class Batcher:
 
     async def _drive(self, cached: CachedBatch | None) -> None:
         """Runs one batch until it is empty, merging new work in as it comes."""
-        waiting_tokens = 1
+        waiting_tokens = 1  # steps since new requests last joined (without chunking)
         while cached is not None:
             cached = await self._filter(cached)
             if cached is None:
@@ -89,39 +94,54 @@ class Batcher:
             max_size = None if self.max_batch_size is None else self.max_batch_size - cached.size
             token_budget = self.max_total - cached.max_tokens
             if self.queue.support_chunking:
-                new = self._next(
-                    None, max_size, self.max_prefill - cached.current_tokens, token_budget
-                )
-                if new is not None:
-                    self.metrics.batch_concat("chunking")
-                    cached = await self._prefill(new, cached)
-                    waiting_tokens = 1
-                    continue
+                cached = await self._chunked_step(cached, max_size, token_budget)
             else:
-                min_size = (
-                    None
-                    if waiting_tokens >= self.max_waiting_tokens
-                    else math.floor(cached.size * self.waiting_served_ratio)
+                cached, waiting_tokens = await self._unchunked_step(
+                    cached, max_size, token_budget, waiting_tokens
                 )
-                new = self._next(min_size or None, max_size, self.max_prefill, token_budget)
-                if new is not None:
-                    self.metrics.batch_concat(
-                        "wait_exceeded" if min_size is None else "backpressure"
-                    )
-                    new_cached = await self._prefill(new, None)
-                    waiting_tokens = 1
-                    if new_cached is not None:
-                        cached = await self._decode([cached, new_cached])
-                        continue
-            cached = await self._decode([cached])
-            waiting_tokens += 1
         self._send_pending()
         self.metrics.batch_current(0, 0)
+
+    async def _chunked_step(
+        self, cached: CachedBatch, max_size: int | None, token_budget: int
+    ) -> CachedBatch | None:
+        """One forward: the running requests, and new ones when the queue has work that fits."""
+        decoding = sum(1 for i in cached.request_ids if i in self.generating)
+        budget = self.pacer.budget(decoding)
+        # Prompts already being prefilled come first (the shards report their next chunks in
+        # current_tokens); new requests take what is left.
+        pending = min(max(cached.current_tokens - decoding, 0), budget)
+        new = self._next(None, max_size, budget - pending, token_budget)
+        if new is None:
+            return await self._decode([cached], budget)
+        self.metrics.batch_concat("chunking")
+        return await self._prefill(new, cached, budget)
+
+    async def _unchunked_step(
+        self, cached: CachedBatch, max_size: int | None, token_budget: int, waiting_tokens: int
+    ) -> tuple[CachedBatch | None, int]:
+        """TGI's older rule: a new batch is prefilled alone once enough requests wait, or the
+        running batch has waited long enough, and the next Decode merges both."""
+        min_size = (
+            None
+            if waiting_tokens >= self.max_waiting_tokens
+            else math.floor(cached.size * self.waiting_served_ratio)
+        )
+        new = self._next(min_size or None, max_size, self.max_prefill, token_budget)
+        if new is not None:
+            self.metrics.batch_concat("wait_exceeded" if min_size is None else "backpressure")
+            new_cached = await self._prefill(new, None)
+            if new_cached is not None:
+                return await self._decode([cached, new_cached]), 1
+            waiting_tokens = 1
+        return await self._decode([cached]), waiting_tokens + 1
 
     def _next(self, min_size, max_size, prefill_budget, token_budget) -> NextBatch | None:
         return self.queue.next_batch(min_size, max_size, prefill_budget, token_budget)
 
-    async def _prefill(self, batch: NextBatch, cached: CachedBatch | None):
+    async def _prefill(
+        self, batch: NextBatch, cached: CachedBatch | None, budget: int | None = None
+    ):
         now = time.monotonic()
         for entry in batch.entries:
             entry.started_at = now
@@ -131,12 +151,13 @@ class Batcher:
         ids = [e.id for e in batch.entries] + (list(cached.request_ids) if cached else [])
         batch_ids = [batch_id] + ([cached.id] if cached else [])
         new = [NewRequest(e.id, e.request, e.allocation, e.chunk_len) for e in batch.entries]
-        call = self.client.prefill(batch_id, new, cached)
+        call = self.client.prefill(batch_id, new, cached, budget)
         return await self._step("prefill", ids, batch_ids, call)
 
-    async def _decode(self, batches: list[CachedBatch]):
+    async def _decode(self, batches: list[CachedBatch], budget: int | None = None):
         ids = [i for b in batches for i in b.request_ids]
-        return await self._step("decode", ids, [b.id for b in batches], self.client.decode(batches))
+        call = self.client.decode(batches, budget)
+        return await self._step("decode", ids, [b.id for b in batches], call)
 
     async def _step(self, method: str, request_ids: list[int], batch_ids: list[int], call):
         start = time.monotonic()
@@ -154,6 +175,10 @@ class Batcher:
         self.healthy = True
         self._answered = (method, time.monotonic())
         self.metrics.batch_step(method, self._answered[1] - start, response)
+        self.pacer.observe(
+            response.decode_tokens, response.prefill_tokens, self._answered[1] - start
+        )
+        self.generating.update(g.request_id for g in response.generations)
         self.stopped.update(g.request_id for g in response.generations if g.finish_reason)
         self._pending = response
         return response.batch
@@ -228,6 +253,7 @@ class Batcher:
         what it computed stays in the prefix cache (a later turn of the chat starts with it)."""
         self.entries.pop(entry.id, None)
         self.stopped.discard(entry.id)
+        self.generating.discard(entry.id)
         if entry.allocation is not None:
             if cache:
                 self.allocator.commit(entry.allocation, _computed_tokens(entry))

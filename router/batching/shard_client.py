@@ -103,6 +103,8 @@ class StepResult:
     decode_ns: int = 0
     total_ns: int = 0
     concat_ns: int | None = None
+    prefill_tokens: int = 0  # prompt tokens the forward computed
+    decode_tokens: int = 0  # requests it computed a generated token for
 
 
 # ---- the client -----------------------------------------------------------------------------
@@ -195,17 +197,27 @@ class ShardClient:
         )
 
     async def prefill(
-        self, batch_id: int, requests: Sequence[NewRequest], cached: CachedBatch | None
+        self,
+        batch_id: int,
+        requests: Sequence[NewRequest],
+        cached: CachedBatch | None,
+        prefill_budget: int | None = None,
     ) -> StepResult:
-        """Prefills `requests` as batch `batch_id`, merged into `cached` when given."""
+        """Prefills `requests` as batch `batch_id`, merged into `cached` when given; the
+        forward computes at most `prefill_budget` prompt tokens (None: the shards' default)."""
         request = pb.PrefillRequest(
             batch=_batch(batch_id, requests),
             cached_batch=None if cached is None else _cached_batch_pb(cached),
+            prefill_budget=prefill_budget,
         )
         return _step_result(await self._all("Prefill", request))
 
-    async def decode(self, batches: Sequence[CachedBatch]) -> StepResult:
-        request = pb.DecodeRequest(batches=[_cached_batch_pb(b) for b in batches])
+    async def decode(
+        self, batches: Sequence[CachedBatch], prefill_budget: int | None = None
+    ) -> StepResult:
+        request = pb.DecodeRequest(
+            batches=[_cached_batch_pb(b) for b in batches], prefill_budget=prefill_budget
+        )
         return _step_result(await self._all("Decode", request))
 
     async def liveness_prefill(self, token_id: int) -> None:
@@ -356,4 +368,6 @@ def _step_result(answers: list) -> StepResult:
         decode_ns=slowest.decode_ns,
         total_ns=slowest.total_ns,
         concat_ns=slowest.concat_ns if slowest.HasField("concat_ns") else None,
+        prefill_tokens=slowest.prefill_tokens,
+        decode_tokens=slowest.decode_tokens,
     )

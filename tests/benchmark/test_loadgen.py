@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from benchmark.__main__ import table
-from benchmark.loadgen import Load, Report, run_load
+from benchmark.loadgen import Load, Report, run_load, sequential_ttfts, stall_under_long_prompt
 
 TOKENS = 5
 
@@ -90,3 +90,50 @@ def test_table_gives_ratios_to_each_reference():
     assert "| ours ÷ llama | 2.00× | 1.50× |" in text
     assert "| ours ÷ naive | 5.00× | — |" in text
     assert "| naive | 20.0 | — |" in text
+
+
+def stalling_app() -> web.Application:
+    """A TGI stub whose streams send a token every 10 ms, except that the prompt "long" stalls
+    every stream for 80 ms while it is "prefilled", then gets its own first token."""
+    stall_until = [0.0]
+
+    async def tgi(request):
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        if body["inputs"] == "long":
+            stall_until[0] = loop.time() + 0.08
+            await asyncio.sleep(0.08)
+        for i in range(body["parameters"]["max_new_tokens"]):
+            await asyncio.sleep(max(0.01, stall_until[0] - loop.time()))
+            await response.write(f"data: {json.dumps({'token': {'id': i}})}\n\n".encode())
+        return response
+
+    app = web.Application()
+    app.router.add_post("/generate_stream", tgi)
+    return app
+
+
+def test_the_stall_measurement_sees_streams_wait_for_a_long_prompt():
+    async def main():
+        async with TestServer(stalling_app()) as server:
+            url = str(server.make_url("")).rstrip("/")
+            return await stall_under_long_prompt(
+                url, "tgi", ["a"], "long", streams=2, max_new_tokens=40, after_tokens=5
+            )
+
+    report = asyncio.run(main())
+    assert 4 < report.worst_wait_ratio < 15  # ~80 ms over ~10 ms
+    assert 0.005 < report.median_tpot < 0.03
+    assert report.long_prompt_ttft >= 0.08
+
+
+def test_sequential_ttfts_times_each_prompt_in_turn():
+    async def main():
+        async with TestServer(stalling_app()) as server:
+            url = str(server.make_url("")).rstrip("/")
+            return await sequential_ttfts(url, "tgi", ["a", "long", "b"])
+
+    first, long, last = asyncio.run(main())
+    assert long > 0.08 > max(first, last)

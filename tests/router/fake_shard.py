@@ -34,6 +34,7 @@ class FakeShardClient:
         num_blocks: int = 64,
         step_delay: float = 0.0,
         use_prefix_caching: bool = True,
+        token_delay: float = 0.0,
     ):
         self.vocab = vocab  # token ids to emit, cycled per request
         self.eos_id = eos_id
@@ -41,6 +42,8 @@ class FakeShardClient:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.step_delay = step_delay
+        self.token_delay = token_delay  # what each prompt token adds to a step
+        self.steps: list[tuple[int, int]] = []  # (decode_tokens, prefill_tokens) of each step
         self.batches: dict[int, list[dict]] = {}
         self.calls: list[tuple] = []
         self.fail_next: str | None = None  # "prefill" or "decode": raise on the next such call
@@ -48,6 +51,7 @@ class FakeShardClient:
         self.requests: dict = {}  # every request prefilled, as the protobuf the shard gets
         self.use_prefix_caching = use_prefix_caching
         self.kv: dict[int, int] = {}  # slot -> the token id whose K/V it holds
+        self.budgets: list[int] = []  # the prefill_budget of every step that had one
 
     async def info(self):
         return ShardInfo(
@@ -77,7 +81,11 @@ class FakeShardClient:
             raise ShardError("injected prefill failure")
 
     async def prefill(
-        self, batch_id: int, new: list[NewRequest], cached: CachedBatch | None
+        self,
+        batch_id: int,
+        new: list[NewRequest],
+        cached: CachedBatch | None,
+        prefill_budget: int | None = None,
     ) -> StepResult:
         self.calls.append(
             ("prefill", batch_id, tuple(r.id for r in new), cached.id if cached else None)
@@ -90,16 +98,16 @@ class FakeShardClient:
         if cached is not None:
             requests = self.batches.pop(cached.id) + requests
         self.batches[batch_id] = requests
-        return await self._step(batch_id)
+        return await self._step(batch_id, prefill_budget)
 
-    async def decode(self, batches):
+    async def decode(self, batches, prefill_budget: int | None = None):
         self.calls.append(("decode", tuple(b.id for b in batches)))
         if self.fail_next == "decode":
             self.fail_next = None
             raise ShardError("injected decode failure")
         merged = [r for b in batches for r in self.batches.pop(b.id)]
         self.batches[batches[0].id] = merged
-        return await self._step(batches[0].id)
+        return await self._step(batches[0].id, prefill_budget)
 
     def _state(self, new: NewRequest) -> dict:
         r, allocation = new.request, new.allocation
@@ -126,13 +134,21 @@ class FakeShardClient:
             else -0.5,
         }
 
-    async def _step(self, batch_id: int) -> StepResult:
-        if self.step_delay:
-            await asyncio.sleep(self.step_delay)
+    async def _step(self, batch_id: int, prefill_budget: int | None = None) -> StepResult:
+        if prefill_budget is not None:  # as the shard: prompts share the budget, oldest first
+            self.budgets.append(prefill_budget)
+            for r in self.batches[batch_id]:
+                if not r["done"] and r["computed"] < r["prompt"]:
+                    r["next"] = min(r["prompt"] - r["computed"], max(prefill_budget, 0))
+                    prefill_budget -= r["next"]
+        active = [r for r in self.batches[batch_id] if not r["done"] and r["next"] > 0]
+        prefill_tokens = sum(r["next"] for r in active if r["computed"] < r["prompt"])
+        decode_tokens = sum(1 for r in active if r["computed"] >= r["prompt"])
+        self.steps.append((decode_tokens, prefill_tokens))
+        if self.step_delay or self.token_delay:
+            await asyncio.sleep(self.step_delay + self.token_delay * prefill_tokens)
         generations = []
-        for r in self.batches[batch_id]:
-            if r["done"] or r["next"] == 0:
-                continue
+        for r in active:
             for p in range(r["computed"], r["computed"] + r["next"]):
                 self.kv[r["slots"][p]] = r["tokens"][p]
             r["computed"] += r["next"]
@@ -143,7 +159,9 @@ class FakeShardClient:
         cached = self._cached(batch_id)
         if cached is None:
             self.batches.pop(batch_id, None)
-        return StepResult(tuple(generations), cached)
+        return StepResult(
+            tuple(generations), cached, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens
+        )
 
     def generation(self, r: dict) -> Generation:
         """The next token of request state `r` (subclasses add top tokens or prefill)."""

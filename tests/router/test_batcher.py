@@ -245,10 +245,10 @@ def test_the_next_step_is_sent_before_the_outputs_of_the_last_one(tokenizer):
             entries = h.batcher.entries
             decode = h.client.decode
 
-            async def watched(batches):
+            async def watched(batches, prefill_budget=None):
                 (entry,) = entries.values()
                 delivered.append(entry.events.qsize() + received[0])
-                return await decode(batches)
+                return await decode(batches, prefill_budget)
 
             h.client.decode = watched
             received = [0]

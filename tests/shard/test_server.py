@@ -136,6 +136,36 @@ def test_chunked_prefill_and_cached_prefix(shard, alloc, tiny_llama_hf):
     assert generate(shard.stub, [reuse], batch_id=6)[2] == expected
 
 
+def test_the_routers_prefill_budget_paces_a_prompt_beside_a_decoding_request(
+    shard, alloc, tiny_llama_hf
+):
+    ps = prompts(2, seed=5)
+    long = ps[1] + list(range(10, 40))
+    expected = [hf_greedy(tiny_llama_hf, ps[0], 12), hf_greedy(tiny_llama_hf, long, 3)]
+    r0 = make_request(0, ps[0], alloc, Params(max_new_tokens=12))
+    first = shard.stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[r0], size=1)))
+    assert (first.prefill_tokens, first.decode_tokens) == (len(ps[0]), 0)
+    tokens = {0: list(first.generations[0].tokens.ids), 1: []}
+    r1 = make_request(1, long, alloc, Params(max_new_tokens=3))
+    response = shard.stub.Prefill(
+        pb.PrefillRequest(
+            batch=pb.Batch(id=2, requests=[r1], size=1), cached_batch=first.batch, prefill_budget=8
+        )
+    )
+    steps = []
+    while True:
+        steps.append((response.decode_tokens, response.prefill_tokens))
+        for g in response.generations:
+            tokens[g.request_id] += g.tokens.ids
+        if not response.HasField("batch"):
+            break
+        response = shard.stub.Decode(pb.DecodeRequest(batches=[response.batch], prefill_budget=8))
+    chunks = [prefill for _, prefill in steps if prefill]
+    assert chunks == [8] * (len(long) // 8) + [len(long) % 8] * (len(long) % 8 > 0)
+    assert all(decode == 1 for decode, _ in steps[: len(chunks)])  # r0 decoded meanwhile
+    assert [tokens[0], tokens[1]] == expected
+
+
 def test_seeded_sampling_is_independent_of_the_batch(shard, alloc):
     ps = prompts(8, seed=3)
     sampled = Params(max_new_tokens=12, do_sample=True, temperature=0.8, top_k=20, seed=1234)
