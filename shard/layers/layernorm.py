@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shard.layers.fused import fused_ops
 from shard.weights import Weights
 
 
@@ -19,7 +20,15 @@ class RMSNorm(nn.Module):
         return cls(weights.get(f"{prefix}.weight"), eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        ops = fused_ops() if x.device.type == "cpu" else None
+        if ops is not None and x.dim() == 2 and ops.supports(x, self.weight):
+            return ops.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference: [T, hidden] -> [T, hidden]."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)

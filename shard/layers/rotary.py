@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from shard.layers.fused import fused_ops
+
 
 def base_inv_freq(rotary_dim: int, theta: float) -> torch.Tensor:  # [rotary_dim // 2]
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
@@ -68,7 +70,22 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos, sin: [T, head_dim // 2]. Rotates (x1, x2) halves."""
+    """x: [T, heads, head_dim]; cos, sin: [T, head_dim // 2]. Rotates (x1, x2) halves; on the
+    CPU in place (x is then returned), elsewhere into a new tensor."""
+    ops = fused_ops() if x.device.type == "cpu" else None
+    if (
+        ops is not None
+        and x.stride(1) == x.shape[2]
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and ops.supports(x, cos, sin)
+    ):
+        return ops.rotary_(x, cos, sin)  # x is a slice of this step's fused q|k|v output
+    return apply_rotary_reference(x, cos, sin)
+
+
+def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """What apply_rotary computes, in PyTorch ops."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, head_dim // 2]
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

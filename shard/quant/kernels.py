@@ -46,19 +46,19 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "gcc"))
 
 
-def _library_key(compiler: str) -> str:
+def _library_key(compiler: str, source: Path) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     cpu = platform.machine() + " " + " ".join(sorted(cpu_flags()))
-    raw = "\n".join([SOURCE.read_text(), " ".join(CFLAGS), version, cpu, torch.__version__])
+    raw = "\n".join([source.read_text(), " ".join(CFLAGS), version, cpu, torch.__version__])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def build_library(cache_dir: Path) -> Path:
-    """The compiled library for this CPU, compiled once into cache_dir."""
+def build_library(cache_dir: Path, source: Path = SOURCE) -> Path:
+    """The compiled library of `source` for this CPU, compiled once into cache_dir."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (install gcc or set CC)")
-    target = cache_dir / f"quant-kernels-{_library_key(compiler)}.so"
+    target = cache_dir / f"{source.stem}-{_library_key(compiler, source)}.so"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -66,10 +66,10 @@ def build_library(cache_dir: Path) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True
+            [compiler, *CFLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True
         )
         if done.returncode:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr}")
+            raise RuntimeError(f"compiling {source.name} failed:\n{done.stderr}")
         os.replace(tmp, target)  # atomic: concurrent shards never load a half-written file
     finally:
         if os.path.exists(tmp):
