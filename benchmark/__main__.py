@@ -135,48 +135,58 @@ class Measured:
     stall: StallReport | None = None
 
 
-def measure(
-    spec: ServerSpec,
-    streams: list[int],
-    per_stream: int,
-    max_new: int,
-    prompts: list[str],
-    log_dir: Path,
-    prefix_prompts: list[str],
-    long: str,
-    stall_streams: int,
-) -> Measured:
+@dataclass(frozen=True)
+class Workload:
+    """What every server of a run is given."""
+
+    prompts: list[str]  # the load's chat prompts
+    per_stream: int  # requests per client at each concurrency
+    max_new_tokens: int
+    prefix_tokens: int  # the shared system prompt's length (0: not measured)
+    prefix_prompts: list[str]  # warm-up, then two questions after that system prompt
+    long_tokens: int  # the long prompt's length (0: not measured)
+    long_prompt: str  # arrives while `stall_streams` decode
+    stall_streams: int
+    log_dir: Path
+
+
+def measure(spec: ServerSpec, streams: list[int], work: Workload) -> Measured:
     """The server's report at each concurrency, its shared-prefix TTFTs and how its running
     streams fare when a long prompt arrives."""
     measured = Measured()
-    reports = measured.reports
     print(f"starting {spec.name} ...", file=sys.stderr)
     try:
-        server = Running(spec, log_dir)
+        server = Running(spec, work.log_dir)
     except (RuntimeError, TimeoutError) as err:  # its row stays empty; the others still run
         print(f"  skipped: {err}", file=sys.stderr)
         return measured
     try:
-        if prefix_prompts:
-            measured.prefix_ttfts = shared_prefix_ttfts(server.url, spec.dialect, prefix_prompts)
-        if long:
-            measured.stall = stall(server.url, spec.dialect, prompts, long, stall_streams)
-        for n in streams:
-            load = Load(n, max(n * per_stream, 2), max_new, spec.dialect)
-            with tqdm(
-                total=load.requests, desc=f"{spec.name} @ {n}", file=sys.stderr, leave=False
-            ) as bar:
-                reports[n] = asyncio.run(
-                    run_load(server.url, load, prompts, lambda done, total: bar.update(1))
-                )
-            r = reports[n]
-            print(
-                f"  {n:>2} streams: {r.tokens_per_second:7.1f} tok/s, {r.errors} errors",
-                file=sys.stderr,
+        if work.prefix_prompts:
+            measured.prefix_ttfts = shared_prefix_ttfts(
+                server.url, spec.dialect, work.prefix_prompts
             )
+        if work.long_prompt:
+            measured.stall = stall(
+                server.url, spec.dialect, work.prompts, work.long_prompt, work.stall_streams
+            )
+        for n in streams:
+            measured.reports[n] = load_at(server.url, spec, n, work)
     finally:
         server.stop()
     return measured
+
+
+def load_at(url: str, spec: ServerSpec, streams: int, work: Workload) -> Report:
+    load = Load(streams, max(streams * work.per_stream, 2), work.max_new_tokens, spec.dialect)
+    with tqdm(
+        total=load.requests, desc=f"{spec.name} @ {streams}", file=sys.stderr, leave=False
+    ) as bar:
+        report = asyncio.run(run_load(url, load, work.prompts, lambda done, total: bar.update(1)))
+    print(
+        f"  {streams:>2} streams: {report.tokens_per_second:7.1f} tok/s, {report.errors} errors",
+        file=sys.stderr,
+    )
+    return report
 
 
 def table(
@@ -274,7 +284,6 @@ def main(
     gguf_path = gguf or str(default_gguf_path())
     model_dir = Path(model_id) if model_id else ensure_converted(gguf_path, default_cache_dir())
     levels = [int(n) for n in streams.split(",")]
-    prompts = chat_prompts(model_dir)
     specs: list[tuple[ServerSpec, list[int]]] = [(ours(a), levels) for a in ours_args]
     llama_name = baseline_name = None
     if Path(llama_server_bin).exists():
@@ -289,42 +298,45 @@ def main(
         spec = naive(str(model_dir), baseline_dtype)
         specs.append((spec, [int(n) for n in baseline_streams.split(",")]))
         baseline_name = spec.name
-    log_dir = Path(tempfile.mkdtemp(prefix="textgen-bench-"))
-    prefix_prompts = (
-        shared_prefix_prompts(model_dir, shared_prefix_tokens) if shared_prefix_tokens else []
+    work = Workload(
+        prompts=chat_prompts(model_dir),
+        per_stream=per_stream,
+        max_new_tokens=max_new_tokens,
+        prefix_tokens=shared_prefix_tokens,
+        prefix_prompts=(
+            shared_prefix_prompts(model_dir, shared_prefix_tokens) if shared_prefix_tokens else []
+        ),
+        long_tokens=long_prompt_tokens,
+        long_prompt=long_prompt(model_dir, long_prompt_tokens) if long_prompt_tokens else "",
+        stall_streams=stall_streams,
+        log_dir=Path(tempfile.mkdtemp(prefix="textgen-bench-")),
     )
-    long = long_prompt(model_dir, long_prompt_tokens) if long_prompt_tokens else ""
-    measured = {
-        spec.name: measure(
-            spec,
-            spec_levels,
-            per_stream,
-            max_new_tokens,
-            prompts,
-            log_dir,
-            prefix_prompts,
-            long,
-            stall_streams,
-        )
-        for spec, spec_levels in specs
-    }
-    results = {name: m.reports for name, m in measured.items()}
+    measured = {spec.name: measure(spec, spec_levels, work) for spec, spec_levels in specs}
+    ours_names = [s.name for s, _ in specs[: len(ours_args)]]
+    print_report(measured, work, levels, ours_names, llama_name, baseline_name)
+
+
+def print_report(
+    measured: dict[str, Measured],
+    work: Workload,
+    levels: list[int],
+    ours_names: list[str],
+    llama_name: str | None,
+    baseline_name: str | None,
+) -> None:
     print(f"\nCPU: {cpu_description()}")
     print(
-        f"{max_new_tokens} new tokens per request (ignore_eos), {per_stream} requests per "
-        f"client, chat-formatted prompts; total generated tokens/s. Logs: {log_dir}\n"
+        f"{work.max_new_tokens} new tokens per request (ignore_eos), {work.per_stream} requests "
+        f"per client, chat-formatted prompts; total generated tokens/s. Logs: {work.log_dir}\n"
     )
-    print(
-        table(
-            results, levels, [s.name for s, _ in specs[: len(ours_args)]], llama_name, baseline_name
-        )
-    )
-    if prefix_prompts:
+    results = {name: m.reports for name, m in measured.items()}
+    print(table(results, levels, ours_names, llama_name, baseline_name))
+    if work.prefix_tokens:
         ttfts = {name: m.prefix_ttfts for name, m in measured.items()}
-        print("\n" + prefix_table(ttfts, shared_prefix_tokens))
-    if long:
+        print("\n" + prefix_table(ttfts, work.prefix_tokens))
+    if work.long_tokens:
         stalls = {name: m.stall for name, m in measured.items()}
-        print("\n" + stall_table(stalls, long_prompt_tokens, stall_streams))
+        print("\n" + stall_table(stalls, work.long_tokens, work.stall_streams))
 
 
 if __name__ == "__main__":
