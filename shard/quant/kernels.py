@@ -7,7 +7,8 @@ It links the OpenMP runtime torch already loaded (same soname), so both share on
 Without a compiler the reference (dequantize, then a dense product) runs instead, with a
 warning: correct, several times slower.
 
-Products with at most DIRECT_MAX_ROWS rows of x (decode steps of few sequences) read the
+Products with at most `direct_max_rows` rows of x (decode steps of few sequences; the library
+says how many its kernels win at: 4 with AVX-512 VNNI, else 2) read the
 quantized weight directly: that is where quantization pays, since such steps are bound by
 memory bandwidth. Larger products use the dense GEMM (oneDNN, AMX where the CPU has it), many
 times faster than our kernel's arithmetic once a weight is reused across rows: on the
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-DIRECT_MAX_ROWS = 2  # measured on SmolLM2 decode steps: the direct kernel wins up to 2 rows
 KIND_CODES = {"q4": 4, "q8": 8}
 _ptr, _int = ctypes.c_void_p, ctypes.c_int
 
@@ -91,6 +91,8 @@ class NativeKernels:
         self._dequantize.restype = None
         self._dequantize.argtypes = [_int, _ptr, _ptr, _ptr, _int, _int, _int, _ptr, _int]
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
+        lib.quant_direct_max_rows.restype = _int
+        self.direct_max_rows = lib.quant_direct_max_rows()
 
     def matmul(self, x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         """x [T, K] float32 or bfloat16 -> [T, N] in x's dtype."""
@@ -98,7 +100,7 @@ class NativeKernels:
             return self.matmul(x.float(), w).to(x.dtype)
         x = x.contiguous()
         rows = x.shape[0]
-        if rows > DIRECT_MAX_ROWS:
+        if rows > self.direct_max_rows:
             dense = w.dense if w.dense is not None and w.dense.dtype == x.dtype else None
             return F.linear(x, dense if dense is not None else self.dequantize(w, x.dtype))
         y = torch.empty(rows, w.out_features, dtype=x.dtype)
@@ -130,6 +132,7 @@ class ReferenceKernels:
     """Pure PyTorch: what the native kernels compute, used where they cannot be built."""
 
     name = "reference"
+    direct_max_rows = 0  # every product dequantizes first
 
     def matmul(self, x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         return F.linear(x, dequantize(w, x.dtype))
