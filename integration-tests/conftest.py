@@ -15,17 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from shard.quant.quality import PROMPTS  # noqa: F401 (the oracle's prompts; tests import them here)
+
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain what a hash table is in one paragraph.",
-    "List three prime numbers greater than 100.",
-    "Translate 'good morning' into Spanish and German.",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "Give me a short recipe for pancakes.",
-]
 
 
 def free_port() -> int:
