@@ -14,6 +14,7 @@ from shard.layers.layernorm import RMSNorm
 from shard.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shard.layers.rotary import RotaryEmbedding
 from shard.models.config import ModelConfig
+from shard.models.llama_decode import compiled_decoder
 from shard.weights import Weights
 
 
@@ -66,6 +67,8 @@ class LlamaForCausalLM(nn.Module):
             config.max_position_embeddings,
             weights.device,
         )
+        # Decode steps of a few sequences in one C call, where the weights allow (else None).
+        self.decoder = compiled_decoder(self)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
@@ -73,6 +76,9 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> hidden states [T, hidden] (after the final norm)."""
         x = self.embed_tokens(input_ids)
         self.rotary.ensure(ctx.attn.max_seq_len)
+        if self.decoder is not None and self.decoder.supports(x, ctx):
+            cos, sin = self.rotary.cos_sin(positions, torch.float32)
+            return self.norm(self.decoder.forward(x, cos, sin, ctx).to(x.dtype))
         ctx.cos, ctx.sin = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, ctx)

@@ -331,11 +331,15 @@ int quant_direct_max_rows(void) {
 #endif
 }
 
-static void matmul(int kind, const QuantX *xq, int T, int K, const uint8_t *qs,
-                   const float *scale, const float *min, int N, int group, void *y, int y_bf16) {
+/* The rows of W are shared out among the threads of the enclosing parallel region (an
+ * orphaned `omp for`, which ends in a barrier); outside one, the calling thread does them all.
+ * shard/models/llama_decode.c calls it inside its own region, once per weight of a layer. */
+static inline __attribute__((always_inline)) void matmul_shared(
+    int kind, const QuantX *xq, int T, int K, const uint8_t *qs, const float *scale,
+    const float *min, int N, int group, void *y, int y_bf16) {
     int groups = K / group;
     long row_bytes = kind == 4 ? K / 2 : K;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *row = qs + (long)n * row_bytes;
         const float *s = scale + (long)n * groups, *m = kind == 4 ? min + (long)n * groups : 0;
@@ -361,6 +365,17 @@ static void matmul(int kind, const QuantX *xq, int T, int K, const uint8_t *qs,
     }
 }
 
+static void matmul(int kind, const QuantX *xq, int T, int K, const uint8_t *qs,
+                   const float *scale, const float *min, int N, int group, void *y, int y_bf16) {
+#pragma omp parallel
+    {
+        if (kind == 4) /* a constant kind inlines each variant on its own */
+            matmul_shared(4, xq, T, K, qs, scale, min, N, group, y, y_bf16);
+        else
+            matmul_shared(8, xq, T, K, qs, scale, min, N, group, y, y_bf16);
+    }
+}
+
 /* kind 4: q4 (qs, scale, min); kind 8: q8 (qs, scale; min unused). */
 void quant_matmul(int kind, const void *x, int x_bf16, int T, int K, const void *qs,
                   const float *scale, const float *min, int N, int group, void *y, int y_bf16) {
@@ -371,10 +386,7 @@ void quant_matmul(int kind, const void *x, int x_bf16, int T, int K, const void 
     QuantX xq = {malloc(count), malloc(sizeof(float) * count / 32),
                  malloc(sizeof(float) * count / 32)};
     quantize_x(xf, T, K, &xq);
-    if (kind == 4)
-        matmul(4, &xq, T, K, qs, scale, min, N, group, y, y_bf16);
-    else
-        matmul(8, &xq, T, K, qs, scale, min, N, group, y, y_bf16);
+    matmul(kind, &xq, T, K, qs, scale, min, N, group, y, y_bf16);
     free(xf);
     free(xq.q);
     free(xq.d);

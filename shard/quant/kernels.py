@@ -46,19 +46,21 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "gcc"))
 
 
-def _library_key(compiler: str, source: Path) -> str:
+def _library_key(compiler: str, sources: list[Path]) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     cpu = platform.machine() + " " + " ".join(sorted(cpu_flags()))
-    raw = "\n".join([source.read_text(), " ".join(CFLAGS), version, cpu, torch.__version__])
+    texts = [s.read_text() for s in sources]
+    raw = "\n".join([*texts, " ".join(CFLAGS), version, cpu, torch.__version__])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def build_library(cache_dir: Path, source: Path = SOURCE) -> Path:
-    """The compiled library of `source` for this CPU, compiled once into cache_dir."""
+def build_library(cache_dir: Path, source: Path = SOURCE, includes: tuple[Path, ...] = ()) -> Path:
+    """The compiled library of `source` for this CPU, compiled once into cache_dir. `includes`
+    are the files `source` #includes: a change to them builds a new library too."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (install gcc or set CC)")
-    target = cache_dir / f"{source.stem}-{_library_key(compiler, source)}.so"
+    target = cache_dir / f"{source.stem}-{_library_key(compiler, [source, *includes])}.so"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,240 @@
+/* The decoder stack of a Llama-family model for decode steps of a few sequences, on the CPU:
+ * every layer of one step in one call, on quantized weights.
+ *
+ * Why: at one to four sequences a step is bound by streaming the weights from memory, which
+ * the quantized products do at ~8 ms for SmolLM2-135M; run as PyTorch ops, the rest of a layer
+ * (norms, rotary, the cache write, paged attention, residuals: ~90 operator calls) cost as
+ * much again in dispatch. Here they are loops between the products, and the threads of one
+ * OpenMP region go from one phase to the next at a barrier instead of a fork per product.
+ *
+ * Compiled at run time by shard/models/llama_decode.py, like shard/quant/kernels.c, whose
+ * products and activation quantization it includes. The pure-PyTorch reference is the model's
+ * own eager forward (shard/models/llama.py); the tests compare the two.
+ *
+ * Activations and arithmetic are float32 whatever the model's dtype; the KV cache is float32
+ * or bfloat16 (kv_bf16), laid out [num_blocks, block_size, kv_heads, head_dim] as
+ * shard/kv_cache.py. Each of the T query tokens belongs to its own sequence (a decode step).
+ */
+#include <math.h>
+
+#include "../quant/kernels.c"
+
+typedef struct {
+    int kind, group, N, K; /* kind 4: q4, 8: q8 (shard/quant/weight.py); W is [N, K] */
+    const uint8_t *qs;
+    const float *scale, *min; /* [N, K / group]; min only for q4 */
+    const float *bias;        /* [N] or NULL */
+} QMatrix;
+
+typedef struct {
+    const float *input_norm, *post_norm; /* [hidden] */
+    QMatrix qkv, o, gate_up, down;       /* q|k|v and gate|up fused along their rows */
+} DecoderLayer;
+
+typedef struct {
+    int T, hidden, heads, kv_heads, head_dim, intermediate, block_size, max_blocks, kv_bf16;
+    float eps, scale;                /* RMSNorm epsilon; attention scale (head_dim^-0.5) */
+    const float *cos, *sin;          /* [T, head_dim / 2] at each token's position */
+    const int64_t *slots;            /* [T] cache slot of each token's K/V */
+    const int32_t *block_tables;     /* [T, max_blocks] */
+    const int32_t *seq_lens;         /* [T] cached tokens after this step, its own included */
+    void *const *keys, *const *values; /* [num_layers] the layers' cache tensors */
+} DecodeStep;
+
+/* y[t] = w * (x[t] / sqrt(mean(x[t]^2) + eps)); x, y [T, H]. */
+static void rms_norm(const float *x, const float *w, float *y, int T, int H, float eps) {
+    for (int t = 0; t < T; t++) {
+        const float *row = x + (long)t * H;
+        float sum = 0.f;
+        for (int h = 0; h < H; h++) sum += row[h] * row[h];
+        float r = 1.f / sqrtf(sum / (float)H + eps);
+        for (int h = 0; h < H; h++) y[(long)t * H + h] = w[h] * (row[h] * r);
+    }
+}
+
+static void add_bias(float *y, const float *bias, int T, int N) {
+    if (!bias) return;
+    for (int t = 0; t < T; t++)
+        for (int n = 0; n < N; n++) y[(long)t * N + n] += bias[n];
+}
+
+/* y [T, w->N] = xq [T, w->K] @ W^T (+ bias), W's rows shared among the region's threads. */
+static void product(const QMatrix *w, const QuantX *xq, int T, float *y) {
+    if (w->kind == 4)
+        matmul_shared(4, xq, T, w->K, w->qs, w->scale, w->min, w->N, w->group, y, 0);
+    else
+        matmul_shared(8, xq, T, w->K, w->qs, w->scale, w->min, w->N, w->group, y, 0);
+    if (w->bias) {
+#pragma omp single
+        add_bias(y, w->bias, T, w->N);
+    }
+}
+
+/* Rotates the halves (x1, x2) of `heads` heads of D: (x1 cos - x2 sin, x2 cos + x1 sin). */
+static void rotary(float *x, const float *cos, const float *sin, int heads, int D) {
+    int half = D / 2;
+    for (int h = 0; h < heads; h++) {
+        float *v = x + (long)h * D;
+        for (int i = 0; i < half; i++) {
+            float x1 = v[i], x2 = v[half + i];
+            v[i] = x1 * cos[i] - x2 * sin[i];
+            v[half + i] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+static inline v16f load16_kv(const void *cache, long i, int bf16) {
+    if (!bf16) return load16((const float *)cache + i);
+#if defined(__AVX512F__)
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)cache + i));
+    return (v16f)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+    v16f v;
+    for (int j = 0; j < 16; j++) v[j] = bf16_to_f32(((const uint16_t *)cache)[i + j]);
+    return v;
+#endif
+}
+
+static void store_kv(void *cache, long i, const float *x, int n, int bf16) {
+    for (int j = 0; j < n; j++) {
+        if (bf16)
+            ((uint16_t *)cache)[i + j] = f32_to_bf16(x[j]);
+        else
+            ((float *)cache)[i + j] = x[j];
+    }
+}
+
+/* Where position p of token t's sequence lives: the element offset of its (slot, head 0). */
+static inline long cache_offset(const DecodeStep *s, int t, int p) {
+    int block = s->block_tables[(long)t * s->max_blocks + p / s->block_size];
+    long slot = (long)block * s->block_size + p % s->block_size;
+    return slot * s->kv_heads * s->head_dim;
+}
+
+/* out [D] = softmax(q . K^T * scale) V over the sequence's seq_len cached positions, for one
+ * query head of token t; kv_head is the KV head its group reads. scores: seq_len floats. */
+static void attend(const DecodeStep *s, const void *key, const void *value, int t, int kv_head,
+                   const float *q, float *out, float *scores) {
+    int D = s->head_dim, n = s->seq_lens[t], bf16 = s->kv_bf16;
+    float top = -INFINITY;
+    for (int p = 0; p < n; p++) {
+        long at = cache_offset(s, t, p) + (long)kv_head * D;
+        v16f acc = splat(0.f);
+        for (int i = 0; i < D; i += 16) acc += load16(q + i) * load16_kv(key, at + i, bf16);
+        scores[p] = hsum(acc) * s->scale;
+        top = scores[p] > top ? scores[p] : top;
+    }
+    float total = 0.f;
+    for (int p = 0; p < n; p++) {
+        scores[p] = expf(scores[p] - top);
+        total += scores[p];
+    }
+    v16f acc[D / 16];
+    for (int i = 0; i < D / 16; i++) acc[i] = splat(0.f);
+    for (int p = 0; p < n; p++) {
+        long at = cache_offset(s, t, p) + (long)kv_head * D;
+        v16f weight = splat(scores[p] / total);
+        for (int i = 0; i < D / 16; i++) acc[i] += weight * load16_kv(value, at + i * 16, bf16);
+    }
+    memcpy(out, acc, sizeof(float) * D);
+}
+
+/* Scratch of one step, shared by the threads. */
+typedef struct {
+    float *normed;  /* [T, max(hidden, intermediate)]: a norm's output, then the activation */
+    float *qkv;     /* [T, (heads + 2 kv_heads) head_dim] */
+    float *attn;    /* [T, heads head_dim] */
+    float *gate_up; /* [T, 2 intermediate] */
+    float *out;     /* [T, hidden]: o_proj's, then down_proj's output */
+    QuantX xq;      /* the next product's input, quantized */
+} Scratch;
+
+static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scratch *m,
+                      float *scores, float *x) {
+    int T = s->T, D = s->head_dim, H = s->hidden;
+    int q_width = s->heads * D, kv_width = s->kv_heads * D, width = q_width + 2 * kv_width;
+#pragma omp single
+    {
+        rms_norm(x, w->input_norm, m->normed, T, H, s->eps);
+        quantize_x(m->normed, T, H, &m->xq);
+    }
+    product(&w->qkv, &m->xq, T, m->qkv);
+#pragma omp single
+    for (int t = 0; t < T; t++) {
+        float *q = m->qkv + (long)t * width, *k = q + q_width, *v = k + kv_width;
+        const float *cos = s->cos + (long)t * D / 2, *sin = s->sin + (long)t * D / 2;
+        rotary(q, cos, sin, s->heads, D);
+        rotary(k, cos, sin, s->kv_heads, D);
+        long at = s->slots[t] * kv_width;
+        store_kv(s->keys[layer], at, k, kv_width, s->kv_bf16);
+        store_kv(s->values[layer], at, v, kv_width, s->kv_bf16);
+    }
+    int group = s->heads / s->kv_heads;
+#pragma omp for collapse(2) schedule(static)
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < s->heads; h++)
+            attend(s, s->keys[layer], s->values[layer], t, h / group,
+                   m->qkv + (long)t * width + (long)h * D, m->attn + (long)t * q_width + h * D,
+                   scores);
+#pragma omp single
+    quantize_x(m->attn, T, q_width, &m->xq);
+    product(&w->o, &m->xq, T, m->out);
+#pragma omp single
+    for (long i = 0; i < (long)T * H; i++) x[i] += m->out[i];
+}
+
+static void mlp(const DecoderLayer *w, const DecodeStep *s, Scratch *m, float *x) {
+    int T = s->T, H = s->hidden, I = s->intermediate;
+#pragma omp single
+    {
+        rms_norm(x, w->post_norm, m->normed, T, H, s->eps);
+        quantize_x(m->normed, T, H, &m->xq);
+    }
+    product(&w->gate_up, &m->xq, T, m->gate_up);
+#pragma omp for schedule(static)
+    for (long i = 0; i < (long)T * I; i++) { /* silu(gate) * up */
+        float gate = m->gate_up[i / I * 2 * I + i % I], up = m->gate_up[i / I * 2 * I + I + i % I];
+        m->normed[i] = gate / (1.f + expf(-gate)) * up;
+    }
+#pragma omp single
+    quantize_x(m->normed, T, I, &m->xq);
+    product(&w->down, &m->xq, T, m->out);
+#pragma omp single
+    for (long i = 0; i < (long)T * H; i++) x[i] += m->out[i];
+}
+
+static long larger(long a, long b) { return a > b ? a : b; }
+
+/* x [T, hidden]: the embeddings in, the last layer's output (before the final norm) out. */
+void llama_decode(const DecoderLayer *layers, int num_layers, const DecodeStep *s, float *x) {
+    long T = s->T, D = s->head_dim, I = s->intermediate;
+    long width = larger(larger(s->hidden, I), s->heads * D);
+    Scratch m = {
+        .normed = malloc(sizeof(float) * T * width),
+        .qkv = malloc(sizeof(float) * T * (s->heads + 2 * s->kv_heads) * D),
+        .attn = malloc(sizeof(float) * T * s->heads * D),
+        .gate_up = malloc(sizeof(float) * T * 2 * I),
+        .out = malloc(sizeof(float) * T * s->hidden),
+        .xq = {malloc(T * width), malloc(sizeof(float) * T * width / 32),
+               malloc(sizeof(float) * T * width / 32)},
+    };
+    int longest = 1;
+    for (int t = 0; t < T; t++) longest = s->seq_lens[t] > longest ? s->seq_lens[t] : longest;
+#pragma omp parallel
+    {
+        float *scores = malloc(sizeof(float) * longest);
+        for (int l = 0; l < num_layers; l++) {
+            attention(&layers[l], s, l, &m, scores, x);
+            mlp(&layers[l], s, &m, x);
+        }
+        free(scores);
+    }
+    free(m.normed);
+    free(m.qkv);
+    free(m.attn);
+    free(m.gate_up);
+    free(m.out);
+    free(m.xq.q);
+    free(m.xq.d);
+    free(m.xq.sum);
+}

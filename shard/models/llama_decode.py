@@ -1,0 +1,178 @@
+"""The Llama decoder stack in one C call (llama_decode.c) for decode steps of a few sequences on
+the CPU with quantized weights: the steps a single user waits on, bound by memory bandwidth,
+where eager PyTorch spent as long dispatching ~2,800 small operators as in the products.
+
+The eager layers of llama.py stay the reference and run every other step (prefill, more
+sequences than the quantized kernels' direct path takes, dense weights, tensor parallelism,
+other devices); the tests check that both give the same logits. The library is built like the
+quantized kernels (gcc, cached per CPU); where it cannot be, the eager layers run everything.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import torch
+
+from shard.convert import default_cache_dir
+from shard.forward_context import ForwardContext
+from shard.quant.kernels import SOURCE as KERNELS_SOURCE
+from shard.quant.kernels import KIND_CODES, NativeKernels, build_library, get_kernels
+from shard.quant.weight import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("llama_decode.c")
+DTYPES = (torch.float32, torch.bfloat16)  # of the model's activations and of the KV cache
+_ptr, _int, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+
+class QMatrix(ctypes.Structure):  # llama_decode.c's QMatrix
+    _fields_ = [
+        ("kind", _int), ("group", _int), ("N", _int), ("K", _int),
+        ("qs", _ptr), ("scale", _ptr), ("min", _ptr), ("bias", _ptr),
+    ]  # fmt: skip
+
+
+class DecoderLayer(ctypes.Structure):  # llama_decode.c's DecoderLayer
+    _fields_ = [
+        ("input_norm", _ptr), ("post_norm", _ptr),
+        ("qkv", QMatrix), ("o", QMatrix), ("gate_up", QMatrix), ("down", QMatrix),
+    ]  # fmt: skip
+
+
+class DecodeStep(ctypes.Structure):  # llama_decode.c's DecodeStep
+    _fields_ = [
+        ("T", _int), ("hidden", _int), ("heads", _int), ("kv_heads", _int), ("head_dim", _int),
+        ("intermediate", _int), ("block_size", _int), ("max_blocks", _int), ("kv_bf16", _int),
+        ("eps", _float), ("scale", _float),
+        ("cos", _ptr), ("sin", _ptr), ("slots", _ptr), ("block_tables", _ptr),
+        ("seq_lens", _ptr), ("keys", _ptr), ("values", _ptr),
+    ]  # fmt: skip
+
+
+def _float32(t: torch.Tensor | None, keep: list[torch.Tensor]) -> int | None:
+    """The address of t as contiguous float32, kept alive in `keep`."""
+    if t is None:
+        return None
+    t = t.detach().to(torch.float32).contiguous()
+    keep.append(t)
+    return t.data_ptr()
+
+
+def _qmatrix(w: QuantizedWeight, bias: torch.Tensor | None, keep: list[torch.Tensor]) -> QMatrix:
+    return QMatrix(
+        KIND_CODES[w.kind], w.group, w.out_features, w.in_features, w.qs.data_ptr(),
+        w.scale.data_ptr(), None if w.min is None else w.min.data_ptr(), _float32(bias, keep),
+    )  # fmt: skip
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the compiled decoder cannot run `model` (a LlamaForCausalLM), or None."""
+    c, attn = model.config, model.layers[0].self_attn
+    if model.embed_tokens.weight.device.type != "cpu":
+        return "not on the CPU"
+    if model.embed_tokens.weight.dtype not in DTYPES:
+        return f"dtype {model.embed_tokens.weight.dtype}"
+    if attn.o_proj.dist.world_size != 1:
+        return "tensor parallel"
+    if c.head_dim % 16 or attn.num_heads % attn.num_kv_heads:
+        return f"head_dim {c.head_dim} or the head groups"
+    for layer in model.layers:
+        linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj]
+        linears += [layer.mlp.gate_up_proj, layer.mlp.down_proj]
+        if not all(isinstance(lin.weight, QuantizedWeight) for lin in linears):
+            return "dense weights"
+    if not isinstance(get_kernels(), NativeKernels):
+        return "no native quantized kernels"
+    return None
+
+
+class CompiledDecoder:
+    """Runs every decoder layer of a step through llama_decode.c."""
+
+    def __init__(self, lib: ctypes.CDLL, model, max_rows: int):
+        self._run = lib.llama_decode
+        self._run.restype = None
+        self._run.argtypes = [_ptr, _int, _ptr, _ptr]
+        self.max_rows = max_rows  # the rows up to which the direct quantized products win
+        self._keep: list[torch.Tensor] = []  # float32 copies of norms and biases
+        layers = [self._layer(layer) for layer in model.layers]
+        self._layers = (DecoderLayer * len(layers))(*layers)
+        c, attn = model.config, model.layers[0].self_attn
+        self._dims = dict(
+            hidden=c.hidden_size, heads=attn.num_heads, kv_heads=attn.num_kv_heads,
+            head_dim=c.head_dim, intermediate=c.intermediate_size, eps=c.rms_norm_eps,
+            scale=attn.scale,
+        )  # fmt: skip
+        self._cache = None  # the KV cache whose layer addresses _keys/_values hold
+        self._keys = self._values = None
+
+    def _layer(self, layer) -> DecoderLayer:
+        attn, mlp, keep = layer.self_attn, layer.mlp, self._keep
+        return DecoderLayer(
+            _float32(layer.input_layernorm.weight, keep),
+            _float32(layer.post_attention_layernorm.weight, keep),
+            _qmatrix(attn.qkv_proj.weight, attn.qkv_proj.bias, keep),
+            _qmatrix(attn.o_proj.weight, attn.o_proj.bias, keep),
+            _qmatrix(mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, keep),
+            _qmatrix(mlp.down_proj.weight, mlp.down_proj.bias, keep),
+        )
+
+    def supports(self, x: torch.Tensor, ctx: ForwardContext) -> bool:
+        """A decode step of at most max_rows sequences over a float32 or bfloat16 cache."""
+        return (
+            ctx.attn.is_decode_only
+            and x.shape[0] <= self.max_rows
+            and ctx.kv_cache[0].key.dtype in DTYPES
+        )
+
+    def _cache_addresses(self, kv_cache) -> None:
+        if self._cache is not kv_cache:  # a new cache (warmup sizes it once)
+            n = len(kv_cache.layers)
+            self._keys = (_ptr * n)(*[layer.key.data_ptr() for layer in kv_cache.layers])
+            self._values = (_ptr * n)(*[layer.value.data_ptr() for layer in kv_cache.layers])
+            self._cache = kv_cache
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """x [T, hidden] embeddings; cos, sin [T, head_dim / 2] float32 -> [T, hidden] float32,
+        the last layer's output (before the final norm)."""
+        x = x.to(torch.float32, copy=True)  # updated in place, layer by layer
+        meta = ctx.attn
+        self._cache_addresses(ctx.kv_cache)
+        step = DecodeStep(
+            T=x.shape[0], block_size=meta.block_size, max_blocks=meta.block_tables.shape[1],
+            kv_bf16=int(ctx.kv_cache[0].key.dtype is torch.bfloat16),
+            cos=cos.data_ptr(), sin=sin.data_ptr(), slots=meta.slots.data_ptr(),
+            block_tables=meta.block_tables.data_ptr(), seq_lens=meta.seq_lens.data_ptr(),
+            keys=ctypes.cast(self._keys, _ptr), values=ctypes.cast(self._values, _ptr),
+            **self._dims,
+        )  # fmt: skip
+        self._run(self._layers, len(self._layers), ctypes.byref(step), x.data_ptr())
+        return x
+
+
+_lib: ctypes.CDLL | None = None
+_unavailable = False
+
+
+def compiled_decoder(model) -> CompiledDecoder | None:
+    """The compiled decoder of `model`, or None (with the reason logged) where it cannot run."""
+    global _lib, _unavailable
+    reason = unsupported_reason(model)
+    if reason is None and _lib is None and not _unavailable:
+        try:
+            path = build_library(default_cache_dir() / "kernels", SOURCE, (KERNELS_SOURCE,))
+            _lib = ctypes.CDLL(str(path))
+        except (OSError, RuntimeError) as err:
+            _unavailable = True
+            log.warning("compiled decoder unavailable, decode steps stay eager: %s", err)
+    if reason is not None or _lib is None:
+        if reason is not None:
+            log.info("decode steps run eager layers: %s", reason)
+        return None
+    return CompiledDecoder(_lib, model, get_kernels().direct_max_rows)

@@ -1,0 +1,118 @@
+"""The compiled decoder (shard/models/llama_decode.c) against the model's eager layers, its
+reference: the same logits and the same K/V written, step after step, for one to four
+sequences with scattered blocks, q4 and q8 weights, float32 and bfloat16; and the steps it
+leaves to the eager layers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from shard.distributed import Dist
+from shard.forward_context import AttentionMetadata
+from shard.kv_cache import KVCache
+from shard.models import load_model
+from shard.models.llama_decode import CompiledDecoder, unsupported_reason
+from shard.quant.kernels import get_kernels
+from tests.conftest import save_tiny_model
+from tests.shard.test_model import BLOCK_SIZE, PagedSequence, run_step
+
+NUM_BLOCKS = 64
+
+
+def new_cache(model, dtype: torch.dtype) -> KVCache:
+    c = model.config
+    return KVCache(c.num_layers, NUM_BLOCKS, BLOCK_SIZE, c.num_kv_heads, c.head_dim, dtype)
+
+
+def sequences(n: int, seed: int) -> list[PagedSequence]:
+    rng = random.Random(seed)
+    free = list(range(1, NUM_BLOCKS))
+    rng.shuffle(free)
+    return [
+        PagedSequence([rng.randrange(128) for _ in range(rng.randint(3, 20) + 8)],
+                      [free.pop() for _ in range(8)])
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def decode(model, dtype: torch.dtype, batch: int, compiled: bool, steps: int = 8):
+    """Prefills `batch` sequences eagerly, then decodes `steps` tokens each (with the compiled
+    decoder or without); returns every decode step's logits and the cache."""
+    decoder = model.decoder
+    cache = new_cache(model, dtype)
+    seqs = sequences(batch, seed=batch)
+    prompt = [len(s.token_ids) - steps for s in seqs]
+    run_step(model, cache, seqs, prompt)
+    out = []
+    try:
+        model.decoder = decoder if compiled else None
+        for _ in range(steps):
+            out.append(run_step(model, cache, seqs, [1] * batch))
+    finally:
+        model.decoder = decoder
+    return torch.stack(out), cache
+
+
+@pytest.fixture(scope="module", params=["int4", "eetq"])
+def quantized(request, tiny_llama_dir):
+    return {
+        dtype: load_model(tiny_llama_dir, dtype, quantize=request.param)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_float32_steps_match_the_eager_layers(quantized, batch):
+    model = quantized[torch.float32]
+    assert model.decoder is not None
+    if batch > model.decoder.max_rows:
+        pytest.skip(f"this CPU's direct products take up to {model.decoder.max_rows} rows")
+    ours, our_cache = decode(model, torch.float32, batch, compiled=True)
+    eager, eager_cache = decode(model, torch.float32, batch, compiled=False)
+    torch.testing.assert_close(ours, eager, atol=1e-4, rtol=1e-4)
+    for a, b in zip(our_cache.layers, eager_cache.layers):
+        torch.testing.assert_close(a.key, b.key, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.value, b.value, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_steps_stay_close_to_the_eager_layers(quantized):
+    """In bfloat16 the eager layers round every op; the compiled decoder computes in float32
+    and rounds only what it stores in the cache, so both stay near the float32 result."""
+    model = quantized[torch.bfloat16]
+    assert model.decoder is not None
+    reference, _ = decode(quantized[torch.float32], torch.float32, 2, compiled=False)
+    ours, _ = decode(model, torch.bfloat16, 2, compiled=True)
+    eager, _ = decode(model, torch.bfloat16, 2, compiled=False)
+    scale = reference.abs().max()
+    assert (ours - reference).abs().max() <= (eager - reference).abs().max() + 0.01 * scale
+    assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+def test_biases_and_a_single_kv_head(tmp_path):
+    path = save_tiny_model(tmp_path / "m", seed=5, attention_bias=True, num_key_value_heads=1)
+    model = load_model(path, torch.float32, quantize="int4")
+    ours, _ = decode(model, torch.float32, 2, compiled=True)
+    eager, _ = decode(model, torch.float32, 2, compiled=False)
+    torch.testing.assert_close(ours, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_other_steps_and_models_stay_eager(tiny_llama_dir, quantized):
+    assert unsupported_reason(load_model(tiny_llama_dir, torch.float32)) == "dense weights"
+    tp = load_model(tiny_llama_dir, torch.float32, dist=Dist(0, 2), quantize="int4")
+    assert unsupported_reason(tp) == "tensor parallel" and tp.decoder is None
+
+    decoder: CompiledDecoder = quantized[torch.float32].decoder
+    cache = new_cache(quantized[torch.float32], torch.float32)
+    ctx = type("Ctx", (), {"kv_cache": cache})()
+    rows = decoder.max_rows
+    ctx.attn = AttentionMetadata.build([1] * rows, [5] * rows, [[1, 2]] * rows, [5] * rows, 4)
+    assert decoder.supports(torch.zeros(rows, 64), ctx)
+    more = rows + 1  # beyond the direct products: the dense GEMM path wins
+    ctx.attn = AttentionMetadata.build([1] * more, [5] * more, [[1, 2]] * more, [5] * more, 4)
+    assert not decoder.supports(torch.zeros(more, 64), ctx)
+    ctx.attn = AttentionMetadata.build([3], [3], [[1]], [4, 5, 6], 4)  # a prefill
+    assert not decoder.supports(torch.zeros(3, 64), ctx)
+    assert get_kernels().direct_max_rows == rows
