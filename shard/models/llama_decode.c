@@ -215,8 +215,7 @@ void llama_decode(const DecoderLayer *layers, int num_layers, const DecodeStep *
         .attn = malloc(sizeof(float) * T * s->heads * D),
         .gate_up = malloc(sizeof(float) * T * 2 * I),
         .out = malloc(sizeof(float) * T * s->hidden),
-        .xq = {malloc(T * width), malloc(sizeof(float) * T * width / 32),
-               malloc(sizeof(float) * T * width / 32)},
+        .xq = quantx_new(T, width),
     };
     int longest = 1;
     for (int t = 0; t < T; t++) longest = s->seq_lens[t] > longest ? s->seq_lens[t] : longest;
@@ -234,7 +233,5 @@ void llama_decode(const DecoderLayer *layers, int num_layers, const DecodeStep *
     free(m.attn);
     free(m.gate_up);
     free(m.out);
-    free(m.xq.q);
-    free(m.xq.d);
-    free(m.xq.sum);
+    quantx_free(&m.xq);
 }

@@ -20,6 +20,11 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define HAVE_VNNI_512 1
+#endif
+
 typedef float v16f __attribute__((vector_size(64)));
 
 #define TILE 4 /* rows of x that share one dequantized block of W */
@@ -130,7 +135,52 @@ typedef struct {
     int8_t *q;   /* [T, K] */
     float *d;    /* [T, K/32] dx */
     float *sum;  /* [T, K/32] dx * sum(xq) of the block */
+    /* The 512-bit q4 path reads x by quads of 4 blocks (the last one padded with zeros): */
+    int8_t *quad_q; /* [T, quads, 2, 64]: the 4 blocks' first 16 values, then their last 16 */
+    float *quad_d;  /* [T, quads, 16]: lane l holds dx of the quad's block l / 4 */
 } QuantX;
+
+static long quads(long K) { return (K / 32 + 3) / 4; }
+
+/* Room for T rows of up to K values. */
+static QuantX quantx_new(long T, long K) {
+    QuantX xq = {malloc(T * K), malloc(sizeof(float) * T * K / 32),
+                 malloc(sizeof(float) * T * K / 32), NULL, NULL};
+#ifdef HAVE_VNNI_512
+    xq.quad_q = malloc(T * quads(K) * 128);
+    xq.quad_d = malloc(sizeof(float) * T * quads(K) * 16);
+#endif
+    return xq;
+}
+
+static void quantx_free(QuantX *xq) {
+    free(xq->q);
+    free(xq->d);
+    free(xq->sum);
+    free(xq->quad_q);
+    free(xq->quad_d);
+}
+
+/* quad_q and quad_d of every row, from q and d. */
+static void arrange_quads(int T, int K, QuantX *out) {
+    long blocks = K / 32, n = quads(K);
+    for (long t = 0; t < T; t++) {
+        for (long g = 0; g < n; g++) {
+            int8_t *q = out->quad_q + (t * n + g) * 128;
+            float *d = out->quad_d + (t * n + g) * 16;
+            for (int i = 0; i < 4; i++) {
+                long b = g * 4 + i;
+                const int8_t *src = out->q + (t * blocks + b) * 32;
+                int real = b < blocks;
+                for (int j = 0; j < 16; j++) {
+                    q[i * 16 + j] = real ? src[j] : 0;
+                    q[64 + i * 16 + j] = real ? src[16 + j] : 0;
+                }
+                for (int j = 0; j < 4; j++) d[i * 4 + j] = real ? out->d[t * blocks + b] : 0.f;
+            }
+        }
+    }
+}
 
 static void quantize_x(const float *x, int T, int K, QuantX *out) {
     int blocks = K / 32;
@@ -149,6 +199,9 @@ static void quantize_x(const float *x, int T, int K, QuantX *out) {
         out->d[b] = d;
         out->sum[b] = d * (float)total;
     }
+#ifdef HAVE_VNNI_512
+    arrange_quads(T, K, out);
+#endif
 }
 
 #if defined(__AVX2__)
@@ -239,52 +292,54 @@ static inline void dot_rows(int kind, const QuantX *xq, long x0, int rows, int K
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VNNI__)
-#define HAVE_VNNI_512 1
-/* q4 in groups of 32 (GGUF Q4_1) with 512-bit VNNI: two blocks per instruction. The per-block
- * scales dw * dx are computed 16 at a time first, and the min term sum_b mw dx sum(xq) is one
- * vector dot product, so the loop over blocks has no scalar work left. */
+#ifdef HAVE_VNNI_512
+/* One quad of 4 blocks of q4 (64 bytes of nibbles) against x's quad: 16 lanes, lane l a
+ * partial sum of block l / 4, scaled by dw dx. `blocks` < 4 in the last, partial quad. */
+static inline __attribute__((always_inline)) __m512 quad_q4(const uint8_t *row,
+                                                            const int8_t *x, const float *dx,
+                                                            const float *scale, int blocks) {
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __mmask64 bytes = blocks == 4 ? ~0ULL : (1ULL << (16 * blocks)) - 1;
+    __m512i raw = _mm512_maskz_loadu_epi8(bytes, row);
+    __m512i lo = _mm512_and_si512(raw, nibble);                       /* weights 0..15 */
+    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble); /* weights 16..31 */
+    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x));
+    dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(x + 64));
+    __m128 dw = _mm_maskz_loadu_ps((__mmask8)((1 << blocks) - 1), scale);
+    __m512 dws = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(dx)), dws);
+}
+
+/* q4 in groups of 32 (GGUF Q4_1) with 512-bit VNNI: a quad of 4 blocks per step, x arranged
+ * by quantize_x to match the nibbles' order, so there is no shuffle of the weights; two
+ * accumulators so that consecutive steps do not wait for each other. The min term
+ * sum_b mw dx sum(xq) is a dot product of 4 blocks per step too. */
 static float dot_row_q4_512(const QuantX *xq, long t, int K, const uint8_t *row,
                             const float *scale, const float *min) {
     int blocks = K / 32;
-    const float *dx = xq->d + t * blocks, *sx = xq->sum + t * blocks;
-    const int8_t *x = xq->q + t * (long)K;
-    float d[blocks];
-    __m512 low = _mm512_setzero_ps();
-    int b = 0;
-    for (; b + 16 <= blocks; b += 16) {
-        _mm512_storeu_ps(d + b, _mm512_mul_ps(_mm512_loadu_ps(scale + b), _mm512_loadu_ps(dx + b)));
-        low = _mm512_fmadd_ps(_mm512_loadu_ps(min + b), _mm512_loadu_ps(sx + b), low);
+    long n = quads(K), full = blocks / 4;
+    const int8_t *x = xq->quad_q + t * n * 128;
+    const float *dx = xq->quad_d + t * n * 16, *sx = xq->sum + (long)t * blocks;
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m128 low = _mm_setzero_ps();
+    long g = 0;
+    for (; g < full; g++) {
+        __m512 p = quad_q4(row + g * 64, x + g * 128, dx + g * 16, scale + g * 4, 4);
+        acc[g & 1] = _mm512_add_ps(acc[g & 1], p);
+        low = _mm_fmadd_ps(_mm_loadu_ps(min + g * 4), _mm_loadu_ps(sx + g * 4), low);
     }
-    float total = _mm512_reduce_add_ps(low);
-    for (; b < blocks; b++) {
-        d[b] = scale[b] * dx[b];
-        total += min[b] * sx[b];
+    int left = blocks - 4 * (int)full;
+    if (left) {
+        __mmask8 m = (__mmask8)((1 << left) - 1);
+        acc[0] = _mm512_add_ps(acc[0], quad_q4(row + g * 64, x + g * 128, dx + g * 16,
+                                               scale + g * 4, left));
+        low = _mm_fmadd_ps(_mm_maskz_loadu_ps(m, min + g * 4), _mm_maskz_loadu_ps(m, sx + g * 4),
+                           low);
     }
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    __m512 acc = _mm512_setzero_ps();
-    for (b = 0; b + 2 <= blocks; b += 2) {
-        __m256i raw = _mm256_loadu_si256((const __m256i *)(row + b * 16)); /* blocks b, b+1 */
-        __m256i lo = _mm256_and_si256(raw, nibble);                       /* [b lo | b+1 lo] */
-        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble); /* [b hi | b+1 hi] */
-        __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        w = _mm512_shuffle_i64x2(w, w, _MM_SHUFFLE(3, 1, 2, 0)); /* [b lo, b hi, b+1 lo, b+1 hi] */
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
-                                          _mm512_loadu_si512((const void *)(x + b * 32)));
-        __m512 scales = _mm512_insertf32x8(_mm512_set1_ps(d[b]), _mm256_set1_ps(d[b + 1]), 1);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales, acc);
-    }
-    total += _mm512_reduce_add_ps(acc);
-    if (b < blocks) { /* an odd last block */
-        __m128i raw = _mm_loadu_si128((const __m128i *)(row + b * 16));
-        __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
-        __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
-        __m256i w = _mm256_set_m128i(hi, lo);
-        __m256i p = dot_u8s8(w, _mm256_loadu_si256((const __m256i *)(x + b * 32)));
-        total += d[b] * hsum8(_mm256_cvtepi32_ps(p));
-    }
-    return total;
+    __m128 l2 = _mm_add_ps(low, _mm_movehl_ps(low, low));
+    float lows = _mm_cvtss_f32(_mm_add_ss(l2, _mm_movehdup_ps(l2)));
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + lows;
 }
 
 /* q8 in groups of 32 (GGUF Q8_0). VNNI multiplies unsigned by signed bytes, and here both are
@@ -383,14 +438,11 @@ void quant_matmul(int kind, const void *x, int x_bf16, int T, int K, const void 
     float *xf = malloc(sizeof(float) * count);
     for (long i = 0; i < count; i++)
         xf[i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-    QuantX xq = {malloc(count), malloc(sizeof(float) * count / 32),
-                 malloc(sizeof(float) * count / 32)};
+    QuantX xq = quantx_new(T, K);
     quantize_x(xf, T, K, &xq);
     matmul(kind, &xq, T, K, qs, scale, min, N, group, y, y_bf16);
     free(xf);
-    free(xq.q);
-    free(xq.d);
-    free(xq.sum);
+    quantx_free(&xq);
 }
 
 /* W dequantized into w [N, K] (float32 or bfloat16), for products with many rows of x, which
