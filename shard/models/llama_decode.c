@@ -156,7 +156,7 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
 #pragma omp single
     {
         rms_norm(x, w->input_norm, m->normed, T, H, s->eps);
-        quantize_x(m->normed, T, H, &m->xq);
+        quantize_x(w->qkv.kind, m->normed, T, H, &m->xq);
     }
     product(&w->qkv, &m->xq, T, m->qkv);
 #pragma omp single
@@ -177,7 +177,7 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
                    m->qkv + (long)t * width + (long)h * D, m->attn + (long)t * q_width + h * D,
                    scores);
 #pragma omp single
-    quantize_x(m->attn, T, q_width, &m->xq);
+    quantize_x(w->o.kind, m->attn, T, q_width, &m->xq);
     product(&w->o, &m->xq, T, m->out);
 #pragma omp single
     for (long i = 0; i < (long)T * H; i++) x[i] += m->out[i];
@@ -188,7 +188,7 @@ static void mlp(const DecoderLayer *w, const DecodeStep *s, Scratch *m, float *x
 #pragma omp single
     {
         rms_norm(x, w->post_norm, m->normed, T, H, s->eps);
-        quantize_x(m->normed, T, H, &m->xq);
+        quantize_x(w->gate_up.kind, m->normed, T, H, &m->xq);
     }
     product(&w->gate_up, &m->xq, T, m->gate_up);
 #pragma omp for schedule(static)
@@ -197,7 +197,7 @@ static void mlp(const DecoderLayer *w, const DecodeStep *s, Scratch *m, float *x
         m->normed[i] = gate / (1.f + expf(-gate)) * up;
     }
 #pragma omp single
-    quantize_x(m->normed, T, I, &m->xq);
+    quantize_x(w->down.kind, m->normed, T, I, &m->xq);
     product(&w->down, &m->xq, T, m->out);
 #pragma omp single
     for (long i = 0; i < (long)T * H; i++) x[i] += m->out[i];

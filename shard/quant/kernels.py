@@ -8,7 +8,7 @@ Without a compiler the reference (dequantize, then a dense product) runs instead
 warning: correct, several times slower.
 
 Products with at most `direct_max_rows` rows of x (decode steps of few sequences; the library
-says how many its kernels win at: 4 with AVX-512 VNNI, else 2) read the
+says how many its kernels win at: 8 with AVX-512 VNNI, else 2) read the
 quantized weight directly: that is where quantization pays, since such steps are bound by
 memory bandwidth. Larger products use the dense GEMM (oneDNN, AMX where the CPU has it), many
 times faster than our kernel's arithmetic once a weight is reused across rows: on the

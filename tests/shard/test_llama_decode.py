@@ -19,7 +19,7 @@ from shard.quant.kernels import get_kernels
 from tests.conftest import save_tiny_model
 from tests.shard.test_model import BLOCK_SIZE, PagedSequence, run_step
 
-NUM_BLOCKS = 64
+NUM_BLOCKS = 80
 
 
 def new_cache(model, dtype: torch.dtype) -> KVCache:
@@ -64,7 +64,7 @@ def quantized(request, tiny_llama_dir):
     }
 
 
-@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("batch", [1, 2, 5, 8])
 def test_float32_steps_match_the_eager_layers(quantized, batch):
     model = quantized[torch.float32]
     assert model.decoder is not None
