@@ -1,4 +1,5 @@
 """Paged attention through `torch.nn.functional.scaled_dot_product_attention`: the fast CPU path.
+Decode-only steps on the CPU take the paged decode kernel instead (paged_decode.py).
 
 Sequences go through batched SDPA calls on padded [B, H, Qmax, D] queries and [B, KV, Lmax, D]
 gathered K/V. Padding costs B * Qmax * Lmax, so a mixed step (say 15 decodes next to a
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from shard.attention.paged_decode import paged_decode_kernel
 from shard.forward_context import AttentionMetadata
 from shard.kv_cache import LayerKV
 
@@ -217,11 +219,16 @@ class SdpaPagedAttention:
     name = "sdpa"
 
     def prepare(self, meta: AttentionMetadata) -> None:
+        if meta.is_decode_only and paged_decode_kernel() is not None:
+            return  # the paged decode kernel needs nothing prepared (else forward prepares)
         meta.prepared["sdpa"] = build_step(meta)
 
     def forward(
         self, q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
+        kernel = paged_decode_kernel() if meta.is_decode_only else None
+        if kernel is not None and kernel.supports(q, cache, meta):
+            return kernel.forward(q, cache, meta, scale)
         step = meta.prepared.get("sdpa")
         if step is None:  # prepare was skipped: build it now, once, for every later layer
             self.prepare(meta)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from shard.convert import default_cache_dir
-from shard.quant.kernels import build_library
+from shard.native import build_library
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,15 @@
  * OpenMP region go from one phase to the next at a barrier instead of a fork per product.
  *
  * Compiled at run time by shard/models/llama_decode.py, like shard/quant/kernels.c, whose
- * products and activation quantization it includes. The pure-PyTorch reference is the model's
+ * products and activation quantization it includes, as it includes the paged attention of
+ * shard/attention/paged_decode.c. The pure-PyTorch reference is the model's
  * own eager forward (shard/models/llama.py); the tests compare the two.
  *
  * Activations and arithmetic are float32 whatever the model's dtype; the KV cache is float32
  * or bfloat16 (kv_bf16), laid out [num_blocks, block_size, kv_heads, head_dim] as
  * shard/kv_cache.py. Each of the T query tokens belongs to its own sequence (a decode step).
  */
-#include <math.h>
-
+#include "../attention/paged_decode.c"
 #include "../quant/kernels.c"
 
 typedef struct {
@@ -32,12 +32,11 @@ typedef struct {
 } DecoderLayer;
 
 typedef struct {
-    int T, hidden, heads, kv_heads, head_dim, intermediate, block_size, max_blocks, kv_bf16;
-    float eps, scale;                /* RMSNorm epsilon; attention scale (head_dim^-0.5) */
+    PagedKV paged;                   /* the sequences' blocks; heads and head_dim */
+    int T, hidden, intermediate;
+    float eps;                       /* RMSNorm epsilon */
     const float *cos, *sin;          /* [T, head_dim / 2] at each token's position */
     const int64_t *slots;            /* [T] cache slot of each token's K/V */
-    const int32_t *block_tables;     /* [T, max_blocks] */
-    const int32_t *seq_lens;         /* [T] cached tokens after this step, its own included */
     void *const *keys, *const *values; /* [num_layers] the layers' cache tensors */
 } DecodeStep;
 
@@ -83,18 +82,6 @@ static void rotary(float *x, const float *cos, const float *sin, int heads, int 
     }
 }
 
-static inline v16f load16_kv(const void *cache, long i, int bf16) {
-    if (!bf16) return load16((const float *)cache + i);
-#if defined(__AVX512F__)
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)cache + i));
-    return (v16f)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-#else
-    v16f v;
-    for (int j = 0; j < 16; j++) v[j] = bf16_to_f32(((const uint16_t *)cache)[i + j]);
-    return v;
-#endif
-}
-
 static void store_kv(void *cache, long i, const float *x, int n, int bf16) {
     for (int j = 0; j < n; j++) {
         if (bf16)
@@ -102,41 +89,6 @@ static void store_kv(void *cache, long i, const float *x, int n, int bf16) {
         else
             ((float *)cache)[i + j] = x[j];
     }
-}
-
-/* Where position p of token t's sequence lives: the element offset of its (slot, head 0). */
-static inline long cache_offset(const DecodeStep *s, int t, int p) {
-    int block = s->block_tables[(long)t * s->max_blocks + p / s->block_size];
-    long slot = (long)block * s->block_size + p % s->block_size;
-    return slot * s->kv_heads * s->head_dim;
-}
-
-/* out [D] = softmax(q . K^T * scale) V over the sequence's seq_len cached positions, for one
- * query head of token t; kv_head is the KV head its group reads. scores: seq_len floats. */
-static void attend(const DecodeStep *s, const void *key, const void *value, int t, int kv_head,
-                   const float *q, float *out, float *scores) {
-    int D = s->head_dim, n = s->seq_lens[t], bf16 = s->kv_bf16;
-    float top = -INFINITY;
-    for (int p = 0; p < n; p++) {
-        long at = cache_offset(s, t, p) + (long)kv_head * D;
-        v16f acc = splat(0.f);
-        for (int i = 0; i < D; i += 16) acc += load16(q + i) * load16_kv(key, at + i, bf16);
-        scores[p] = hsum(acc) * s->scale;
-        top = scores[p] > top ? scores[p] : top;
-    }
-    float total = 0.f;
-    for (int p = 0; p < n; p++) {
-        scores[p] = expf(scores[p] - top);
-        total += scores[p];
-    }
-    v16f acc[D / 16];
-    for (int i = 0; i < D / 16; i++) acc[i] = splat(0.f);
-    for (int p = 0; p < n; p++) {
-        long at = cache_offset(s, t, p) + (long)kv_head * D;
-        v16f weight = splat(scores[p] / total);
-        for (int i = 0; i < D / 16; i++) acc[i] += weight * load16_kv(value, at + i * 16, bf16);
-    }
-    memcpy(out, acc, sizeof(float) * D);
 }
 
 /* Scratch of one step, shared by the threads. */
@@ -151,8 +103,10 @@ typedef struct {
 
 static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scratch *m,
                       float *scores, float *x) {
-    int T = s->T, D = s->head_dim, H = s->hidden;
-    int q_width = s->heads * D, kv_width = s->kv_heads * D, width = q_width + 2 * kv_width;
+    const PagedKV *paged = &s->paged;
+    int T = s->T, D = paged->head_dim, H = s->hidden;
+    int q_width = paged->heads * D, kv_width = paged->kv_heads * D;
+    int width = q_width + 2 * kv_width;
 #pragma omp single
     {
         rms_norm(x, w->input_norm, m->normed, T, H, s->eps);
@@ -163,17 +117,17 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
     for (int t = 0; t < T; t++) {
         float *q = m->qkv + (long)t * width, *k = q + q_width, *v = k + kv_width;
         const float *cos = s->cos + (long)t * D / 2, *sin = s->sin + (long)t * D / 2;
-        rotary(q, cos, sin, s->heads, D);
-        rotary(k, cos, sin, s->kv_heads, D);
+        rotary(q, cos, sin, paged->heads, D);
+        rotary(k, cos, sin, paged->kv_heads, D);
         long at = s->slots[t] * kv_width;
-        store_kv(s->keys[layer], at, k, kv_width, s->kv_bf16);
-        store_kv(s->values[layer], at, v, kv_width, s->kv_bf16);
+        store_kv(s->keys[layer], at, k, kv_width, paged->kv_bf16);
+        store_kv(s->values[layer], at, v, kv_width, paged->kv_bf16);
     }
-    int group = s->heads / s->kv_heads;
+    int group = paged->heads / paged->kv_heads;
 #pragma omp for collapse(2) schedule(static)
     for (int t = 0; t < T; t++)
-        for (int h = 0; h < s->heads; h++)
-            attend(s, s->keys[layer], s->values[layer], t, h / group,
+        for (int h = 0; h < paged->heads; h++)
+            attend(paged, s->keys[layer], s->values[layer], t, h / group,
                    m->qkv + (long)t * width + (long)h * D, m->attn + (long)t * q_width + h * D,
                    scores);
 #pragma omp single
@@ -207,18 +161,18 @@ static long larger(long a, long b) { return a > b ? a : b; }
 
 /* x [T, hidden]: the embeddings in, the last layer's output (before the final norm) out. */
 void llama_decode(const DecoderLayer *layers, int num_layers, const DecodeStep *s, float *x) {
-    long T = s->T, D = s->head_dim, I = s->intermediate;
-    long width = larger(larger(s->hidden, I), s->heads * D);
+    const PagedKV *paged = &s->paged;
+    long T = s->T, D = paged->head_dim, I = s->intermediate;
+    long width = larger(larger(s->hidden, I), paged->heads * D);
     Scratch m = {
         .normed = malloc(sizeof(float) * T * width),
-        .qkv = malloc(sizeof(float) * T * (s->heads + 2 * s->kv_heads) * D),
-        .attn = malloc(sizeof(float) * T * s->heads * D),
+        .qkv = malloc(sizeof(float) * T * (paged->heads + 2 * paged->kv_heads) * D),
+        .attn = malloc(sizeof(float) * T * paged->heads * D),
         .gate_up = malloc(sizeof(float) * T * 2 * I),
         .out = malloc(sizeof(float) * T * s->hidden),
         .xq = quantx_new(T, width),
     };
-    int longest = 1;
-    for (int t = 0; t < T; t++) longest = s->seq_lens[t] > longest ? s->seq_lens[t] : longest;
+    int longest = longest_sequence(paged, T);
 #pragma omp parallel
     {
         float *scores = malloc(sizeof(float) * longest);

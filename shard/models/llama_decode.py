@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from shard.attention.paged_decode import SOURCE as ATTENTION_SOURCE
+from shard.attention.paged_decode import PagedKV, paged_kv
 from shard.convert import default_cache_dir
 from shard.forward_context import ForwardContext
 from shard.quant.kernels import SOURCE as KERNELS_SOURCE
-from shard.quant.kernels import KIND_CODES, NativeKernels, build_library, get_kernels
+from shard.quant.kernels import INCLUDES, KIND_CODES, NativeKernels, build_library, get_kernels
 from shard.quant.weight import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,9 @@ class DecoderLayer(ctypes.Structure):  # llama_decode.c's DecoderLayer
 
 class DecodeStep(ctypes.Structure):  # llama_decode.c's DecodeStep
     _fields_ = [
-        ("T", _int), ("hidden", _int), ("heads", _int), ("kv_heads", _int), ("head_dim", _int),
-        ("intermediate", _int), ("block_size", _int), ("max_blocks", _int), ("kv_bf16", _int),
-        ("eps", _float), ("scale", _float),
-        ("cos", _ptr), ("sin", _ptr), ("slots", _ptr), ("block_tables", _ptr),
-        ("seq_lens", _ptr), ("keys", _ptr), ("values", _ptr),
+        ("paged", PagedKV), ("T", _int), ("hidden", _int), ("intermediate", _int),
+        ("eps", _float), ("cos", _ptr), ("sin", _ptr), ("slots", _ptr),
+        ("keys", _ptr), ("values", _ptr),
     ]  # fmt: skip
 
 
@@ -102,11 +102,8 @@ class CompiledDecoder:
         layers = [self._layer(layer) for layer in model.layers]
         self._layers = (DecoderLayer * len(layers))(*layers)
         c, attn = model.config, model.layers[0].self_attn
-        self._dims = dict(
-            hidden=c.hidden_size, heads=attn.num_heads, kv_heads=attn.num_kv_heads,
-            head_dim=c.head_dim, intermediate=c.intermediate_size, eps=c.rms_norm_eps,
-            scale=attn.scale,
-        )  # fmt: skip
+        self._dims = dict(hidden=c.hidden_size, intermediate=c.intermediate_size, eps=c.rms_norm_eps)
+        self._heads = (attn.num_heads, attn.num_kv_heads, c.head_dim, attn.scale)
         self._cache = None  # the KV cache whose layer addresses _keys/_values hold
         self._keys = self._values = None
 
@@ -145,10 +142,8 @@ class CompiledDecoder:
         meta = ctx.attn
         self._cache_addresses(ctx.kv_cache)
         step = DecodeStep(
-            T=x.shape[0], block_size=meta.block_size, max_blocks=meta.block_tables.shape[1],
-            kv_bf16=int(ctx.kv_cache[0].key.dtype is torch.bfloat16),
-            cos=cos.data_ptr(), sin=sin.data_ptr(), slots=meta.slots.data_ptr(),
-            block_tables=meta.block_tables.data_ptr(), seq_lens=meta.seq_lens.data_ptr(),
+            paged=paged_kv(meta, ctx.kv_cache[0], *self._heads),
+            T=x.shape[0], cos=cos.data_ptr(), sin=sin.data_ptr(), slots=meta.slots.data_ptr(),
             keys=ctypes.cast(self._keys, _ptr), values=ctypes.cast(self._values, _ptr),
             **self._dims,
         )  # fmt: skip
@@ -166,7 +161,8 @@ def compiled_decoder(model) -> CompiledDecoder | None:
     reason = unsupported_reason(model)
     if reason is None and _lib is None and not _unavailable:
         try:
-            path = build_library(default_cache_dir() / "kernels", SOURCE, (KERNELS_SOURCE,))
+            sources = (KERNELS_SOURCE, ATTENTION_SOURCE, *INCLUDES)
+            path = build_library(default_cache_dir() / "kernels", SOURCE, sources)
             _lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError) as err:
             _unavailable = True

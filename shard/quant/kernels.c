@@ -1,7 +1,7 @@
 /* Weight-only quantized matrix products for the CPU: y[T, N] = x[T, K] @ dequant(W)[N, K]^T.
  *
  * Compiled at run time by shard/quant/kernels.py with `-O3 -march=native -fopenmp`: the
- * 16-float vector type below becomes one AVX-512 register, two AVX2 registers, or plain
+ * 16-float vector type of shard/simd.h becomes one AVX-512 register, two AVX2 registers, or plain
  * loops elsewhere. Byte-to-float conversions use intrinsics where the CPU has them, because
  * GCC 12 turns a generic vector conversion from bytes into scalar code.
  * The pure-PyTorch reference of these kernels is `dequantize` in shard/quant/weight.py.
@@ -14,32 +14,16 @@
  *   x [T, K] and y [T, N] are float32 or bfloat16, contiguous.
  */
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
+
+#include "../simd.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
     defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define HAVE_VNNI_512 1
 #endif
 
-typedef float v16f __attribute__((vector_size(64)));
-
 #define TILE 4 /* rows of x that share one dequantized block of W */
-
-static inline v16f splat(float s) {
-    v16f v = {0};
-    return v + s;
-}
-
-static inline v16f load16(const float *p) {
-    v16f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 /* 16 bytes (unsigned / signed) to 16 floats. */
 static inline v16f u8_to_f32(const uint8_t *p, int shift) {
@@ -74,27 +58,6 @@ static inline v16f i8_to_f32(const int8_t *p) {
     for (int i = 0; i < 16; i++) v[i] = (float)p[i];
     return v;
 #endif
-}
-
-static inline float hsum(v16f v) {
-    float s = 0.f;
-    for (int i = 0; i < 16; i++) s += v[i];
-    return s;
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
 }
 
 static inline void store(void *y, int y_bf16, long index, float value) {

@@ -1,11 +1,6 @@
-"""Builds the C kernels of kernels.c for this CPU on first use and calls them through ctypes.
-
-The library is compiled with the system's C compiler (`$CC`, else gcc) and `-march=native`,
-so AVX-512, AVX2 or plain code is chosen where it runs, and cached under the model cache
-(keyed by the source, the flags, the compiler and the CPU) so later starts load it at once.
-It links the OpenMP runtime torch already loaded (same soname), so both share one thread pool.
-Without a compiler the reference (dequantize, then a dense product) runs instead, with a
-warning: correct, several times slower.
+"""Builds the C kernels of kernels.c for this CPU on first use (shard/native.py) and calls them
+through ctypes. Without a compiler the reference (dequantize, then a dense product) runs
+instead, with a warning: correct, several times slower.
 
 Products with at most `direct_max_rows` rows of x (decode steps of few sequences; the library
 says how many its kernels win at: 8 with AVX-512 VNNI, else 2) read the
@@ -18,65 +13,22 @@ weight's dense copy where the shard keeps one, else dequantized into a scratch m
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from common.cpu import cpu_flags
 from shard.convert import default_cache_dir
+from shard.native import SIMD_HEADER, build_library
 from shard.quant.weight import QuantizedWeight, dequantize
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+INCLUDES = (SIMD_HEADER,)  # what kernels.c #includes
 KIND_CODES = {"q4": 4, "q8": 8}
 _ptr, _int = ctypes.c_void_p, ctypes.c_int
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "gcc"))
-
-
-def _library_key(compiler: str, sources: list[Path]) -> str:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    cpu = platform.machine() + " " + " ".join(sorted(cpu_flags()))
-    texts = [s.read_text() for s in sources]
-    raw = "\n".join([*texts, " ".join(CFLAGS), version, cpu, torch.__version__])
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
-def build_library(cache_dir: Path, source: Path = SOURCE, includes: tuple[Path, ...] = ()) -> Path:
-    """The compiled library of `source` for this CPU, compiled once into cache_dir. `includes`
-    are the files `source` #includes: a change to them builds a new library too."""
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (install gcc or set CC)")
-    target = cache_dir / f"{source.stem}-{_library_key(compiler, [source, *includes])}.so"
-    if target.exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [compiler, *CFLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True
-        )
-        if done.returncode:
-            raise RuntimeError(f"compiling {source.name} failed:\n{done.stderr}")
-        os.replace(tmp, target)  # atomic: concurrent shards never load a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 class NativeKernels:
@@ -151,7 +103,8 @@ def get_kernels(cache_dir: Path | None = None) -> NativeKernels | ReferenceKerne
     global _kernels
     if _kernels is None:
         try:
-            _kernels = NativeKernels(build_library(cache_dir or default_cache_dir() / "kernels"))
+            path = build_library(cache_dir or default_cache_dir() / "kernels", SOURCE, INCLUDES)
+            _kernels = NativeKernels(path)
         except (OSError, RuntimeError) as err:
             log.warning("quantized kernels unavailable, using the slow reference: %s", err)
             _kernels = ReferenceKernels()

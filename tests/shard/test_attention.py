@@ -21,7 +21,9 @@ import torch
 
 from shard.attention import get_backend, resolve_backend_name
 from shard.attention.flash_attn import FlashPagedAttention
-from shard.attention.sdpa import SdpaPagedAttention, plan_groups
+from shard.attention import sdpa
+from shard.attention.paged_decode import paged_decode_kernel
+from shard.attention.sdpa import SdpaPagedAttention, build_step, plan_groups
 from shard.attention.torch_ref import TorchReferenceAttention
 from shard.forward_context import AttentionMetadata
 from shard.kv_cache import LayerKV
@@ -166,11 +168,29 @@ def test_sdpa_same_output_for_every_layer_of_a_step():
 def test_sdpa_groups_sequences_to_bound_padding(query_lens, seq_lens, expected):
     assert plan_groups(query_lens, seq_lens) == expected
     case = make_case(query_lens, seq_lens, 4, 2, 16, torch.float32)
-    SdpaPagedAttention().prepare(case.meta)
-    groups = case.meta.prepared["sdpa"].groups
+    groups = build_step(case.meta).groups
     assert len(groups) == len(expected)
     if len(groups) == 1:  # the whole step: q is used as it is
         assert groups[0].tokens is None
+
+
+@pytest.mark.parametrize("case_name", ["decode", "decode_uniform", "long"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sdpa_decode_steps_take_the_paged_kernel(monkeypatch, dtype, case_name):
+    """Decode-only steps go to paged_decode.c, and the general path still serves them where
+    the kernel cannot be built; both against the dense reference."""
+    query_lens, seq_lens = CASES[case_name]
+    case = make_case(query_lens, seq_lens, 9, 3, 16, dtype)
+    if case.meta.is_decode_only:
+        assert paged_decode_kernel() is not None  # gcc is here
+        out = run(SdpaPagedAttention(), case)
+        assert "paged_decode" in case.meta.prepared and "sdpa" not in case.meta.prepared
+        assert_close(out, case, dtype)
+    monkeypatch.setattr(sdpa, "paged_decode_kernel", lambda: None)
+    case = make_case(query_lens, seq_lens, 9, 3, 16, dtype)
+    out = run(SdpaPagedAttention(), case)
+    assert "sdpa" in case.meta.prepared and "paged_decode" not in case.meta.prepared
+    assert_close(out, case, dtype)
 
 
 def test_sdpa_prepares_lazily_when_prepare_was_skipped():

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from shard.models import load_model
+from shard.native import build_library
 from shard.quant import kernels as quant_kernels
 from shard.quant.kernels import ReferenceKernels, get_kernels
 from shard.quant.loaders import (
@@ -245,7 +246,7 @@ def test_tensor_parallel_ranks_split_quantized_matrices(tiny_llama_dir):
 def test_reference_kernels_when_no_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "no-such-compiler")
     with pytest.raises(RuntimeError, match="no C compiler"):
-        quant_kernels.build_library(tmp_path)
+        build_library(tmp_path, quant_kernels.SOURCE)
 
 
 def test_served_gguf_quantization_agrees_with_the_float32_oracle(smollm2_dir):

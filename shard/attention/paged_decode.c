@@ -1,0 +1,108 @@
+/* Paged attention of decode steps on the CPU: each query token is the newest of its own
+ * sequence and attends to its sequence's cached positions, read in place through the block
+ * table (no gather into contiguous K/V, no padding, no mask).
+ *
+ * Compiled at run time by shard/attention/paged_decode.py (as shard/quant/kernels.c), and
+ * included by shard/models/llama_decode.c. The references are the SDPA backend's general path
+ * and shard/attention/torch_ref.py; the tests compare all of them with dense attention.
+ * Scores, softmax and sums are float32; the cache is float32 or bfloat16 (kv_bf16), laid out
+ * [num_blocks, block_size, kv_heads, head_dim] as shard/kv_cache.py; head_dim % 16 == 0.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+
+#include "../simd.h"
+
+/* Where the step's sequences live in a layer's cache. */
+typedef struct {
+    int heads, kv_heads, head_dim, block_size, max_blocks, kv_bf16;
+    float scale;                 /* of the scores, head_dim^-0.5 for Llama */
+    const int32_t *block_tables; /* [T, max_blocks] */
+    const int32_t *seq_lens;     /* [T] cached positions of each token's sequence, its own included */
+} PagedKV;
+
+static inline v16f load16_kv(const void *cache, long i, int bf16) {
+    if (!bf16) return load16((const float *)cache + i);
+#if defined(__AVX512F__)
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)cache + i));
+    return (v16f)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+    v16f v;
+    for (int j = 0; j < 16; j++) v[j] = bf16_to_f32(((const uint16_t *)cache)[i + j]);
+    return v;
+#endif
+}
+
+/* The element offset of position p of token t's sequence, at KV head 0. */
+static inline long cache_offset(const PagedKV *s, int t, int p) {
+    int block = s->block_tables[(long)t * s->max_blocks + p / s->block_size];
+    long slot = (long)block * s->block_size + p % s->block_size;
+    return slot * s->kv_heads * s->head_dim;
+}
+
+/* out [D] = softmax(q . K^T * scale) V over the seq_len cached positions of token t's
+ * sequence, for one query head; kv_head is the KV head its group reads. scores: seq_len
+ * floats of scratch. */
+static void attend(const PagedKV *s, const void *key, const void *value, int t, int kv_head,
+                   const float *q, float *out, float *scores) {
+    int D = s->head_dim, n = s->seq_lens[t], bf16 = s->kv_bf16;
+    float top = -INFINITY;
+    for (int p = 0; p < n; p++) {
+        long at = cache_offset(s, t, p) + (long)kv_head * D;
+        v16f acc = splat(0.f);
+        for (int i = 0; i < D; i += 16) acc += load16(q + i) * load16_kv(key, at + i, bf16);
+        scores[p] = hsum(acc) * s->scale;
+        top = scores[p] > top ? scores[p] : top;
+    }
+    float total = 0.f;
+    for (int p = 0; p < n; p++) {
+        scores[p] = expf(scores[p] - top);
+        total += scores[p];
+    }
+    v16f acc[D / 16];
+    for (int i = 0; i < D / 16; i++) acc[i] = splat(0.f);
+    for (int p = 0; p < n; p++) {
+        long at = cache_offset(s, t, p) + (long)kv_head * D;
+        v16f weight = splat(scores[p] / total);
+        for (int i = 0; i < D / 16; i++) acc[i] += weight * load16_kv(value, at + i * 16, bf16);
+    }
+    memcpy(out, acc, sizeof(float) * D);
+}
+
+static int longest_sequence(const PagedKV *s, int T) {
+    int longest = 1;
+    for (int t = 0; t < T; t++) longest = s->seq_lens[t] > longest ? s->seq_lens[t] : longest;
+    return longest;
+}
+
+static inline float load_value(const void *p, int bf16, long i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* out [T, heads, D] = attention of q [T, heads, D] (both float32, or both bfloat16 with
+ * x_bf16) over one layer's cache (key, value), every (token, head) on its own. */
+void paged_decode_attention(const PagedKV *s, int T, const void *q, void *out, int x_bf16,
+                            const void *key, const void *value) {
+    int D = s->head_dim, group = s->heads / s->kv_heads, longest = longest_sequence(s, T);
+#pragma omp parallel if (T * s->heads > 1)
+    {
+        float *scores = malloc(sizeof(float) * longest);
+        float qf[D], of[D];
+#pragma omp for collapse(2) schedule(static)
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < s->heads; h++) {
+                long row = ((long)t * s->heads + h) * D;
+                for (int i = 0; i < D; i++) qf[i] = load_value(q, x_bf16, row + i);
+                attend(s, key, value, t, h / group, qf, of, scores);
+                for (int i = 0; i < D; i++) {
+                    if (x_bf16)
+                        ((uint16_t *)out)[row + i] = f32_to_bf16(of[i]);
+                    else
+                        ((float *)out)[row + i] = of[i];
+                }
+            }
+        }
+        free(scores);
+    }
+}

@@ -1,0 +1,99 @@
+"""Paged attention of decode steps on the CPU, in C (paged_decode.c): each token attends to
+its own sequence's cache in place, through the block table. The SDPA backend takes this path
+for decode-only steps; its general path (gather K/V, pad, SDPA) serves every other step.
+
+Measured on SmolLM2-135M (2 cores, bf16, 16 sequences of ~150 tokens): the gathers and SDPA
+calls took ~7 ms of a 53 ms decode step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import torch
+
+from shard.convert import default_cache_dir
+from shard.forward_context import AttentionMetadata
+from shard.kv_cache import LayerKV
+from shard.native import SIMD_HEADER, build_library
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_decode.c")
+DTYPES = (torch.float32, torch.bfloat16)
+_ptr, _int, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+
+class PagedKV(ctypes.Structure):  # paged_decode.c's PagedKV
+    _fields_ = [
+        ("heads", _int), ("kv_heads", _int), ("head_dim", _int), ("block_size", _int),
+        ("max_blocks", _int), ("kv_bf16", _int), ("scale", _float),
+        ("block_tables", _ptr), ("seq_lens", _ptr),
+    ]  # fmt: skip
+
+
+def paged_kv(
+    meta: AttentionMetadata, cache: LayerKV, heads: int, kv_heads: int, head_dim: int, scale: float
+) -> PagedKV:
+    """Where the step's sequences are; valid while `meta` lives."""
+    return PagedKV(
+        heads, kv_heads, head_dim, meta.block_size, meta.block_tables.shape[1],
+        int(cache.key.dtype is torch.bfloat16), scale, meta.block_tables.data_ptr(),
+        meta.seq_lens.data_ptr(),
+    )  # fmt: skip
+
+
+class PagedDecodeKernel:
+    def __init__(self, path: Path):
+        self._run = ctypes.CDLL(str(path)).paged_decode_attention
+        self._run.restype = None
+        self._run.argtypes = [_ptr, _int, _ptr, _ptr, _int, _ptr, _ptr]
+
+    @staticmethod
+    def supports(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata) -> bool:
+        """A decode step on the CPU, q and the cache in one of DTYPES, heads of 16k floats."""
+        return (
+            meta.is_decode_only
+            and q.is_cpu
+            and q.dtype in DTYPES
+            and cache.key.dtype is q.dtype
+            and q.shape[-1] % 16 == 0
+            and q.shape[1] % cache.key.shape[2] == 0
+        )
+
+    def forward(
+        self, q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """q [T, heads, D] -> [T, heads, D]; the step's PagedKV is built at its first layer."""
+        paged = meta.prepared.get("paged_decode")
+        if paged is None:
+            kv_heads = cache.key.shape[2]
+            paged = meta.prepared["paged_decode"] = paged_kv(
+                meta, cache, q.shape[1], kv_heads, q.shape[2], scale
+            )
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        self._run(
+            ctypes.byref(paged), q.shape[0], q.data_ptr(), out.data_ptr(),
+            int(q.dtype is torch.bfloat16), cache.key.data_ptr(), cache.value.data_ptr(),
+        )  # fmt: skip
+        return out
+
+
+_kernel: PagedDecodeKernel | None = None
+_unavailable = False
+
+
+def paged_decode_kernel() -> PagedDecodeKernel | None:
+    """The process's kernel, built on first call; None where it cannot be built."""
+    global _kernel, _unavailable
+    if _kernel is None and not _unavailable:
+        try:
+            path = build_library(default_cache_dir() / "kernels", SOURCE, (SIMD_HEADER,))
+            _kernel = PagedDecodeKernel(path)
+        except (OSError, RuntimeError) as err:
+            _unavailable = True
+            log.warning("paged decode attention unavailable, decode steps use SDPA: %s", err)
+    return _kernel

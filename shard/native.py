@@ -1,0 +1,60 @@
+"""Compiles the shard's C kernels for this CPU: with the system's C compiler (`$CC`, else gcc)
+and `-march=native`, so AVX-512, AVX2 or plain code is chosen where it runs, into a shared
+library cached under the model cache (keyed by the sources, the flags, the compiler and the
+CPU) so later starts load it at once. The libraries link the OpenMP runtime torch already
+loaded (same soname), so they and torch share one thread pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common.cpu import cpu_flags
+
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+SIMD_HEADER = Path(__file__).with_name("simd.h")  # vector helpers the kernels #include
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "gcc"))
+
+
+def _library_key(compiler: str, sources: list[Path]) -> str:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    cpu = platform.machine() + " " + " ".join(sorted(cpu_flags()))
+    texts = [s.read_text() for s in sources]
+    raw = "\n".join([*texts, " ".join(CFLAGS), version, cpu, torch.__version__])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def build_library(cache_dir: Path, source: Path, includes: tuple[Path, ...] = ()) -> Path:
+    """The compiled library of `source` for this CPU, compiled once into cache_dir. `includes`
+    are the files `source` #includes: a change to them builds a new library too."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (install gcc or set CC)")
+    target = cache_dir / f"{source.stem}-{_library_key(compiler, [source, *includes])}.so"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *CFLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True
+        )
+        if done.returncode:
+            raise RuntimeError(f"compiling {source.name} failed:\n{done.stderr}")
+        os.replace(tmp, target)  # atomic: concurrent shards never load a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
