@@ -20,8 +20,9 @@ from shard.attention.paged_decode import SOURCE as ATTENTION_SOURCE
 from shard.attention.paged_decode import PagedKV, paged_kv
 from shard.convert import default_cache_dir
 from shard.forward_context import ForwardContext
+from shard.native import SIMD_HEADER, build_library
+from shard.quant.kernels import KIND_CODES, NativeKernels, get_kernels
 from shard.quant.kernels import SOURCE as KERNELS_SOURCE
-from shard.quant.kernels import INCLUDES, KIND_CODES, NativeKernels, build_library, get_kernels
 from shard.quant.weight import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,9 @@ class CompiledDecoder:
         layers = [self._layer(layer) for layer in model.layers]
         self._layers = (DecoderLayer * len(layers))(*layers)
         c, attn = model.config, model.layers[0].self_attn
-        self._dims = dict(hidden=c.hidden_size, intermediate=c.intermediate_size, eps=c.rms_norm_eps)
+        self._dims = dict(
+            hidden=c.hidden_size, intermediate=c.intermediate_size, eps=c.rms_norm_eps
+        )
         self._heads = (attn.num_heads, attn.num_kv_heads, c.head_dim, attn.scale)
         self._cache = None  # the KV cache whose layer addresses _keys/_values hold
         self._keys = self._values = None
@@ -161,7 +164,7 @@ def compiled_decoder(model) -> CompiledDecoder | None:
     reason = unsupported_reason(model)
     if reason is None and _lib is None and not _unavailable:
         try:
-            sources = (KERNELS_SOURCE, ATTENTION_SOURCE, *INCLUDES)
+            sources = (KERNELS_SOURCE, ATTENTION_SOURCE, SIMD_HEADER)
             path = build_library(default_cache_dir() / "kernels", SOURCE, sources)
             _lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError) as err:

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard.attention import get_backend, resolve_backend_name
+from shard.attention import get_backend, resolve_backend_name, sdpa
 from shard.attention.flash_attn import FlashPagedAttention
-from shard.attention import sdpa
 from shard.attention.paged_decode import paged_decode_kernel
 from shard.attention.sdpa import SdpaPagedAttention, build_step, plan_groups
 from shard.attention.torch_ref import TorchReferenceAttention
