@@ -23,9 +23,35 @@ static inline v16f load16(const float *p) {
 }
 
 static inline float hsum(v16f v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
     float s = 0.f;
     for (int i = 0; i < 16; i++) s += v[i];
     return s;
+#endif
+}
+
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* e^x for x <= 0, 16 at a time (Cephes' expf: x = n ln2 + f, |f| <= ln2 / 2, a degree-7
+ * polynomial for e^f, times 2^n through the exponent bits); within 2 ulp of expf, and
+ * 1e-38 or less for x < -87 (expf gives 0 below -103). */
+static inline v16f exp16(v16f x) {
+    v16i low = x < splat(-87.f); /* lanes of all ones where true */
+    x = (v16f)((low & (v16i)splat(-87.f)) | (~low & (v16i)x));
+    v16f t = x * splat(1.44269504f) - splat(0.5f); /* x log2(e), rounded below trunc */
+    v16i n = __builtin_convertvector(t, v16i);     /* nearest integer to x log2(e) */
+    v16f nf = __builtin_convertvector(n, v16f);
+    v16f f = x - nf * splat(0.693359375f) + nf * splat(2.12194440e-4f);
+    v16f y = splat(1.9875691500e-4f);
+    y = y * f + splat(1.3981999507e-3f);
+    y = y * f + splat(8.3334519073e-3f);
+    y = y * f + splat(4.1665795894e-2f);
+    y = y * f + splat(1.6666665459e-1f);
+    y = y * f + splat(5.0000001201e-1f);
+    y = y * f * f + f + splat(1.f);
+    return y * (v16f)((n + 127) << 23); /* 2^n from its float bits */
 }
 
 static inline float bf16_to_f32(uint16_t h) {

@@ -34,38 +34,42 @@ static inline v16f load16_kv(const void *cache, long i, int bf16) {
 #endif
 }
 
-/* The element offset of position p of token t's sequence, at KV head 0. */
-static inline long cache_offset(const PagedKV *s, int t, int p) {
-    int block = s->block_tables[(long)t * s->max_blocks + p / s->block_size];
-    long slot = (long)block * s->block_size + p % s->block_size;
-    return slot * s->kv_heads * s->head_dim;
-}
-
 /* out [D] = softmax(q . K^T * scale) V over the seq_len cached positions of token t's
- * sequence, for one query head; kv_head is the KV head its group reads. scores: seq_len
- * floats of scratch. */
+ * sequence, for one query head; kv_head is the KV head its group reads. scores: seq_len + 16
+ * floats of scratch. Positions are walked block by block through the block table. */
 static void attend(const PagedKV *s, const void *key, const void *value, int t, int kv_head,
                    const float *q, float *out, float *scores) {
-    int D = s->head_dim, n = s->seq_lens[t], bf16 = s->kv_bf16;
+    int D = s->head_dim, n = s->seq_lens[t], bf16 = s->kv_bf16, size = s->block_size;
+    const int32_t *table = s->block_tables + (long)t * s->max_blocks;
+    long stride = (long)s->kv_heads * D; /* from one slot to the next */
     float top = -INFINITY;
-    for (int p = 0; p < n; p++) {
-        long at = cache_offset(s, t, p) + (long)kv_head * D;
-        v16f acc = splat(0.f);
-        for (int i = 0; i < D; i += 16) acc += load16(q + i) * load16_kv(key, at + i, bf16);
-        scores[p] = hsum(acc) * s->scale;
-        top = scores[p] > top ? scores[p] : top;
+    for (int p0 = 0, b = 0; p0 < n; p0 += size, b++) {
+        long at = (long)table[b] * size * stride + (long)kv_head * D;
+        for (int p = p0; p < n && p < p0 + size; p++, at += stride) {
+            v16f acc = splat(0.f);
+            for (int i = 0; i < D; i += 16) acc += load16(q + i) * load16_kv(key, at + i, bf16);
+            scores[p] = hsum(acc) * s->scale;
+            top = scores[p] > top ? scores[p] : top;
+        }
     }
-    float total = 0.f;
-    for (int p = 0; p < n; p++) {
-        scores[p] = expf(scores[p] - top);
-        total += scores[p];
+    for (int p = n; p < n + 16; p++) scores[p] = -INFINITY; /* a whole last vector */
+    v16f sums = splat(0.f);
+    for (int p = 0; p < n; p += 16) {
+        v16f e = exp16(load16(scores + p) - splat(top));
+        for (int i = n - p; i < 16; i++) e[i] = 0.f; /* past the sequence */
+        memcpy(scores + p, &e, sizeof e);
+        sums += e;
     }
+    float total = hsum(sums);
     v16f acc[D / 16];
     for (int i = 0; i < D / 16; i++) acc[i] = splat(0.f);
-    for (int p = 0; p < n; p++) {
-        long at = cache_offset(s, t, p) + (long)kv_head * D;
-        v16f weight = splat(scores[p] / total);
-        for (int i = 0; i < D / 16; i++) acc[i] += weight * load16_kv(value, at + i * 16, bf16);
+    for (int p0 = 0, b = 0; p0 < n; p0 += size, b++) {
+        long at = (long)table[b] * size * stride + (long)kv_head * D;
+        for (int p = p0; p < n && p < p0 + size; p++, at += stride) {
+            v16f weight = splat(scores[p] / total);
+            for (int i = 0; i < D / 16; i++)
+                acc[i] += weight * load16_kv(value, at + i * 16, bf16);
+        }
     }
     memcpy(out, acc, sizeof(float) * D);
 }
@@ -87,7 +91,7 @@ void paged_decode_attention(const PagedKV *s, int T, const void *q, void *out, i
     int D = s->head_dim, group = s->heads / s->kv_heads, longest = longest_sequence(s, T);
 #pragma omp parallel if (T * s->heads > 1)
     {
-        float *scores = malloc(sizeof(float) * longest);
+        float *scores = malloc(sizeof(float) * (longest + 16));
         float qf[D], of[D];
 #pragma omp for collapse(2) schedule(static)
         for (int t = 0; t < T; t++) {

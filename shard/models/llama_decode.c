@@ -175,7 +175,7 @@ void llama_decode(const DecoderLayer *layers, int num_layers, const DecodeStep *
     int longest = longest_sequence(paged, T);
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * longest);
+        float *scores = malloc(sizeof(float) * (longest + 16)); /* attend's scratch */
         for (int l = 0; l < num_layers; l++) {
             attention(&layers[l], s, l, &m, scores, x);
             mlp(&layers[l], s, &m, x);

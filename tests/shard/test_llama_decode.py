@@ -56,6 +56,17 @@ def decode(model, dtype: torch.dtype, batch: int, compiled: bool, steps: int = 8
     return torch.stack(out), cache
 
 
+def assert_close_up_to_rounding_flips(ours: torch.Tensor, eager: torch.Tensor) -> None:
+    """Both paths quantize each product's input to int8 (shard/quant/kernels.c), so a float
+    difference in the last bit (another summation order, exp) can flip one value's rounding:
+    that moves a few outputs by ~0.3 % of the largest, and the mean by almost nothing (~1e-7
+    relative without a flip, 1e-5 with one; a wrong rotary or scale moves it by 1e-1)."""
+    scale = eager.abs().max()
+    diff = (ours - eager).abs()
+    assert diff.max() <= 0.01 * scale, f"max difference {diff.max():.2e} of {scale:.2e}"
+    assert diff.mean() <= 1e-4 * scale, f"mean difference {diff.mean():.2e} of {scale:.2e}"
+
+
 @pytest.fixture(scope="module", params=["int4", "eetq"])
 def quantized(request, tiny_llama_dir):
     return {
@@ -72,10 +83,11 @@ def test_float32_steps_match_the_eager_layers(quantized, batch):
         pytest.skip(f"this CPU's direct products take up to {model.decoder.max_rows} rows")
     ours, our_cache = decode(model, torch.float32, batch, compiled=True)
     eager, eager_cache = decode(model, torch.float32, batch, compiled=False)
-    torch.testing.assert_close(ours, eager, atol=1e-4, rtol=1e-4)
+    assert_close_up_to_rounding_flips(ours, eager)
+    assert torch.equal(ours.argmax(-1), eager.argmax(-1))
     for a, b in zip(our_cache.layers, eager_cache.layers):
-        torch.testing.assert_close(a.key, b.key, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(a.value, b.value, atol=1e-5, rtol=1e-5)
+        assert_close_up_to_rounding_flips(a.key, b.key)
+        assert_close_up_to_rounding_flips(a.value, b.value)
 
 
 def test_bfloat16_steps_stay_close_to_the_eager_layers(quantized):
@@ -96,7 +108,7 @@ def test_biases_and_a_single_kv_head(tmp_path):
     model = load_model(path, torch.float32, quantize="int4")
     ours, _ = decode(model, torch.float32, 2, compiled=True)
     eager, _ = decode(model, torch.float32, 2, compiled=False)
-    torch.testing.assert_close(ours, eager, atol=1e-4, rtol=1e-4)
+    assert_close_up_to_rounding_flips(ours, eager)
 
 
 def test_other_steps_and_models_stay_eager(tiny_llama_dir, quantized):
