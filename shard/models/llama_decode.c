@@ -108,10 +108,8 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
     int q_width = paged->heads * D, kv_width = paged->kv_heads * D;
     int width = q_width + 2 * kv_width;
 #pragma omp single
-    {
-        rms_norm(x, w->input_norm, m->normed, T, H, s->eps);
-        quantize_x(w->qkv.kind, m->normed, T, H, &m->xq);
-    }
+    rms_norm(x, w->input_norm, m->normed, T, H, s->eps);
+    quantize_x(w->qkv.kind, m->normed, T, H, &m->xq);
     product(&w->qkv, &m->xq, T, m->qkv);
 #pragma omp single
     for (int t = 0; t < T; t++) {
@@ -130,7 +128,6 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
             attend(paged, s->keys[layer], s->values[layer], t, h / group,
                    m->qkv + (long)t * width + (long)h * D, m->attn + (long)t * q_width + h * D,
                    scores);
-#pragma omp single
     quantize_x(w->o.kind, m->attn, T, q_width, &m->xq);
     product(&w->o, &m->xq, T, m->out);
 #pragma omp single
@@ -140,17 +137,14 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
 static void mlp(const DecoderLayer *w, const DecodeStep *s, Scratch *m, float *x) {
     int T = s->T, H = s->hidden, I = s->intermediate;
 #pragma omp single
-    {
-        rms_norm(x, w->post_norm, m->normed, T, H, s->eps);
-        quantize_x(w->gate_up.kind, m->normed, T, H, &m->xq);
-    }
+    rms_norm(x, w->post_norm, m->normed, T, H, s->eps);
+    quantize_x(w->gate_up.kind, m->normed, T, H, &m->xq);
     product(&w->gate_up, &m->xq, T, m->gate_up);
 #pragma omp for schedule(static)
     for (long i = 0; i < (long)T * I; i++) { /* silu(gate) * up */
         float gate = m->gate_up[i / I * 2 * I + i % I], up = m->gate_up[i / I * 2 * I + I + i % I];
         m->normed[i] = gate / (1.f + expf(-gate)) * up;
     }
-#pragma omp single
     quantize_x(w->down.kind, m->normed, T, I, &m->xq);
     product(&w->down, &m->xq, T, m->out);
 #pragma omp single

@@ -131,59 +131,63 @@ static void quantx_free(QuantX *xq) {
     free(xq->quad_c);
 }
 
-/* quad_q, quad_d (and quad_c) of every row from q and d, in the order of W's bytes.
+/* Quad g of row t (quad_q, quad_d and quad_c) from q and d, in the order of W's bytes.
  * q4: a quad's 64 bytes of nibbles give the 4 blocks' values 0..15 (low nibbles), then their
  *     values 16..31 (high nibbles): x's quad is the same, and lanes 4i..4i+3 sum block i.
  * q8: 4 blocks of 32 values in order, in two halves of 2 blocks: lanes 8i..8i+7 of a half
  *     sum its block i. W is read as unsigned (w + 128), so 128 * sum(x) comes off each lane. */
-static void arrange_quads(int kind, int T, int K, QuantX *out) {
-    long blocks = K / 32, n = quads(K);
-    for (long t = 0; t < T; t++) {
-        for (long g = 0; g < n; g++) {
-            int8_t *q = out->quad_q + (t * n + g) * 128;
-            float *d = out->quad_d + (t * n + g) * 32;
-            int32_t *c = out->quad_c + (t * n + g) * 32;
-            for (int i = 0; i < 4; i++) {
-                long b = g * 4 + i;
-                int real = b < blocks;
-                const int8_t *src = out->q + (t * blocks + (real ? b : 0)) * 32;
-                float dx = real ? out->d[t * blocks + b] : 0.f;
-                for (int j = 0; j < 32; j++) {
-                    int at = kind == 4 ? (j < 16 ? i * 16 + j : 64 + i * 16 + j - 16) : i * 32 + j;
-                    q[at] = real ? src[j] : 0;
-                }
-                for (int j = 0; j < (kind == 4 ? 4 : 8); j++) d[(kind == 4 ? 4 : 8) * i + j] = dx;
-            }
-            if (kind == 8)
-                for (int lane = 0; lane < 32; lane++)
-                    c[lane] = 128 * (q[4 * lane] + q[4 * lane + 1] + q[4 * lane + 2] + q[4 * lane + 3]);
+static void arrange_quad(int kind, long t, long g, long blocks, QuantX *out) {
+    long n = (blocks + 3) / 4;
+    int8_t *q = out->quad_q + (t * n + g) * 128;
+    float *d = out->quad_d + (t * n + g) * 32;
+    int32_t *c = out->quad_c + (t * n + g) * 32;
+    for (int i = 0; i < 4; i++) {
+        long b = g * 4 + i;
+        int real = b < blocks;
+        const int8_t *src = out->q + (t * blocks + (real ? b : 0)) * 32;
+        float dx = real ? out->d[t * blocks + b] : 0.f;
+        for (int j = 0; j < 32; j++) {
+            int at = kind == 4 ? (j < 16 ? i * 16 + j : 64 + i * 16 + j - 16) : i * 32 + j;
+            q[at] = real ? src[j] : 0;
         }
+        for (int j = 0; j < (kind == 4 ? 4 : 8); j++) d[(kind == 4 ? 4 : 8) * i + j] = dx;
     }
+    if (kind == 8)
+        for (int lane = 0; lane < 32; lane++)
+            c[lane] = 128 * (q[4 * lane] + q[4 * lane + 1] + q[4 * lane + 2] + q[4 * lane + 3]);
 }
 
-/* x [T, K] quantized for a product with W of `kind` (4 or 8). */
-static void quantize_x(int kind, const float *x, int T, int K, QuantX *out) {
-    int blocks = K / 32;
-    for (long b = 0; b < (long)T * blocks; b++) {
-        const float *v = x + b * 32;
-        float amax = 0.f;
-        for (int i = 0; i < 32; i++) amax = v[i] > amax ? v[i] : (-v[i] > amax ? -v[i] : amax);
-        float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-        int total = 0;
-        for (int i = 0; i < 32; i++) {
-            float r = v[i] * inv;
-            int q = (int)(r + (r >= 0.f ? 0.5f : -0.5f));
-            out->q[b * 32 + i] = (int8_t)q;
-            total += q;
-        }
-        out->d[b] = d;
-        out->sum[b] = d * (float)total;
+/* Block b of x (32 values at v): xq = round(x / dx), dx = max|x| / 127. */
+static void quantize_block(const float *v, long b, QuantX *out) {
+    float amax = 0.f;
+    for (int i = 0; i < 32; i++) amax = v[i] > amax ? v[i] : (-v[i] > amax ? -v[i] : amax);
+    float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    int total = 0;
+    for (int i = 0; i < 32; i++) {
+        float r = v[i] * inv;
+        int q = (int)(r + (r >= 0.f ? 0.5f : -0.5f));
+        out->q[b * 32 + i] = (int8_t)q;
+        total += q;
     }
+    out->d[b] = d;
+    out->sum[b] = d * (float)total;
+}
+
+/* x [T, K] quantized for a product with W of `kind` (4 or 8), a quad of 4 blocks at a time,
+ * the quads shared among the threads of an enclosing parallel region (orphaned `omp for`). */
+static void quantize_x(int kind, const float *x, int T, int K, QuantX *out) {
+    long blocks = K / 32, n = quads(K);
+#pragma omp for schedule(static)
+    for (long u = 0; u < T * n; u++) {
+        long t = u / n, g = u % n;
+        long end = 4 * g + 4 < blocks ? 4 * g + 4 : blocks; /* past the quad's last block */
+        for (long b = t * blocks + 4 * g; b < t * blocks + end; b++) quantize_block(x + b * 32, b, out);
 #ifdef HAVE_VNNI_512
-    arrange_quads(kind, T, K, out);
+        arrange_quad(kind, t, g, blocks, out);
 #else
-    (void)kind;
+        (void)kind;
 #endif
+    }
 }
 
 #if defined(__AVX2__)
