@@ -158,20 +158,28 @@ _lib: ctypes.CDLL | None = None
 _unavailable = False
 
 
-def compiled_decoder(model) -> CompiledDecoder | None:
-    """The compiled decoder of `model`, or None (with the reason logged) where it cannot run."""
+def _library() -> ctypes.CDLL | None:
+    """llama_decode.c built for this CPU, once per process; None where it cannot be."""
     global _lib, _unavailable
-    reason = unsupported_reason(model)
-    if reason is None and _lib is None and not _unavailable:
+    if _lib is None and not _unavailable:
         try:
             sources = (KERNELS_SOURCE, ATTENTION_SOURCE, SIMD_HEADER)
-            path = build_library(default_cache_dir() / "kernels", SOURCE, sources)
-            _lib = ctypes.CDLL(str(path))
+            _lib = ctypes.CDLL(str(build_library(default_cache_dir() / "kernels", SOURCE, sources)))
         except (OSError, RuntimeError) as err:
             _unavailable = True
             log.warning("compiled decoder unavailable, decode steps stay eager: %s", err)
-    if reason is not None or _lib is None:
-        if reason is not None:
-            log.info("decode steps run eager layers: %s", reason)
+    return _lib
+
+
+def compiled_decoder(model) -> CompiledDecoder | None:
+    """The compiled decoder of `model`, or None (with the reason logged) where it cannot run."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.info("decode steps run eager layers: %s", reason)
         return None
-    return CompiledDecoder(_lib, model, get_kernels().direct_max_rows)
+    lib = _library()
+    if lib is None:
+        return None
+    decoder = CompiledDecoder(lib, model, get_kernels().direct_max_rows)
+    log.info("decode steps of up to %d sequences run the compiled decoder", decoder.max_rows)
+    return decoder
