@@ -1,10 +1,10 @@
 /* The decoder stack of a Llama-family model for decode steps of a few sequences, on the CPU:
  * every layer of one step in one call, on quantized weights.
  *
- * Why: at one to four sequences a step is bound by streaming the weights from memory, which
- * the quantized products do at ~8 ms for SmolLM2-135M; run as PyTorch ops, the rest of a layer
- * (norms, rotary, the cache write, paged attention, residuals: ~90 operator calls) cost as
- * much again in dispatch. Here they are loops between the products, and the threads of one
+ * Why: at a few sequences a step's real work is the quantized products (~5 ms for
+ * SmolLM2-135M at one sequence on 2 cores); run as PyTorch ops, the rest of a layer (norms,
+ * rotary, the cache write, paged attention, residuals: ~90 operator calls) cost twice as much
+ * again in dispatch. Here they are loops between the products, and the threads of one
  * OpenMP region go from one phase to the next at a barrier instead of a fork per product.
  *
  * Compiled at run time by shard/models/llama_decode.py, like shard/quant/kernels.c, whose

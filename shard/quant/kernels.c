@@ -102,7 +102,7 @@ typedef struct {
     float *d;    /* [T, K/32] dx */
     float *sum;  /* [T, K/32] dx * sum(xq) of the block */
     /* The 512-bit paths read x by quads of 4 blocks (the last one padded with zeros), arranged
-     * for the kind of W it meets (arrange_quads): */
+     * for the kind of W it meets (arrange_quad): */
     int8_t *quad_q;  /* [T, quads, 128] */
     float *quad_d;   /* [T, quads, 32]: dx of the block each int32 lane of a product sums */
     int32_t *quad_c; /* [T, quads, 32]: q8 only, 128 * the sum of each lane's 4 values */
