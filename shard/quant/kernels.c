@@ -327,7 +327,8 @@ static inline __attribute__((always_inline)) void quad_q4(const QuantX *xq, long
 static inline __attribute__((always_inline)) void dot_q4_512(const QuantX *xq, long t0, int rows,
                                                              int K, const uint8_t *row,
                                                              const float *scale,
-                                                             const float *min, float *out) {
+                                                             const float *min, __m512 *sums,
+                                                             __m128 *lows) {
     long blocks = K / 32, n = quads(K), g = 0;
     __m512 acc[ACCS(ROWS_512)];
     __m128 low[ROWS_512];
@@ -341,7 +342,10 @@ static inline __attribute__((always_inline)) void dot_q4_512(const QuantX *xq, l
     if (blocks % 4)
         quad_q4(xq, t0, rows, n, blocks, g, blocks % 4, row, scale, min, 1, acc, low);
     if (rows == 1) acc[0] = _mm512_add_ps(acc[0], acc[1]);
-    for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(acc[r]) + hsum4(low[r]);
+    for (int r = 0; r < rows; r++) {
+        sums[r] = acc[r];
+        lows[r] = low[r];
+    }
 }
 
 /* Two blocks of q8 (`real` 1 in a last, odd block) against `rows` rows of x. */
@@ -371,7 +375,7 @@ static inline __attribute__((always_inline)) void pair_q8(const QuantX *xq, long
  * taken off each lane. */
 static inline __attribute__((always_inline)) void dot_q8_512(const QuantX *xq, long t0, int rows,
                                                              int K, const uint8_t *row,
-                                                             const float *scale, float *out) {
+                                                             const float *scale, __m512 *sums) {
     long blocks = K / 32, n = quads(K), h = 0;
     __m512 acc[ACCS(ROWS_512)];
     for (int a = 0; a < ACCS(rows); a++) acc[a] = _mm512_setzero_ps();
@@ -382,7 +386,21 @@ static inline __attribute__((always_inline)) void dot_q8_512(const QuantX *xq, l
     if (h < blocks / 2) pair_q8(xq, t0, rows, n, h++, 2, row, scale, 0, acc);
     if (blocks % 2) pair_q8(xq, t0, rows, n, h, 1, row, scale, 1, acc);
     if (rows == 1) acc[0] = _mm512_add_ps(acc[0], acc[1]);
-    for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < rows; r++) sums[r] = acc[r];
+}
+
+/* The totals of 4 sums (16 lanes each) and their 4 lows (4 lanes each): four horizontal
+ * reductions done together, a third of the instructions of four done one by one. */
+static inline __m128 reduce4(const __m512 *v, const __m128 *low) {
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+    /* each 128-bit lane: partial sums of v[0], v[1], v[2], v[3] */
+    __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+    __m128 total = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    __m128 l01 = _mm_add_ps(_mm_unpacklo_ps(low[0], low[1]), _mm_unpackhi_ps(low[0], low[1]));
+    __m128 l23 = _mm_add_ps(_mm_unpacklo_ps(low[2], low[3]), _mm_unpackhi_ps(low[2], low[3]));
+    return _mm_add_ps(total, _mm_add_ps(_mm_movelh_ps(l01, l23), _mm_movehl_ps(l23, l01)));
 }
 
 /* y[t0 + r, n] for r < rows and n in [n0, n1): rows of W met by `rows` rows of x. Each
@@ -394,14 +412,28 @@ static inline __attribute__((always_inline)) void span_512(int kind, int rows, c
                                                            long n0, long n1, int N, void *y,
                                                            int y_bf16) {
     long groups = K / 32, row_bytes = kind == 4 ? K / 2 : K;
-    for (long n = n0; n < n1; n++) {
-        const uint8_t *row = qs + n * row_bytes;
-        const float *s = scale + n * groups, *m = kind == 4 ? min + n * groups : 0;
+    /* One row of x: 4 rows of W at a time, their sums reduced together. */
+    int ws = rows == 1 ? 4 : 1;
+    for (long n = n0; n < n1; n += ws) {
+        if (n + ws > n1) ws = 1; /* the last few rows of W one by one */
+        __m512 sums[ROWS_512];
+        __m128 lows[ROWS_512]; /* q4's min terms; none for q8 */
+        for (int r = 0; r < ROWS_512; r++) lows[r] = _mm_setzero_ps();
+        for (int j = 0; j < ws; j++) {
+            const uint8_t *row = qs + (n + j) * row_bytes;
+            const float *s = scale + (n + j) * groups, *m = kind == 4 ? min + (n + j) * groups : 0;
+            if (kind == 4)
+                dot_q4_512(xq, t0, rows, K, row, s, m, sums + j, lows + j);
+            else
+                dot_q8_512(xq, t0, rows, K, row, s, sums + j);
+        }
         float out[ROWS_512];
-        if (kind == 4)
-            dot_q4_512(xq, t0, rows, K, row, s, m, out);
-        else
-            dot_q8_512(xq, t0, rows, K, row, s, out);
+        if (ws == 4) {
+            _mm_storeu_ps(out, reduce4(sums, lows));
+            for (int j = 0; j < 4; j++) store(y, y_bf16, t0 * N + n + j, out[j]);
+            continue;
+        }
+        for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(sums[r]) + hsum4(lows[r]);
         for (int r = 0; r < rows; r++) store(y, y_bf16, (t0 + r) * N + n, out[r]);
     }
 }
