@@ -7,7 +7,10 @@ loaded (same soname), so they and torch share one thread pool.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -18,6 +21,9 @@ from pathlib import Path
 import torch
 
 from common.cpu import cpu_flags
+from shard.convert import default_cache_dir
+
+log = logging.getLogger(__name__)
 
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 SIMD_HEADER = Path(__file__).with_name("simd.h")  # vector helpers the kernels #include
@@ -58,3 +64,16 @@ def build_library(cache_dir: Path, source: Path, includes: tuple[Path, ...] = ()
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+@functools.cache
+def load_library(
+    source: Path, includes: tuple[Path, ...] = (), fallback: str = ""
+) -> ctypes.CDLL | None:
+    """`source` built for this CPU (under the model cache) and loaded, once per process; None,
+    with a warning saying what runs instead (`fallback`), where it cannot be built."""
+    try:
+        return ctypes.CDLL(str(build_library(default_cache_dir() / "kernels", source, includes)))
+    except (OSError, RuntimeError) as err:
+        log.warning("%s unavailable, %s: %s", source.name, fallback, err)
+        return None

@@ -9,17 +9,14 @@ calls took ~7 ms of a 53 ms decode step.
 from __future__ import annotations
 
 import ctypes
-import logging
+import functools
 from pathlib import Path
 
 import torch
 
-from shard.convert import default_cache_dir
 from shard.forward_context import AttentionMetadata
 from shard.kv_cache import LayerKV
-from shard.native import SIMD_HEADER, build_library
-
-log = logging.getLogger(__name__)
+from shard.native import SIMD_HEADER, load_library
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
 DTYPES = (torch.float32, torch.bfloat16)
@@ -46,8 +43,8 @@ def paged_kv(
 
 
 class PagedDecodeKernel:
-    def __init__(self, path: Path):
-        self._run = ctypes.CDLL(str(path)).paged_decode_attention
+    def __init__(self, lib: ctypes.CDLL):
+        self._run = lib.paged_decode_attention
         self._run.restype = None
         self._run.argtypes = [_ptr, _int, _ptr, _ptr, _int, _ptr, _ptr]
 
@@ -82,18 +79,8 @@ class PagedDecodeKernel:
         return out
 
 
-_kernel: PagedDecodeKernel | None = None
-_unavailable = False
-
-
+@functools.cache
 def paged_decode_kernel() -> PagedDecodeKernel | None:
     """The process's kernel, built on first call; None where it cannot be built."""
-    global _kernel, _unavailable
-    if _kernel is None and not _unavailable:
-        try:
-            path = build_library(default_cache_dir() / "kernels", SOURCE, (SIMD_HEADER,))
-            _kernel = PagedDecodeKernel(path)
-        except (OSError, RuntimeError) as err:
-            _unavailable = True
-            log.warning("paged decode attention unavailable, decode steps use SDPA: %s", err)
-    return _kernel
+    lib = load_library(SOURCE, (SIMD_HEADER,), fallback="decode steps use SDPA")
+    return None if lib is None else PagedDecodeKernel(lib)

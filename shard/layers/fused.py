@@ -12,15 +12,12 @@ is also the reference the tests compare with.
 from __future__ import annotations
 
 import ctypes
-import logging
+import functools
 from pathlib import Path
 
 import torch
 
-from shard.convert import default_cache_dir
-from shard.native import build_library
-
-log = logging.getLogger(__name__)
+from shard.native import load_library
 
 SOURCE = Path(__file__).with_name("fused.c")
 _ptr, _int, _long, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
@@ -28,8 +25,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 class FusedOps:
-    def __init__(self, path: Path):
-        lib = ctypes.CDLL(str(path))
+    def __init__(self, lib: ctypes.CDLL):
         self._rms_norm = lib.fused_rms_norm
         self._rms_norm.argtypes = [_ptr, _long, _ptr, _ptr, _int, _int, _float, _int]
         self._rotary = lib.fused_rotary
@@ -67,17 +63,8 @@ class FusedOps:
         return x
 
 
-_ops: FusedOps | None = None
-_unavailable = False
-
-
+@functools.cache
 def fused_ops() -> FusedOps | None:
     """The process's fused ops, built on first call; None where they cannot be built."""
-    global _ops, _unavailable
-    if _ops is None and not _unavailable:
-        try:
-            _ops = FusedOps(build_library(default_cache_dir() / "kernels", SOURCE))
-        except (OSError, RuntimeError) as err:
-            log.warning("fused ops unavailable, using PyTorch ops: %s", err)
-            _unavailable = True
-    return _ops
+    lib = load_library(SOURCE, fallback="using PyTorch ops")
+    return None if lib is None else FusedOps(lib)

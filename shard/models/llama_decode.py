@@ -18,9 +18,8 @@ import torch
 
 from shard.attention.paged_decode import SOURCE as ATTENTION_SOURCE
 from shard.attention.paged_decode import PagedKV, paged_kv
-from shard.convert import default_cache_dir
 from shard.forward_context import ForwardContext
-from shard.native import SIMD_HEADER, build_library
+from shard.native import SIMD_HEADER, load_library
 from shard.quant.kernels import KIND_CODES, NativeKernels, get_kernels
 from shard.quant.kernels import SOURCE as KERNELS_SOURCE
 from shard.quant.weight import QuantizedWeight
@@ -154,30 +153,14 @@ class CompiledDecoder:
         return x
 
 
-_lib: ctypes.CDLL | None = None
-_unavailable = False
-
-
-def _library() -> ctypes.CDLL | None:
-    """llama_decode.c built for this CPU, once per process; None where it cannot be."""
-    global _lib, _unavailable
-    if _lib is None and not _unavailable:
-        try:
-            sources = (KERNELS_SOURCE, ATTENTION_SOURCE, SIMD_HEADER)
-            _lib = ctypes.CDLL(str(build_library(default_cache_dir() / "kernels", SOURCE, sources)))
-        except (OSError, RuntimeError) as err:
-            _unavailable = True
-            log.warning("compiled decoder unavailable, decode steps stay eager: %s", err)
-    return _lib
-
-
 def compiled_decoder(model) -> CompiledDecoder | None:
     """The compiled decoder of `model`, or None (with the reason logged) where it cannot run."""
     reason = unsupported_reason(model)
     if reason is not None:
         log.info("decode steps run eager layers: %s", reason)
         return None
-    lib = _library()
+    sources = (KERNELS_SOURCE, ATTENTION_SOURCE, SIMD_HEADER)
+    lib = load_library(SOURCE, sources, fallback="decode steps stay eager")
     if lib is None:
         return None
     decoder = CompiledDecoder(lib, model, get_kernels().direct_max_rows)
