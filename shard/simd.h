@@ -1,5 +1,6 @@
 /* What the shard's C kernels share: a 16-float vector type (one AVX-512 register, two AVX2
- * ones, or plain loops elsewhere, as -march=native allows) and bfloat16 conversions.
+ * ones, or plain loops elsewhere, as -march=native allows), and bfloat16 and float16
+ * conversions.
  * Included by shard/quant/kernels.c and shard/attention/paged_decode.c. */
 #pragma once
 
@@ -67,4 +68,28 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stay
     if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return (uint16_t)(bits >> 16);
+}
+
+/* IEEE half precision (the quantized weights' scales), as its 16 bits. */
+typedef uint16_t f16;
+
+static inline float f16_to_f32(f16 h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    uint32_t bits;
+    if (exponent == 0x1f) { /* inf, NaN */
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent) { /* normal */
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else { /* zero, subnormal: mantissa 2^-24 */
+        float f = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
 }

@@ -1,12 +1,15 @@
-"""Shared fixtures: tiny random-weight models built from a config, and the real default model."""
+"""Shared fixtures: tiny random-weight models built from a config, the real default model, and
+the older instruction sets the C kernels are also built for."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
 import torch
 
+from common.cpu import cpu_flags
 from shard.quant.quality import PROMPTS
 
 TINY_LLAMA = dict(
@@ -65,3 +68,22 @@ def smollm2_dir() -> Path:
 
 # The 8 chat prompts the oracle tests and the quantization quality measure share.
 SMOLLM2_PROMPTS = PROMPTS
+
+
+# The instruction sets older than this CPU's whose code paths the C kernels also have (the
+# 256-bit AVX2 one, and plain C), with the CPU flags each needs: the tests build and run them
+# here, since CI machines differ in what they have natively.
+OLDER_MARCHES = {
+    "x86-64": frozenset(),
+    "haswell": frozenset({"avx2", "fma", "f16c", "bmi2"}),
+    "skylake-avx512": frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "f16c"}),
+}
+
+
+def skip_unless_runnable(march: str) -> None:
+    """Skips the test where this machine cannot run code built for `march`."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the older instruction sets are x86's")
+    missing = OLDER_MARCHES[march] - cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {sorted(missing)} for -march={march}")

@@ -22,7 +22,7 @@
 typedef struct {
     int kind, group, N, K; /* kind 4: q4, 8: q8 (shard/quant/weight.py); W is [N, K] */
     const uint8_t *qs;
-    const float *scale, *min; /* [N, K / group]; min only for q4 */
+    const f16 *scale, *min;   /* [N, K / group]; min only for q4 */
     const float *bias;        /* [N] or NULL */
 } QMatrix;
 

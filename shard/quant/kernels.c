@@ -10,7 +10,8 @@
  *   q4: qs [N, K/2] uint8. In each block of 32 weights, byte j holds weight j in its low
  *       nibble and weight j + 16 in its high nibble; w = q * scale + min (q in 0..15).
  *   q8: qs [N, K] int8; w = q * scale.
- *   scale, min: [N, K / group] float32; group is a multiple of 32 (32, or K: per channel).
+ *   scale, min: [N, K / group] float16 (as GGUF stores them: a sixth of a q4 block's bytes);
+ *               group is a multiple of 32 (32, or K: per channel).
  *   x [T, K] and y [T, N] are float32 or bfloat16, contiguous.
  */
 #include <omp.h>
@@ -227,7 +228,7 @@ static inline __attribute__((always_inline)) __m256i block_weights(int kind, con
  * registers). */
 static inline __attribute__((always_inline)) void dot_rows(int kind, const QuantX *xq, long x0,
                                                            int rows, int K, const uint8_t *row,
-                                                           const float *scale, const float *min,
+                                                           const f16 *scale, const f16 *min,
                                                            int group, float *out) {
     int blocks = K / 32;
     __m256 acc[TILE];
@@ -237,7 +238,7 @@ static inline __attribute__((always_inline)) void dot_rows(int kind, const Quant
         low[t] = 0.f;
     }
     for (int g = 0; g < K / group; g++) {
-        float dw = scale[g], mw = kind == 4 ? min[g] : 0.f;
+        float dw = f16_to_f32(scale[g]), mw = kind == 4 ? f16_to_f32(min[g]) : 0.f;
         for (int b = g * group / 32; b < (g + 1) * group / 32; b++) {
             __m256i signs = _mm256_setzero_si256();
             __m256i w = block_weights(kind, row, b, &signs);
@@ -256,7 +257,7 @@ static inline __attribute__((always_inline)) void dot_rows(int kind, const Quant
 #else
 /* Portable: the same arithmetic in plain loops. */
 static inline void dot_rows(int kind, const QuantX *xq, long x0, int rows, int K,
-                            const uint8_t *row, const float *scale, const float *min, int group,
+                            const uint8_t *row, const f16 *scale, const f16 *min, int group,
                             float *out) {
     int blocks = K / 32;
     for (int t = 0; t < rows; t++) {
@@ -271,7 +272,8 @@ static inline void dot_rows(int kind, const QuantX *xq, long x0, int rows, int K
                 dot += w * x[i];
             }
             int g = b * 32 / group;
-            total += scale[g] * xq->d[xb] * (float)dot + (kind == 4 ? min[g] * xq->sum[xb] : 0.f);
+            float dw = f16_to_f32(scale[g]), mw = kind == 4 ? f16_to_f32(min[g]) : 0.f;
+            total += dw * xq->d[xb] * (float)dot + mw * xq->sum[xb];
         }
         out[t] = total;
     }
@@ -294,8 +296,8 @@ static inline float hsum4(__m128 v) {
 /* One quad of 4 blocks of q4 (`real` < 4 in a last, partial quad) against `rows` rows of x. */
 static inline __attribute__((always_inline)) void quad_q4(const QuantX *xq, long t0, int rows,
                                                           long n, long blocks, long g, int real,
-                                                          const uint8_t *row, const float *scale,
-                                                          const float *min, int slot,
+                                                          const uint8_t *row, const f16 *scale,
+                                                          const f16 *min, int slot,
                                                           __m512 *acc, __m128 *low) {
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -304,9 +306,9 @@ static inline __attribute__((always_inline)) void quad_q4(const QuantX *xq, long
     __m512i raw = _mm512_maskz_loadu_epi8(bytes, row + g * 64);
     __m512i lo = _mm512_and_si512(raw, nibble);                       /* values 0..15 */
     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble); /* values 16..31 */
-    __m128 dw = _mm_maskz_loadu_ps(four, scale + 4 * g);
+    __m128 dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16(four, scale + 4 * g));
     __m512 dws = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
-    __m128 mw = _mm_maskz_loadu_ps(four, min + 4 * g);
+    __m128 mw = _mm_cvtph_ps(_mm_maskz_loadu_epi16(four, min + 4 * g));
     for (int r = 0; r < rows; r++) {
         long at = (t0 + r) * n + g;
         const int8_t *x = xq->quad_q + at * 128;
@@ -326,8 +328,8 @@ static inline __attribute__((always_inline)) void quad_q4(const QuantX *xq, long
  * scales). The min term sum_b mw dx sum(xq) is a 4-wide dot product per quad. */
 static inline __attribute__((always_inline)) void dot_q4_512(const QuantX *xq, long t0, int rows,
                                                              int K, const uint8_t *row,
-                                                             const float *scale,
-                                                             const float *min, __m512 *sums,
+                                                             const f16 *scale,
+                                                             const f16 *min, __m512 *sums,
                                                              __m128 *lows) {
     long blocks = K / 32, n = quads(K), g = 0;
     __m512 acc[ACCS(ROWS_512)];
@@ -351,13 +353,13 @@ static inline __attribute__((always_inline)) void dot_q4_512(const QuantX *xq, l
 /* Two blocks of q8 (`real` 1 in a last, odd block) against `rows` rows of x. */
 static inline __attribute__((always_inline)) void pair_q8(const QuantX *xq, long t0, int rows,
                                                           long n, long h, int real,
-                                                          const uint8_t *row, const float *scale,
+                                                          const uint8_t *row, const f16 *scale,
                                                           int slot, __m512 *acc) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     __mmask64 bytes = real == 2 ? ~0ULL : (1ULL << 32) - 1;
     __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(bytes, row + h * 64), flip);
-    __m128 dw = _mm_maskz_loadu_ps((__mmask8)((1 << real) - 1), scale + 2 * h);
+    __m128 dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1 << real) - 1), scale + 2 * h));
     __m512 dws = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
     for (int r = 0; r < rows; r++) {
         long at = (t0 + r) * n * 2 + h; /* the pair's 64 values and 16 lanes */
@@ -375,7 +377,7 @@ static inline __attribute__((always_inline)) void pair_q8(const QuantX *xq, long
  * taken off each lane. */
 static inline __attribute__((always_inline)) void dot_q8_512(const QuantX *xq, long t0, int rows,
                                                              int K, const uint8_t *row,
-                                                             const float *scale, __m512 *sums) {
+                                                             const f16 *scale, __m512 *sums) {
     long blocks = K / 32, n = quads(K), h = 0;
     __m512 acc[ACCS(ROWS_512)];
     for (int a = 0; a < ACCS(rows); a++) acc[a] = _mm512_setzero_ps();
@@ -408,7 +410,7 @@ static inline __m128 reduce4(const __m512 *v, const __m128 *low) {
  * variants left GCC short of registers, spilling loop variables in the inner loops. */
 static inline __attribute__((always_inline)) void span_512(int kind, int rows, const QuantX *xq,
                                                            long t0, int K, const uint8_t *qs,
-                                                           const float *scale, const float *min,
+                                                           const f16 *scale, const f16 *min,
                                                            long n0, long n1, int N, void *y,
                                                            int y_bf16) {
     long groups = K / 32, row_bytes = kind == 4 ? K / 2 : K;
@@ -421,7 +423,7 @@ static inline __attribute__((always_inline)) void span_512(int kind, int rows, c
         for (int r = 0; r < ROWS_512; r++) lows[r] = _mm_setzero_ps();
         for (int j = 0; j < ws; j++) {
             const uint8_t *row = qs + (n + j) * row_bytes;
-            const float *s = scale + (n + j) * groups, *m = kind == 4 ? min + (n + j) * groups : 0;
+            const f16 *s = scale + (n + j) * groups, *m = kind == 4 ? min + (n + j) * groups : 0;
             if (kind == 4)
                 dot_q4_512(xq, t0, rows, K, row, s, m, sums + j, lows + j);
             else
@@ -438,12 +440,12 @@ static inline __attribute__((always_inline)) void span_512(int kind, int rows, c
     }
 }
 
-typedef void (*SpanFn)(const QuantX *, long, int, const uint8_t *, const float *, const float *,
+typedef void (*SpanFn)(const QuantX *, long, int, const uint8_t *, const f16 *, const f16 *,
                        long, long, int, void *, int);
 #define SPAN(KIND, ROWS)                                                                    \
     static __attribute__((noinline)) void span_##KIND##_##ROWS(                             \
-        const QuantX *xq, long t0, int K, const uint8_t *qs, const float *scale,            \
-        const float *min, long n0, long n1, int N, void *y, int y_bf16) {                   \
+        const QuantX *xq, long t0, int K, const uint8_t *qs, const f16 *scale,              \
+        const f16 *min, long n0, long n1, int N, void *y, int y_bf16) {                   \
         span_512(KIND, ROWS, xq, t0, K, qs, scale, min, n0, n1, N, y, y_bf16);              \
     }
 SPAN(4, 1) SPAN(4, 2) SPAN(4, 3) SPAN(4, 4) SPAN(8, 1) SPAN(8, 2) SPAN(8, 3) SPAN(8, 4)
@@ -454,7 +456,7 @@ static const SpanFn SPANS[2][ROWS_512] = {{span_4_1, span_4_2, span_4_3, span_4_
 /* This thread's share of W's rows (as `omp for schedule(static)` would give), every row of
  * x; then the barrier that ends an `omp for`. */
 static void matmul_512(int kind, const QuantX *xq, int T, int K, const uint8_t *qs,
-                       const float *scale, const float *min, int N, void *y, int y_bf16) {
+                       const f16 *scale, const f16 *min, int N, void *y, int y_bf16) {
     long threads = omp_get_num_threads(), me = omp_get_thread_num();
     long n0 = N * me / threads, n1 = N * (me + 1) / threads;
     for (int t0 = 0; t0 < T; t0 += ROWS_512) {
@@ -482,8 +484,8 @@ int quant_direct_max_rows(void) {
  * orphaned `omp for`, which ends in a barrier); outside one, the calling thread does them all.
  * shard/models/llama_decode.c calls it inside its own region, once per weight of a layer. */
 static inline __attribute__((always_inline)) void matmul_shared(
-    int kind, const QuantX *xq, int T, int K, const uint8_t *qs, const float *scale,
-    const float *min, int N, int group, void *y, int y_bf16) {
+    int kind, const QuantX *xq, int T, int K, const uint8_t *qs, const f16 *scale,
+    const f16 *min, int N, int group, void *y, int y_bf16) {
 #ifdef HAVE_VNNI_512
     if (group == 32) {
         matmul_512(kind, xq, T, K, qs, scale, min, N, y, y_bf16);
@@ -495,7 +497,7 @@ static inline __attribute__((always_inline)) void matmul_shared(
 #pragma omp for schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *row = qs + (long)n * row_bytes;
-        const float *s = scale + (long)n * groups, *m = kind == 4 ? min + (long)n * groups : 0;
+        const f16 *s = scale + (long)n * groups, *m = kind == 4 ? min + (long)n * groups : 0;
         float out[TILE];
         int t0 = 0;
         for (; t0 + TILE <= T; t0 += TILE) {
@@ -510,7 +512,7 @@ static inline __attribute__((always_inline)) void matmul_shared(
 }
 
 static void matmul(int kind, const QuantX *xq, int T, int K, const uint8_t *qs,
-                   const float *scale, const float *min, int N, int group, void *y, int y_bf16) {
+                   const f16 *scale, const f16 *min, int N, int group, void *y, int y_bf16) {
 #pragma omp parallel
     {
         if (kind == 4) /* a constant kind inlines each variant on its own */
@@ -522,7 +524,7 @@ static void matmul(int kind, const QuantX *xq, int T, int K, const uint8_t *qs,
 
 /* kind 4: q4 (qs, scale, min); kind 8: q8 (qs, scale; min unused). */
 void quant_matmul(int kind, const void *x, int x_bf16, int T, int K, const void *qs,
-                  const float *scale, const float *min, int N, int group, void *y, int y_bf16) {
+                  const f16 *scale, const f16 *min, int N, int group, void *y, int y_bf16) {
     long count = (long)T * K;
     float *xf = malloc(sizeof(float) * count);
     for (long i = 0; i < count; i++)
@@ -536,7 +538,7 @@ void quant_matmul(int kind, const void *x, int x_bf16, int T, int K, const void 
 
 /* W dequantized into w [N, K] (float32 or bfloat16), for products with many rows of x, which
  * go to the dense GEMM instead. Weights are finite, so bfloat16 rounding skips the NaN case. */
-void quant_dequantize(int kind, const void *qs, const float *scale, const float *min, int N,
+void quant_dequantize(int kind, const void *qs, const f16 *scale, const f16 *min, int N,
                       int K, int group, void *w, int w_bf16) {
     int groups = K / group;
     long row_bytes = kind == 4 ? K / 2 : K;
@@ -547,9 +549,9 @@ void quant_dequantize(int kind, const void *qs, const float *scale, const float 
             int g = n * groups + k / group;
             v16f half[2];
             if (kind == 4)
-                block(4, row, k, scale[g], min[g], &half[0], &half[1]);
+                block(4, row, k, f16_to_f32(scale[g]), f16_to_f32(min[g]), &half[0], &half[1]);
             else
-                block(8, row, k, scale[g], 0.f, &half[0], &half[1]);
+                block(8, row, k, f16_to_f32(scale[g]), 0.f, &half[0], &half[1]);
             if (!w_bf16) {
                 memcpy((float *)w + (long)n * K + k, half, sizeof half);
                 continue;

@@ -8,8 +8,11 @@ Two layouts, which are GGUF's Q4_1 and Q8_0 blocks so that a GGUF file is served
       w = (q - zero) * scale is the same with min = -zero * scale.
   q8  qs [N, K] int8; w = q * scale (symmetric).
 
-  scale, min  [N, K / group] float32, one per group of `group` consecutive weights of a row;
+  scale, min  [N, K / group] float16, one per group of `group` consecutive weights of a row;
               group is a multiple of 32 (32 for GGUF blocks and int4; K for per-channel int8).
+              Half precision as GGUF (and GPTQ/AWQ) store them: in float32 they were a third
+              of a q4 matrix's bytes, and decode steps of a few sequences are bound by the
+              bytes they read.
 
 N is the output features (rows), K the input features, as in torch's Linear weight [N, K].
 """
@@ -27,8 +30,8 @@ BLOCK = 32  # weights per packed block (the nibble layout is defined over 32 wei
 class QuantizedWeight:
     kind: str  # "q4" or "q8"
     qs: torch.Tensor  # q4: [N, K/2] uint8; q8: [N, K] int8
-    scale: torch.Tensor  # [N, K / group] float32
-    min: torch.Tensor | None  # [N, K / group] float32 for q4; None for q8
+    scale: torch.Tensor  # [N, K / group] float16
+    min: torch.Tensor | None  # [N, K / group] float16 for q4; None for q8
     group: int
     # The same matrix dequantized [N, K], kept only where memory is traded for speed: products
     # with many rows use it instead of dequantizing into scratch each time (Quantizer.keep_dense).
@@ -41,6 +44,8 @@ class QuantizedWeight:
             raise ValueError(
                 f"group {self.group} must be a multiple of {BLOCK} dividing {self.in_features}"
             )
+        if any(t is not None and t.dtype != torch.float16 for t in (self.scale, self.min)):
+            raise ValueError("quantized scales and mins are float16")
 
     @property
     def out_features(self) -> int:  # N
@@ -118,26 +123,26 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.
     n, k = w.shape
     q = unpack_nibbles(w.qs) if w.kind == "q4" else w.qs
     q = q.float().view(n, k // w.group, w.group)
-    dense = q * w.scale.unsqueeze(-1)
+    dense = q * w.scale.float().unsqueeze(-1)
     if w.min is not None:
-        dense = dense + w.min.unsqueeze(-1)
+        dense = dense + w.min.float().unsqueeze(-1)
     return dense.view(n, k).to(dtype)
 
 
 def quantize(weight: torch.Tensor, kind: str, group: int) -> QuantizedWeight:
     """Round-to-nearest quantization of a dense [N, K] matrix: q4 asymmetric per group
     (min/max, as GGUF Q4_1), q8 symmetric per group (absmax, as Q8_0; group = K is per
-    channel)."""
+    channel). Scales and mins are rounded to float16 first, and the weights to those."""
     n, k = weight.shape
     w = weight.float().view(n, k // group, group)
     if kind == "q8":
-        scale = w.abs().amax(-1) / 127.0
-        q = torch.round(w / scale.clamp_min(1e-12).unsqueeze(-1)).clamp(-127, 127)
+        scale = (w.abs().amax(-1) / 127.0).half()
+        q = torch.round(w / scale.float().clamp_min(1e-12).unsqueeze(-1)).clamp(-127, 127)
         return QuantizedWeight("q8", q.to(torch.int8).view(n, k), scale.contiguous(), None, group)
     if kind == "q4":
-        low, high = w.amin(-1), w.amax(-1)
-        scale = (high - low) / 15.0
-        q = torch.round((w - low.unsqueeze(-1)) / scale.clamp_min(1e-12).unsqueeze(-1))
-        q = q.clamp(0, 15).view(n, k)
+        low = w.amin(-1).half()
+        scale = ((w.amax(-1) - low.float()) / 15.0).half()
+        q = (w - low.float().unsqueeze(-1)) / scale.float().clamp_min(1e-12).unsqueeze(-1)
+        q = torch.round(q).clamp(0, 15).view(n, k)
         return QuantizedWeight("q4", pack_nibbles(q), scale.contiguous(), low.contiguous(), group)
     raise ValueError(f"unknown quantized kind {kind!r}")

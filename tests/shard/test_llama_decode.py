@@ -5,6 +5,7 @@ leaves to the eager layers."""
 
 from __future__ import annotations
 
+import ctypes
 import random
 
 import pytest
@@ -14,9 +15,13 @@ from shard.distributed import Dist
 from shard.forward_context import AttentionMetadata
 from shard.kv_cache import KVCache
 from shard.models import load_model
-from shard.models.llama_decode import CompiledDecoder, unsupported_reason
+from shard.attention.paged_decode import SOURCE as ATTENTION_SOURCE
+from shard.convert import default_cache_dir
+from shard.models.llama_decode import SOURCE, CompiledDecoder, unsupported_reason
+from shard.native import SIMD_HEADER, build_library
+from shard.quant.kernels import SOURCE as KERNELS_SOURCE
 from shard.quant.kernels import get_kernels
-from tests.conftest import save_tiny_model
+from tests.conftest import OLDER_MARCHES, save_tiny_model, skip_unless_runnable
 from tests.shard.test_model import BLOCK_SIZE, PagedSequence, run_step
 
 NUM_BLOCKS = 80
@@ -101,6 +106,24 @@ def test_bfloat16_steps_stay_close_to_the_eager_layers(quantized):
     scale = reference.abs().max()
     assert (ours - reference).abs().max() <= (eager - reference).abs().max() + 0.01 * scale
     assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.parametrize("march", sorted(OLDER_MARCHES))
+def test_older_instruction_sets_match_the_eager_layers(quantized, march):
+    """The decoder built for the AVX2 and plain-C paths, which CI machines may run natively."""
+    skip_unless_runnable(march)
+    includes = (KERNELS_SOURCE, ATTENTION_SOURCE, SIMD_HEADER)
+    lib = ctypes.CDLL(str(build_library(default_cache_dir() / "kernels", SOURCE, includes, march)))
+    model = quantized[torch.float32]
+    native = model.decoder
+    try:
+        model.decoder = CompiledDecoder(lib, model, max_rows=3)
+        ours, _ = decode(model, torch.float32, 3, compiled=True)
+    finally:
+        model.decoder = native
+    eager, _ = decode(model, torch.float32, 3, compiled=False)
+    assert_close_up_to_rounding_flips(ours, eager)
+    assert torch.equal(ours.argmax(-1), eager.argmax(-1))
 
 
 def test_biases_and_a_single_kv_head(tmp_path):
