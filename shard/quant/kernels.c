@@ -23,6 +23,12 @@
     defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define HAVE_VNNI_512 1
 #endif
+#if !defined(HAVE_VNNI_512) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define HAVE_PAIRS_256 1 /* q4 in groups of 32 by pairs of blocks (dot_q4_256) */
+#endif
+#if defined(HAVE_VNNI_512) || defined(HAVE_PAIRS_256)
+#define HAVE_QUADS 1 /* x is also arranged by quads (arrange_quad) */
+#endif
 
 #define TILE 4 /* rows of x that share one dequantized block of W */
 
@@ -121,7 +127,7 @@ static long quads(long K) { return (K / 32 + 3) / 4; }
 static QuantX quantx_new(long T, long K) {
     QuantX xq = {malloc(T * K), malloc(sizeof(float) * T * K / 32),
                  malloc(sizeof(float) * T * K / 32), NULL, NULL, NULL};
-#ifdef HAVE_VNNI_512
+#ifdef HAVE_QUADS
     xq.quad_q = malloc(T * quads(K) * 128);
     xq.quad_d = malloc(sizeof(float) * T * quads(K) * 32);
     xq.quad_c = malloc(sizeof(int32_t) * T * quads(K) * 32);
@@ -143,6 +149,7 @@ static void quantx_free(QuantX *xq) {
  *     values 16..31 (high nibbles): x's quad is the same, and lanes 4i..4i+3 sum block i.
  * q8: 4 blocks of 32 values in order, in two halves of 2 blocks: lanes 8i..8i+7 of a half
  *     sum its block i. W is read as unsigned (w + 128), so 128 * sum(x) comes off each lane. */
+#ifdef HAVE_QUADS
 static void arrange_quad(int kind, long t, long g, long blocks, QuantX *out) {
     long n = (blocks + 3) / 4;
     int8_t *q = out->quad_q + (t * n + g) * 128;
@@ -163,6 +170,7 @@ static void arrange_quad(int kind, long t, long g, long blocks, QuantX *out) {
         for (int lane = 0; lane < 32; lane++)
             c[lane] = 128 * (q[4 * lane] + q[4 * lane + 1] + q[4 * lane + 2] + q[4 * lane + 3]);
 }
+#endif
 
 /* Block b of x (32 values at v): xq = round(x / dx), dx = max|x| / 127. */
 static void quantize_block(const float *v, long b, QuantX *out) {
@@ -189,8 +197,10 @@ static void quantize_x(int kind, const float *x, int T, int K, QuantX *out) {
         long t = u / n, g = u % n;
         long end = 4 * g + 4 < blocks ? 4 * g + 4 : blocks; /* past the quad's last block */
         for (long b = t * blocks + 4 * g; b < t * blocks + end; b++) quantize_block(x + b * 32, b, out);
-#ifdef HAVE_VNNI_512
+#if defined(HAVE_VNNI_512)
         arrange_quad(kind, t, g, blocks, out);
+#elif defined(HAVE_PAIRS_256)
+        if (kind == 4) arrange_quad(4, t, g, blocks, out); /* q8 takes dot_rows */
 #else
         (void)kind;
 #endif
@@ -260,6 +270,89 @@ static inline __attribute__((always_inline)) void dot_rows(int kind, const Quant
     }
     for (int t = 0; t < rows; t++) out[t] = hsum8(acc[t]) + low[t];
 }
+
+#ifdef HAVE_PAIRS_256
+/* a0 . b0 + a1 . b1 in 8 int32 lanes of 4 products each; a holds values 0..15, so the int16
+ * sums of maddubs cannot saturate (4 * 15 * 127 < 32767). */
+static inline __m256i dot2_u4s8(__m256i a0, __m256i b0, __m256i a1, __m256i b1) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a0, b0), a1, b1);
+#else
+    __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a0, b0), _mm256_maddubs_epi16(a1, b1));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+
+/* The 32 bytes of blocks 2h and 2h + 1 of a quad (16 bytes where only the first is `real`)
+ * and those blocks' lanes of the quad's x (arrange_quad): the low nibbles meet x's bytes
+ * 32h.., the high nibbles its bytes 64 + 32h..; lanes 0-3 sum block 2h, lanes 4-7 block 2h+1. */
+static inline __attribute__((always_inline)) __m256 half_q4(const QuantX *xq, long at, int h,
+                                                           const uint8_t *bytes, int real) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    __m256i raw = real == 2 ? _mm256_loadu_si256((const __m256i *)bytes)
+                            : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)bytes));
+    __m256i lo = _mm256_and_si256(raw, nibble);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+    const int8_t *x = xq->quad_q + at * 128 + h * 32;
+    __m256i dot = dot2_u4s8(lo, _mm256_loadu_si256((const __m256i *)x), hi,
+                            _mm256_loadu_si256((const __m256i *)(x + 64)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_loadu_ps(xq->quad_d + at * 32 + h * 8));
+}
+
+/* `n` float16 values (n <= 4) at p as 4 floats, zeros past n. */
+static inline __m128 load_f16x4(const f16 *p, int n) {
+    int64_t bits = 0;
+    memcpy(&bits, p, 2 * n);
+    return _mm_cvtph_ps(_mm_cvtsi64_si128(bits));
+}
+
+/* Quad g of q4 (`real` < 4 blocks in a last, partial quad) against `rows` rows of x: two
+ * halves of 2 blocks, whose lanes are scaled by the 4 blocks' dw spread over them. */
+static inline __attribute__((always_inline)) void quad_q4_256(const QuantX *xq, long t0,
+                                                              int rows, long n, long blocks,
+                                                              long g, int real,
+                                                              const uint8_t *row,
+                                                              const f16 *scale, const f16 *min,
+                                                              __m256 *acc, __m128 *low) {
+    __m256 dw = _mm256_castps128_ps256(load_f16x4(scale + 4 * g, real));
+    __m256 dw01 = _mm256_permutevar8x32_ps(dw, _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+    __m256 dw23 = _mm256_permutevar8x32_ps(dw, _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2));
+    __m128 mw = load_f16x4(min + 4 * g, real);
+    const uint8_t *bytes = row + g * 64;
+    for (int r = 0; r < rows; r++) {
+        long at = (t0 + r) * n + g;
+        acc[r] = _mm256_fmadd_ps(half_q4(xq, at, 0, bytes, real < 2 ? real : 2), dw01, acc[r]);
+        if (real > 2)
+            acc[r] = _mm256_fmadd_ps(half_q4(xq, at, 1, bytes + 32, real - 2), dw23, acc[r]);
+        float sums[4] = {0.f, 0.f, 0.f, 0.f};
+        memcpy(sums, xq->sum + (t0 + r) * blocks + 4 * g, sizeof(float) * real);
+        low[r] = _mm_fmadd_ps(mw, _mm_loadu_ps(sums), low[r]);
+    }
+}
+
+/* out[r] = x[t0 + r] . w_row for r < rows, q4 in groups of 32 (GGUF Q4_1), with AVX2: as
+ * dot_q4_512 with half its width, a quad at a time, and no scalar work per block (dot_rows
+ * scales each block's sum on its own). */
+static inline __attribute__((always_inline)) void dot_q4_256(const QuantX *xq, long t0, int rows,
+                                                             int K, const uint8_t *row,
+                                                             const f16 *scale, const f16 *min,
+                                                             float *out) {
+    long blocks = K / 32, n = quads(K), g = 0;
+    __m256 acc[TILE];
+    __m128 low[TILE];
+    for (int r = 0; r < rows; r++) {
+        acc[r] = _mm256_setzero_ps();
+        low[r] = _mm_setzero_ps();
+    }
+    for (; g < blocks / 4; g++) quad_q4_256(xq, t0, rows, n, blocks, g, 4, row, scale, min, acc, low);
+    if (blocks % 4)
+        quad_q4_256(xq, t0, rows, n, blocks, g, blocks % 4, row, scale, min, acc, low);
+    for (int r = 0; r < rows; r++) {
+        __m128 l = _mm_add_ps(low[r], _mm_movehl_ps(low[r], low[r]));
+        out[r] = hsum8(acc[r]) + _mm_cvtss_f32(_mm_add_ss(l, _mm_movehdup_ps(l)));
+    }
+}
+#endif
 #else
 /* Portable: the same arithmetic in plain loops. */
 static inline void dot_rows(int kind, const QuantX *xq, long x0, int rows, int K,
@@ -475,6 +568,20 @@ static void matmul_512(int kind, const QuantX *xq, int T, int K, const uint8_t *
 }
 #endif
 
+/* out[t] = x[t0 + t] . w_row for t < rows, by the widest path this CPU has short of 512 bits. */
+static inline __attribute__((always_inline)) void dot(int kind, const QuantX *xq, long t0,
+                                                      int rows, int K, const uint8_t *row,
+                                                      const f16 *scale, const f16 *min,
+                                                      int group, float *out) {
+#ifdef HAVE_PAIRS_256
+    if (kind == 4 && group == 32) {
+        dot_q4_256(xq, t0, rows, K, row, scale, min, out);
+        return;
+    }
+#endif
+    dot_rows(kind, xq, t0, rows, K, row, scale, min, group, out);
+}
+
 /* Rows of x up to which the direct kernel beats dequantize + dense GEMM, measured on SmolLM2
  * decode steps (bf16, 2 cores, 300 MB of L3), whole steps through the compiled decoder against
  * the eager layers: the 512-bit path wins up to 8 rows (24.7 vs 38.7 ms at 6, 40.0 vs
@@ -509,11 +616,11 @@ static inline __attribute__((always_inline)) void matmul_shared(
         float out[TILE];
         int t0 = 0;
         for (; t0 + TILE <= T; t0 += TILE) {
-            dot_rows(kind, xq, t0, TILE, K, row, s, m, group, out);
+            dot(kind, xq, t0, TILE, K, row, s, m, group, out);
             for (int t = 0; t < TILE; t++) store(y, y_bf16, (long)(t0 + t) * N + n, out[t]);
         }
         for (; t0 < T; t0++) {
-            dot_rows(kind, xq, t0, 1, K, row, s, m, group, out);
+            dot(kind, xq, t0, 1, K, row, s, m, group, out);
             store(y, y_bf16, (long)t0 * N + n, out[0]);
         }
     }
