@@ -155,16 +155,22 @@ static void arrange_quad(int kind, long t, long g, long blocks, QuantX *out) {
     int8_t *q = out->quad_q + (t * n + g) * 128;
     float *d = out->quad_d + (t * n + g) * 32;
     int32_t *c = out->quad_c + (t * n + g) * 32;
+    int lanes = kind == 4 ? 4 : 8; /* int32 lanes of a product that sum one block */
     for (int i = 0; i < 4; i++) {
         long b = g * 4 + i;
-        int real = b < blocks;
-        const int8_t *src = out->q + (t * blocks + (real ? b : 0)) * 32;
-        float dx = real ? out->d[t * blocks + b] : 0.f;
-        for (int j = 0; j < 32; j++) {
-            int at = kind == 4 ? (j < 16 ? i * 16 + j : 64 + i * 16 + j - 16) : i * 32 + j;
-            q[at] = real ? src[j] : 0;
+        int8_t src[32] = {0};
+        float dx = 0.f;
+        if (b < blocks) {
+            memcpy(src, out->q + (t * blocks + b) * 32, 32);
+            dx = out->d[t * blocks + b];
         }
-        for (int j = 0; j < (kind == 4 ? 4 : 8); j++) d[(kind == 4 ? 4 : 8) * i + j] = dx;
+        if (kind == 4) {
+            memcpy(q + i * 16, src, 16);
+            memcpy(q + 64 + i * 16, src + 16, 16);
+        } else {
+            memcpy(q + i * 32, src, 32);
+        }
+        for (int j = 0; j < lanes; j++) d[lanes * i + j] = dx;
     }
     if (kind == 8)
         for (int lane = 0; lane < 32; lane++)
@@ -172,8 +178,27 @@ static void arrange_quad(int kind, long t, long g, long blocks, QuantX *out) {
 }
 #endif
 
+#if defined(__AVX512F__)
+/* round(r), halves away from zero, as (int)(r + copysign(0.5, r)) in quantize_block. */
+static inline __m512i round_away(__m512 r) {
+    __m512i sign = _mm512_and_si512(_mm512_castps_si512(r), _mm512_set1_epi32((int)0x80000000));
+    __m512 half = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_set1_epi32(0x3f000000)));
+    return _mm512_cvttps_epi32(_mm512_add_ps(r, half));
+}
+#endif
+
 /* Block b of x (32 values at v): xq = round(x / dx), dx = max|x| / 127. */
 static void quantize_block(const float *v, long b, QuantX *out) {
+#if defined(__AVX512F__)
+    __m512 lo = _mm512_loadu_ps(v), hi = _mm512_loadu_ps(v + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    __m512i qlo = round_away(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
+    __m512i qhi = round_away(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
+    _mm_storeu_si128((__m128i *)(out->q + b * 32), _mm512_cvtepi32_epi8(qlo));
+    _mm_storeu_si128((__m128i *)(out->q + b * 32 + 16), _mm512_cvtepi32_epi8(qhi));
+    int total = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+#else
     float amax = 0.f;
     for (int i = 0; i < 32; i++) amax = v[i] > amax ? v[i] : (-v[i] > amax ? -v[i] : amax);
     float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
@@ -184,6 +209,7 @@ static void quantize_block(const float *v, long b, QuantX *out) {
         out->q[b * 32 + i] = (int8_t)q;
         total += q;
     }
+#endif
     out->d[b] = d;
     out->sum[b] = d * (float)total;
 }
