@@ -40,14 +40,53 @@ typedef struct {
     void *const *keys, *const *values; /* [num_layers] the layers' cache tensors */
 } DecodeStep;
 
-/* y[t] = w * (x[t] / sqrt(mean(x[t]^2) + eps)); x, y [T, H]. */
-static void rms_norm(const float *x, const float *w, float *y, int T, int H, float eps) {
-    for (int t = 0; t < T; t++) {
-        const float *row = x + (long)t * H;
-        float sum = 0.f;
-        for (int h = 0; h < H; h++) sum += row[h] * row[h];
-        float r = 1.f / sqrtf(sum / (float)H + eps);
-        for (int h = 0; h < H; h++) y[(long)t * H + h] = w[h] * (row[h] * r);
+/* 1 / sqrt(mean((x + delta)^2) + eps) of one row of H values (delta NULL: x alone). */
+static float inverse_rms(const float *x, const float *delta, int H, float eps) {
+    float sum = 0.f;
+    for (int h = 0; h < H; h++) {
+        float v = x[h] + (delta ? delta[h] : 0.f);
+        sum += v * v;
+    }
+    return 1.f / sqrtf(sum / (float)H + eps);
+}
+
+/* The residual stream x + delta (delta NULL: x alone) written to `sum` [T, H], and its RMSNorm
+ * (weight w) quantized for a product with W of `kind`: the phase between two halves of a
+ * layer, in one barrier. Each quad of 128 values is one thread's; every thread computes the
+ * norm of the rows it touches from x and delta, which no thread writes in this phase. */
+static void add_norm_quantize(int kind, const float *x, const float *delta, float *sum,
+                              const float *w, int T, int H, float eps, QuantX *xq) {
+    long n = quads(H), blocks = H / 32, row = -1;
+    float r = 0.f;
+#pragma omp for schedule(static)
+    for (long u = 0; u < T * n; u++) {
+        long t = u / n, g = u % n, start = g * 128, count = H - start < 128 ? H - start : 128;
+        const float *xt = x + t * H, *dt = delta ? delta + t * H : NULL;
+        if (t != row) { /* a thread's quads come in order: once per row it touches */
+            r = inverse_rms(xt, dt, H, eps);
+            row = t;
+        }
+        float v[128];
+        for (long i = 0; i < count; i++) {
+            float total = xt[start + i] + (dt ? dt[start + i] : 0.f);
+            if (dt) sum[t * H + start + i] = total;
+            v[i] = w[start + i] * (total * r);
+        }
+        quantize_quad(kind, v, t, g, blocks, xq);
+    }
+}
+
+/* silu(gate) * up of gate_up [T, 2 I] quantized for a product with W of `kind`, a quad of 128
+ * values per thread at a time. */
+static void silu_quantize(int kind, const float *gate_up, int T, int I, QuantX *xq) {
+    long n = quads(I), blocks = I / 32;
+#pragma omp for schedule(static)
+    for (long u = 0; u < T * n; u++) {
+        long t = u / n, g = u % n, start = g * 128, count = I - start < 128 ? I - start : 128;
+        const float *gate = gate_up + t * 2 * I + start, *up = gate + I;
+        float v[128];
+        for (long i = 0; i < count; i++) v[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+        quantize_quad(kind, v, t, g, blocks, xq);
     }
 }
 
@@ -93,23 +132,40 @@ static void store_kv(void *cache, long i, const float *x, int n, int bf16) {
 
 /* Scratch of one step, shared by the threads. */
 typedef struct {
-    float *normed;  /* [T, max(hidden, intermediate)]: a norm's output, then the activation */
-    float *qkv;     /* [T, (heads + 2 kv_heads) head_dim] */
-    float *attn;    /* [T, heads head_dim] */
-    float *gate_up; /* [T, 2 intermediate] */
-    float *out;     /* [T, hidden]: o_proj's, then down_proj's output */
-    QuantX xq;      /* the next product's input, quantized */
+    float *residual; /* [T, hidden]: the residual stream's other buffer (Residual) */
+    float *qkv;      /* [T, (heads + 2 kv_heads) head_dim] */
+    float *attn;     /* [T, heads head_dim] */
+    float *gate_up;  /* [T, 2 intermediate] */
+    float *out;      /* [T, hidden]: o_proj's, then down_proj's output */
+    QuantX xq;       /* the next product's input, quantized */
 } Scratch;
 
+/* The residual stream as every thread holds it: x, and the output of the last product (delta)
+ * still to be added to it. The next norm writes their sum to `spare`, which then becomes x:
+ * x itself is read by every thread during that phase, so it is never written in it. */
+typedef struct {
+    float *x, *spare;
+    const float *delta;
+} Residual;
+
+/* Adds the pending delta and quantizes the RMSNorm (weight w) for a product with W of `kind`. */
+static void norm(Residual *r, int kind, const float *w, const DecodeStep *s, QuantX *xq) {
+    add_norm_quantize(kind, r->x, r->delta, r->spare, w, s->T, s->hidden, s->eps, xq);
+    if (r->delta) {
+        float *sum = r->spare;
+        r->spare = r->x;
+        r->x = sum;
+        r->delta = NULL;
+    }
+}
+
 static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scratch *m,
-                      float *scores, float *x) {
+                      float *scores, Residual *r) {
     const PagedKV *paged = &s->paged;
-    int T = s->T, D = paged->head_dim, H = s->hidden;
+    int T = s->T, D = paged->head_dim;
     int q_width = paged->heads * D, kv_width = paged->kv_heads * D;
     int width = q_width + 2 * kv_width;
-#pragma omp single
-    rms_norm(x, w->input_norm, m->normed, T, H, s->eps);
-    quantize_x(w->qkv.kind, m->normed, T, H, &m->xq);
+    norm(r, w->qkv.kind, w->input_norm, s, &m->xq);
     product(&w->qkv, &m->xq, T, m->qkv);
 #pragma omp single
     for (int t = 0; t < T; t++) {
@@ -130,36 +186,28 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
                    scores);
     quantize_x(w->o.kind, m->attn, T, q_width, &m->xq);
     product(&w->o, &m->xq, T, m->out);
-#pragma omp single
-    for (long i = 0; i < (long)T * H; i++) x[i] += m->out[i];
+    r->delta = m->out;
 }
 
-static void mlp(const DecoderLayer *w, const DecodeStep *s, Scratch *m, float *x) {
-    int T = s->T, H = s->hidden, I = s->intermediate;
-#pragma omp single
-    rms_norm(x, w->post_norm, m->normed, T, H, s->eps);
-    quantize_x(w->gate_up.kind, m->normed, T, H, &m->xq);
-    product(&w->gate_up, &m->xq, T, m->gate_up);
-#pragma omp for schedule(static)
-    for (long i = 0; i < (long)T * I; i++) { /* silu(gate) * up */
-        float gate = m->gate_up[i / I * 2 * I + i % I], up = m->gate_up[i / I * 2 * I + I + i % I];
-        m->normed[i] = gate / (1.f + expf(-gate)) * up;
-    }
-    quantize_x(w->down.kind, m->normed, T, I, &m->xq);
-    product(&w->down, &m->xq, T, m->out);
-#pragma omp single
-    for (long i = 0; i < (long)T * H; i++) x[i] += m->out[i];
+static void mlp(const DecoderLayer *w, const DecodeStep *s, Scratch *m, Residual *r) {
+    norm(r, w->gate_up.kind, w->post_norm, s, &m->xq);
+    product(&w->gate_up, &m->xq, s->T, m->gate_up);
+    silu_quantize(w->down.kind, m->gate_up, s->T, s->intermediate, &m->xq);
+    product(&w->down, &m->xq, s->T, m->out);
+    r->delta = m->out;
 }
 
 static long larger(long a, long b) { return a > b ? a : b; }
 
-/* x [T, hidden]: the embeddings in, the last layer's output (before the final norm) out. */
+/* x [T, hidden]: the embeddings in, the last layer's output (before the final norm) out.
+ * The threads of one region go through every layer, from phase to phase at a barrier: ten
+ * per layer, each a product or what lies between two (shard/models/llama_decode.py). */
 void llama_decode(const DecoderLayer *layers, int num_layers, const DecodeStep *s, float *x) {
     const PagedKV *paged = &s->paged;
     long T = s->T, D = paged->head_dim, I = s->intermediate;
     long width = larger(larger(s->hidden, I), paged->heads * D);
     Scratch m = {
-        .normed = malloc(sizeof(float) * T * width),
+        .residual = malloc(sizeof(float) * T * s->hidden),
         .qkv = malloc(sizeof(float) * T * (paged->heads + 2 * paged->kv_heads) * D),
         .attn = malloc(sizeof(float) * T * paged->heads * D),
         .gate_up = malloc(sizeof(float) * T * 2 * I),
@@ -170,13 +218,16 @@ void llama_decode(const DecoderLayer *layers, int num_layers, const DecodeStep *
 #pragma omp parallel
     {
         float *scores = malloc(sizeof(float) * (longest + 16)); /* attend's scratch */
+        Residual r = {x, m.residual, NULL};
         for (int l = 0; l < num_layers; l++) {
-            attention(&layers[l], s, l, &m, scores, x);
-            mlp(&layers[l], s, &m, x);
+            attention(&layers[l], s, l, &m, scores, &r);
+            mlp(&layers[l], s, &m, &r);
         }
+#pragma omp for schedule(static)
+        for (long i = 0; i < T * s->hidden; i++) x[i] = r.x[i] + r.delta[i];
         free(scores);
     }
-    free(m.normed);
+    free(m.residual);
     free(m.qkv);
     free(m.attn);
     free(m.gate_up);

@@ -214,6 +214,20 @@ static void quantize_block(const float *v, long b, QuantX *out) {
     out->sum[b] = d * (float)total;
 }
 
+/* Quad g of row t of x (the up to 128 values at v) quantized for a product with W of `kind`. */
+static inline void quantize_quad(int kind, const float *v, long t, long g, long blocks,
+                                 QuantX *out) {
+    long end = 4 * g + 4 < blocks ? 4 * g + 4 : blocks; /* past the quad's last block */
+    for (long b = 4 * g; b < end; b++) quantize_block(v + (b - 4 * g) * 32, t * blocks + b, out);
+#if defined(HAVE_VNNI_512)
+    arrange_quad(kind, t, g, blocks, out);
+#elif defined(HAVE_PAIRS_256)
+    if (kind == 4) arrange_quad(4, t, g, blocks, out); /* q8 takes dot_rows */
+#else
+    (void)kind;
+#endif
+}
+
 /* x [T, K] quantized for a product with W of `kind` (4 or 8), a quad of 4 blocks at a time,
  * the quads shared among the threads of an enclosing parallel region (orphaned `omp for`). */
 static void quantize_x(int kind, const float *x, int T, int K, QuantX *out) {
@@ -221,15 +235,7 @@ static void quantize_x(int kind, const float *x, int T, int K, QuantX *out) {
 #pragma omp for schedule(static)
     for (long u = 0; u < T * n; u++) {
         long t = u / n, g = u % n;
-        long end = 4 * g + 4 < blocks ? 4 * g + 4 : blocks; /* past the quad's last block */
-        for (long b = t * blocks + 4 * g; b < t * blocks + end; b++) quantize_block(x + b * 32, b, out);
-#if defined(HAVE_VNNI_512)
-        arrange_quad(kind, t, g, blocks, out);
-#elif defined(HAVE_PAIRS_256)
-        if (kind == 4) arrange_quad(4, t, g, blocks, out); /* q8 takes dot_rows */
-#else
-        (void)kind;
-#endif
+        quantize_quad(kind, x + t * K + g * 128, t, g, blocks, out);
     }
 }
 
