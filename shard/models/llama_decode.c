@@ -199,6 +199,19 @@ static void mlp(const DecoderLayer *w, const DecodeStep *s, Scratch *m, Residual
 
 static long larger(long a, long b) { return a > b ? a : b; }
 
+/* Sequences up to which a decode step is faster here than in the eager layers, whose products
+ * take the dense GEMM past quant_direct_max_rows: the GEMM alone wins from 12 rows, but the
+ * eager layers' ~2,000 operator calls cost more. SmolLM2 bf16 steps (2 cores, AMX): 19.3 vs
+ * 23.5 ms at 8 rows, 30.2 vs 45.1 at 16, even at 32. Without AVX-512 VNNI, an estimate: the
+ * AVX2 path's ~5 ms per sequence against float32 GEMMs reading every dense weight. */
+int llama_decode_max_rows(void) {
+#ifdef HAVE_VNNI_512
+    return 16;
+#else
+    return 4;
+#endif
+}
+
 /* x [T, hidden]: the embeddings in, the last layer's output (before the final norm) out.
  * The threads of one region go through every layer, from phase to phase at a barrier: ten
  * per layer, each a product or what lies between two (shard/models/llama_decode.py). */

@@ -3,8 +3,8 @@ the CPU with quantized weights: the steps a single user waits on, bound by memor
 where eager PyTorch spent as long dispatching ~2,800 small operators as in the products.
 
 The eager layers of llama.py stay the reference and run every other step (prefill, more
-sequences than the quantized kernels' direct path takes, dense weights, tensor parallelism,
-other devices); the tests check that both give the same logits. The library is built like the
+sequences than the library's llama_decode_max_rows, dense weights, tensor parallelism, other
+devices); the tests check that both give the same logits. The library is built like the
 quantized kernels (gcc, cached per CPU); where it cannot be, the eager layers run everything.
 """
 
@@ -93,11 +93,13 @@ def unsupported_reason(model) -> str | None:
 class CompiledDecoder:
     """Runs every decoder layer of a step through llama_decode.c."""
 
-    def __init__(self, lib: ctypes.CDLL, model, max_rows: int):
+    def __init__(self, lib: ctypes.CDLL, model, max_rows: int | None = None):
         self._run = lib.llama_decode
         self._run.restype = None
         self._run.argtypes = [_ptr, _int, _ptr, _ptr]
-        self.max_rows = max_rows  # the rows up to which the direct quantized products win
+        lib.llama_decode_max_rows.restype = _int
+        # the sequences up to which it beats the eager layers on this CPU
+        self.max_rows = lib.llama_decode_max_rows() if max_rows is None else max_rows
         self._keep: list[torch.Tensor] = []  # float32 copies of norms and biases
         layers = [self._layer(layer) for layer in model.layers]
         self._layers = (DecoderLayer * len(layers))(*layers)
@@ -163,6 +165,6 @@ def compiled_decoder(model) -> CompiledDecoder | None:
     lib = load_library(SOURCE, sources, fallback="decode steps stay eager")
     if lib is None:
         return None
-    decoder = CompiledDecoder(lib, model, get_kernels().direct_max_rows)
+    decoder = CompiledDecoder(lib, model)
     log.info("decode steps of up to %d sequences run the compiled decoder", decoder.max_rows)
     return decoder
