@@ -14,7 +14,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from shard.grammar import GrammarCompiler, GrammarError, GrammarState
 from shard.sampler import RequestSampler, SamplingParams
+
+GRAMMAR_NONE = 0  # the proto's GrammarType when a request has no grammar
 
 
 class InvalidRequest(ValueError):
@@ -39,6 +42,7 @@ class RequestState:
     block_size: int = 16
     # Logprob of each prompt token, gathered chunk by chunk when prefill_logprobs is set.
     prompt_logprobs: list[float] = field(default_factory=list)
+    grammar: GrammarState | None = None  # what the request's tokens must follow, if anything
 
     @property
     def num_generated(self) -> int:
@@ -75,8 +79,10 @@ class RequestState:
         return self.scheduled
 
 
-def request_from_pb(pb, block_size: int, num_blocks: int, vocab_size: int) -> RequestState:
-    """Validates one proto Request and builds its state."""
+def request_from_pb(
+    pb, block_size: int, num_blocks: int, vocab_size: int, grammars: GrammarCompiler | None = None
+) -> RequestState:
+    """Validates one proto Request and builds its state (its grammar compiled by `grammars`)."""
     ids = list(pb.input_ids)
     if not ids:
         raise InvalidRequest(f"request {pb.id} has no input_ids")
@@ -109,9 +115,22 @@ def request_from_pb(pb, block_size: int, num_blocks: int, vocab_size: int) -> Re
         top_n_tokens=pb.top_n_tokens,
         block_size=block_size,
         prompt_logprobs=[math.nan] * (pb.cache_len + 1) if pb.prefill_logprobs else [],
+        grammar=_grammar(pb, grammars),
     )
     state.slots_for(0, len(ids))  # fails now, not mid-batch, if the prompt does not fit
     return state
+
+
+def _grammar(pb, grammars: GrammarCompiler | None) -> GrammarState | None:
+    kind = pb.parameters.grammar_type
+    if kind == GRAMMAR_NONE:
+        return None
+    if grammars is None:
+        raise InvalidRequest(f"request {pb.id}: this shard has no tokenizer.json for grammars")
+    try:
+        return grammars.state(kind, pb.parameters.grammar)
+    except GrammarError as err:
+        raise InvalidRequest(f"request {pb.id}: grammar does not compile: {err}") from err
 
 
 class Batch:

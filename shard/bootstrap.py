@@ -15,6 +15,7 @@ from shard.attention import get_backend
 from shard.config import ShardConfig
 from shard.distributed import init_distributed
 from shard.generator import Generator
+from shard.grammar import GrammarCompiler
 from shard.model_runner import ModelRunner
 from shard.models import load_model
 from shard.quant.loaders import QuantizationError, resolve_method
@@ -58,7 +59,14 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
     backend = get_backend(config.attention, device, block_size=config.block_size)
     runner = ModelRunner(model, backend, config.block_size, device, config.torch_dtype, quantize)
     watermark = Watermark(config.watermark_gamma, config.watermark_delta)
-    generator = Generator(runner, model.config.eos_token_ids, DEFAULT_MAX_PREFILL_TOKENS, watermark)
+    eos = model.config.eos_token_ids
+    tokenizer_file = Path(config.model_dir) / "tokenizer.json"
+    grammars = (
+        GrammarCompiler(tokenizer_file, model.config.vocab_size, tuple(eos))
+        if tokenizer_file.exists()
+        else None
+    )
+    generator = Generator(runner, eos, DEFAULT_MAX_PREFILL_TOKENS, watermark, grammars)
     log.info(
         "loaded %s (%s, quantize %s, %s, attention %s, %d threads)",
         config.model_id,

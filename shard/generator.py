@@ -1,13 +1,14 @@
 """One generation step over a batch: schedule tokens, run the forward, choose next tokens,
 update every request and report what each produced.
 
-The shard stops a request on `max_new_tokens` and on EOS (unless ignore_eos); stop sequences
-are text and belong to the router. A stopped request stays in the batch, computing nothing,
+The shard stops a request on `max_new_tokens`, on EOS (unless ignore_eos) and when its grammar
+is complete (as EOS); stop sequences are text and belong to the router. A stopped request stays in the batch, computing nothing,
 until the router filters it out.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ import torch
 
 from shard.batch import Batch, RequestState
 from shard.forward_context import AttentionMetadata
+from shard.grammar import GrammarCompiler
 from shard.model_runner import ModelRunner
 from shard.sampler import sample
 from shard.watermark import Watermark
+
+log = logging.getLogger(__name__)
 
 FINISH_LENGTH, FINISH_EOS = 0, 1  # proto FinishReason values
 
@@ -107,11 +111,13 @@ class Generator:
         eos_token_ids: tuple[int, ...],
         max_prefill_tokens: int,
         watermark: Watermark | None = None,
+        grammars: GrammarCompiler | None = None,
     ):
         self.runner = runner
         self.eos_token_ids = set(eos_token_ids)
         self.max_prefill_tokens = max_prefill_tokens
         self.watermark = watermark or Watermark()  # gamma/delta for requests that ask for it
+        self.grammars = grammars  # compiles requests' grammars (None: no tokenizer.json)
 
     def step(
         self, batch: Batch, prefill_budget: int | None = None
@@ -146,7 +152,11 @@ class Generator:
         rows = torch.tensor([row for _, row in plan.sample_rows], dtype=torch.int64)
         top_n = max(r.top_n_tokens for r in chosen)
         histories = [r.token_ids for r in chosen]
-        out = sample(logits[rows], [r.sampler for r in chosen], histories, top_n, self.watermark)
+        scores = logits[rows]  # a copy: the grammars mask their own rows of it
+        for k, r in enumerate(chosen):
+            if r.grammar is not None:
+                r.grammar.mask(scores[k])
+        out = sample(scores, [r.sampler for r in chosen], histories, top_n, self.watermark)
         next_ids, logprobs = out.next_ids.tolist(), out.logprobs.tolist()
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
@@ -173,6 +183,10 @@ class Generator:
             g.finish_reason = FINISH_LENGTH
         elif token_id in self.eos_token_ids and not r.ignore_eos:
             g.finish_reason = FINISH_EOS
+        if r.grammar is not None and r.grammar.accept(token_id) and g.finish_reason is None:
+            if r.grammar.error:  # llguidance's limits, say: end it rather than go on unmasked
+                log.warning("request %d: its grammar failed: %s", r.id, r.grammar.error)
+            g.finish_reason = FINISH_EOS  # the grammar is complete: nothing else may follow
         if g.finish_reason is not None:
             r.stopped = True
             g.generated_tokens = r.num_generated

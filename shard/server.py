@@ -171,7 +171,10 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
     def _new_batch(self, batch_pb) -> Batch:
         c = self.runner.config
         requests = [
-            request_from_pb(r, self.runner.block_size, self.runner.num_blocks, c.vocab_size)
+            request_from_pb(
+                r, self.runner.block_size, self.runner.num_blocks, c.vocab_size,
+                self.generator.grammars,
+            )  # fmt: skip
             for r in batch_pb.requests
         ]
         return Batch(batch_pb.id, requests, self.runner.block_size)
