@@ -161,6 +161,14 @@ def main(
     enable_prefill_logprobs: Annotated[
         bool, Opt("--enable-prefill-logprobs", envvar="ENABLE_PREFILL_LOGPROBS")
     ] = False,
+    disable_grammar_support: Annotated[
+        bool,
+        Opt(
+            "--disable-grammar-support",
+            envvar="DISABLE_GRAMMAR_SUPPORT",
+            help="Refuse grammar, response_format and tool calls (422)",
+        ),
+    ] = False,
     graceful_termination_timeout: Annotated[
         float,
         Opt(

@@ -112,6 +112,7 @@ def router_command(config: LauncherConfig, model_dir: str) -> Command:
         argv += ["--cors-allow-origin", origin]
     argv += ["--json-output"] if c.json_output else []
     argv += ["--enable-prefill-logprobs"] if c.enable_prefill_logprobs else []
+    argv += ["--disable-grammar-support"] if c.disable_grammar_support else []
     env = {"LOG_LEVEL": c.log_level}
     if c.api_key is not None:  # in the environment: a command line is visible to every user
         env["API_KEY"] = c.api_key

@@ -67,6 +67,7 @@ class LauncherConfig:
     max_client_batch_size: int = 4
     payload_limit: int = 2_000_000
     enable_prefill_logprobs: bool = False
+    disable_grammar_support: bool = False
     graceful_termination_timeout: float = 90.0
     disable_custom_kernels: bool = False  # accepted for TGI compatibility; nothing to disable
     kv_cache_memory: str = "0.3"  # bytes ("2GiB") or a fraction of free memory

@@ -46,6 +46,7 @@ def main(
     cors_allow_origin: list[str] = typer.Option([]),
     json_output: bool = typer.Option(False, "--json-output"),
     enable_prefill_logprobs: bool = typer.Option(False, "--enable-prefill-logprobs"),
+    disable_grammar_support: bool = typer.Option(False, "--disable-grammar-support"),
     graceful_shutdown_timeout: float = typer.Option(90.0),
     log_level: str = typer.Option("info", envvar="LOG_LEVEL"),
 ) -> None:
@@ -77,6 +78,7 @@ def main(
             cors_allow_origin=tuple(cors_allow_origin),
             json_output=json_output,
             enable_prefill_logprobs=enable_prefill_logprobs,
+            disable_grammar_support=disable_grammar_support,
             graceful_shutdown_timeout=graceful_shutdown_timeout,
         )
     except ValueError as err:

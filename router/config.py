@@ -32,6 +32,7 @@ class RouterConfig:
     json_output: bool = False
     graceful_shutdown_timeout: float = 90.0
     enable_prefill_logprobs: bool = False
+    disable_grammar_support: bool = False  # grammars (and tool calls) are a 422
     # A stream write that cannot finish for this long (the client stopped reading) drops the
     # connection, freeing the request's permit and KV blocks.
     stream_write_timeout: float = 60.0

@@ -24,6 +24,8 @@ class SamplingParameters:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     watermark: bool = False
+    grammar: str = ""  # a JSON schema (serialized) or a regex, as grammar_type says
+    grammar_type: int = 0  # the proto's GrammarType: 0 none, 1 JSON schema, 2 regex
 
 
 @dataclass(frozen=True)

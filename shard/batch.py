@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from shard.grammar import GrammarCompiler, GrammarError, GrammarState
+from common.grammar import GRAMMAR_NONE, GrammarError
+from shard.grammar import GrammarCompiler, GrammarState
 from shard.sampler import RequestSampler, SamplingParams
-
-GRAMMAR_NONE = 0  # the proto's GrammarType when a request has no grammar
 
 
 class InvalidRequest(ValueError):

@@ -2,8 +2,8 @@
 update every request and report what each produced.
 
 The shard stops a request on `max_new_tokens`, on EOS (unless ignore_eos) and when its grammar
-is complete (as EOS); stop sequences are text and belong to the router. A stopped request stays in the batch, computing nothing,
-until the router filters it out.
+is complete (as EOS); stop sequences are text and belong to the router. A stopped request stays
+in the batch, computing nothing, until the router filters it out.
 """
 
 from __future__ import annotations

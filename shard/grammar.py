@@ -24,34 +24,9 @@ import llguidance
 import numpy as np
 import torch
 
-GRAMMAR_JSON = 1  # the proto's GrammarType: a JSON schema
-GRAMMAR_REGEX = 2
+from common.grammar import GrammarError, grammar_text, parser_limits
+
 CACHED_GRAMMARS = 64
-# JSON as json.dumps writes it, on one line: free whitespace would let a model wander in blanks
-# until max_new_tokens. A schema's own "x-guidance" options come on top.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
-
-class GrammarError(ValueError):
-    """A grammar that does not compile."""
-
-
-def parser_limits() -> llguidance.LLParserLimits:
-    """What one grammar may cost (the router and the shard use the same): llguidance's defaults,
-    which bound the lexer's states and the work of one step."""
-    return llguidance.LLParserLimits()
-
-
-def grammar_text(kind: int, value: str) -> str:
-    """The llguidance grammar of a proto grammar (kind GRAMMAR_JSON or GRAMMAR_REGEX)."""
-    if kind == GRAMMAR_JSON:
-        try:
-            return llguidance.LLMatcher.grammar_from_json_schema(value, defaults=JSON_OPTIONS)
-        except ValueError as err:
-            raise GrammarError(f"not a JSON schema: {err}") from err
-    if kind == GRAMMAR_REGEX:
-        return llguidance.LLMatcher.grammar_from_regex(value)
-    raise GrammarError(f"unknown grammar type {kind}")
 
 
 class GrammarState:

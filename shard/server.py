@@ -172,7 +172,10 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         c = self.runner.config
         requests = [
             request_from_pb(
-                r, self.runner.block_size, self.runner.num_blocks, c.vocab_size,
+                r,
+                self.runner.block_size,
+                self.runner.num_blocks,
+                c.vocab_size,
                 self.generator.grammars,
             )  # fmt: skip
             for r in batch_pb.requests

@@ -259,6 +259,8 @@ def request_to_pb(new: NewRequest) -> pb.Request:
             repetition_penalty=s.repetition_penalty,
             frequency_penalty=s.frequency_penalty,
             watermark=s.watermark,
+            grammar=s.grammar,
+            grammar_type=s.grammar_type,
         ),
         stopping_parameters=pb.StoppingCriteriaParameters(
             max_new_tokens=r.stopping.max_new_tokens,

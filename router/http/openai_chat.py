@@ -44,6 +44,7 @@ from router.http.responses import timing_headers
 from router.http.sse import EventStream, sse_data
 from router.http.state import AppState, app_state
 from router.validation.generate_request import GenerateParameters, GenerateRequest, Grammar
+from router.validation.grammar import ANY_JSON_OBJECT
 from router.validation.serde import boolean, invalid_type, optional, string
 
 CHAT = Options(add_special_tokens=False)  # the template has the special tokens
@@ -122,7 +123,7 @@ def _response_format(value: Any, path: str) -> Grammar | None:
     if kind == "text":
         return None
     if kind == "json_object" and value.get("value") is None:  # OpenAI's JSON mode
-        return Grammar("json", {"type": "object"})
+        return Grammar(ANY_JSON_OBJECT, {"type": "object"})
     if kind == "json_schema":
         config = value.get("json_schema", value.get("value"))
         if not isinstance(config, dict) or "schema" not in config:

@@ -95,9 +95,11 @@ def generate_parameters(checked: bool = True) -> Schema:
             schema["description"] = description
         return nullable(schema)
 
-    grammar = field(ref("GrammarType"))
-    if checked:
-        grammar = {"type": "null", "description": "Grammars are not supported yet (422)."}
+    grammar = field(
+        ref("GrammarType"),
+        "The output follows it (JSON schemas need `properties`; at most 64 KiB); "
+        "HTTP 422 when it does not compile or with --disable-grammar-support.",
+    )
     return obj(
         {
             "best_of": field(U64, "> 1 needs sampling and no seed; <= max_best_of."),

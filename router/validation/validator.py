@@ -24,7 +24,8 @@ from router.request import (
     ValidatedRequest,
     random_seed,
 )
-from router.validation.generate_request import GenerateParameters, GenerateRequest
+from router.validation.generate_request import GenerateParameters, GenerateRequest, Grammar
+from router.validation.grammar import check_grammar
 
 DEFAULT_GENERATION_LENGTH = 1024  # TGI schedules at most this many new tokens at a time
 # The smallest temperature or repetition penalty accepted: the smallest normal f32. The shard
@@ -70,7 +71,7 @@ class Validation:
         )
         stopping = replace(stopping, ignore_eos_token=p.ignore_eos)
         if p.grammar is not None:  # 17
-            raise ValidationError("grammar is not supported")
+            sampling = await self._with_grammar(sampling, p.grammar)
         return_full_text = p.return_full_text
         return ValidatedRequest(
             inputs=request.inputs,
@@ -90,6 +91,15 @@ class Validation:
             seed_given=p.seed is not None,
             adapter_id=p.adapter_id,
         )
+
+    async def _with_grammar(
+        self, sampling: SamplingParameters, grammar: Grammar
+    ) -> SamplingParameters:
+        if self.config.disable_grammar_support:
+            raise ValidationError("grammar is not supported")
+        loop = asyncio.get_running_loop()
+        valid = await loop.run_in_executor(self.executor, check_grammar, grammar)
+        return replace(sampling, grammar=valid.value, grammar_type=valid.type)
 
     def precheck(self, request: GenerateRequest, stream: bool = False) -> None:
         """What TGI checks before taking an admission permit: stream-only rules, then best_of."""

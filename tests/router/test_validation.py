@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -446,12 +447,55 @@ def params(**values) -> dict:
                 "`max_new_tokens`"
             ),
         ),
-        ({"grammar": {"type": "regex", "value": "a+"}}, "grammar is not supported"),
         ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
     ],
 )
 def test_validation_messages(executor, parameters, detail):
     assert validation_error(executor, params(**parameters)) == detail
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+@pytest.mark.parametrize(
+    "grammar, detail",
+    [
+        ({"type": "regex", "value": "a(b"}, "grammar is not valid: "),
+        ({"type": "json", "value": {"type": "object"}}, "grammar is not valid: Grammar must have "
+         "a 'properties' field"),  # TGI's rule
+        ({"type": "json", "value": "{bad"}, "grammar is not valid: Expecting property name"),
+        ({"type": "json", "value": 5}, "grammar is not supported"),
+        ({"type": "json", "value": {"type": 5, "properties": {}}}, "grammar is not valid: 5 is "
+         "not valid under any of the given schemas"),  # the draft 2020-12 meta-schema
+        ({"type": "json_schema", "value": {"schema": {"properties": {"a": {"$ref": "#/$defs/x"}}}}},
+         "grammar is not valid: "),  # a reference to nothing does not compile
+        ({"type": "regex", "value": "a" * 70_000}, "grammar is not valid: it is 70000 bytes, "
+         "more than the limit of 65536"),
+    ],
+)  # fmt: skip
+def test_grammar_validation_messages(executor, grammar, detail):
+    assert validation_error(executor, params(grammar=grammar)).startswith(detail)
+
+
+@pytest.mark.parametrize(
+    "grammar, kind, value",
+    [
+        ({"type": "regex", "value": "[0-9]+"}, 2, "[0-9]+"),
+        ({"type": "json", "value": PERSON}, 1, PERSON),
+        ({"type": "json_object", "value": json.dumps(PERSON)}, 1, PERSON),  # a string holding it
+        ({"type": "json_schema", "value": {"name": "p", "schema": PERSON}}, 1, PERSON),
+    ],
+)
+def test_valid_grammars_go_to_the_shards(executor, grammar, kind, value):
+    sampling = validate(executor, params(grammar=grammar)).sampling
+    assert sampling.grammar_type == kind
+    assert (json.loads(sampling.grammar) if kind == 1 else sampling.grammar) == value
+
+
+def test_grammar_support_can_be_disabled(executor):
+    body = params(grammar={"type": "regex", "value": "a+"})
+    detail = validation_error(executor, body, disable_grammar_support=True)
+    assert detail == "grammar is not supported"
 
 
 def test_empty_inputs(executor):

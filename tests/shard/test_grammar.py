@@ -12,10 +12,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from common.grammar import GRAMMAR_JSON, GRAMMAR_REGEX, GrammarError
 from pb import generate_pb2 as pb
 from shard.batch import InvalidRequest, request_from_pb
 from shard.generator import FINISH_EOS, Generator
-from shard.grammar import GRAMMAR_JSON, GRAMMAR_REGEX, GrammarCompiler, GrammarError
+from shard.grammar import GrammarCompiler
 
 PERSON = {
     "type": "object",
@@ -90,7 +91,8 @@ def test_grammars_are_compiled_once_and_copied_per_request(model):
 
 
 @pytest.mark.parametrize(
-    "kind,grammar", [(GRAMMAR_REGEX, "a(b"), (GRAMMAR_JSON, "{not json"), (GRAMMAR_JSON, '{"type": 5}')]
+    "kind,grammar",
+    [(GRAMMAR_REGEX, "a(b"), (GRAMMAR_JSON, "{not json"), (GRAMMAR_JSON, '{"type": 5}')],
 )
 def test_grammars_that_do_not_compile_are_refused(model, kind, grammar):
     with pytest.raises(GrammarError):

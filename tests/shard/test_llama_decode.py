@@ -11,12 +11,12 @@ import random
 import pytest
 import torch
 
+from shard.attention.paged_decode import SOURCE as ATTENTION_SOURCE
+from shard.convert import default_cache_dir
 from shard.distributed import Dist
 from shard.forward_context import AttentionMetadata
 from shard.kv_cache import KVCache
 from shard.models import load_model
-from shard.attention.paged_decode import SOURCE as ATTENTION_SOURCE
-from shard.convert import default_cache_dir
 from shard.models.llama_decode import SOURCE, CompiledDecoder, unsupported_reason
 from shard.native import SIMD_HEADER, build_library
 from shard.quant.kernels import SOURCE as KERNELS_SOURCE

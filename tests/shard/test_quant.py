@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from shard.models import load_model
 from shard.convert import default_cache_dir
+from shard.models import load_model
 from shard.native import build_library
 from shard.quant import kernels as quant_kernels
 from shard.quant.kernels import INCLUDES, SOURCE, NativeKernels, ReferenceKernels, get_kernels

@@ -1,0 +1,71 @@
+"""A request's grammar (TGI's `parameters.grammar`, OpenAI's `response_format`) checked as TGI
+checks it (`router/src/validation.rs`, with its texts) and compiled once with llguidance, so
+that a grammar the shards could not follow is a 422 before the request is queued, never a
+failed batch.
+
+TGI's rules: a `json`/`json_schema` value may be an object or a string holding one; it must be a
+valid JSON Schema (draft 2020-12) with a `properties` key. OpenAI's JSON mode (`json_object`
+without a schema) is any JSON object, so the `properties` rule does not apply to it. Where TGI
+then compiles the schema to a regex, we send the schema itself: llguidance follows it as a
+grammar (recursion, `anyOf`, `$ref`), which a regex cannot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+
+from common.grammar import GRAMMAR_JSON, GRAMMAR_REGEX, MAX_GRAMMAR_BYTES, GrammarError, validate
+from router.errors import ValidationError
+from router.validation.generate_request import Grammar
+
+ANY_JSON_OBJECT = "json_object"  # Grammar.type of OpenAI's JSON mode (router/http/openai_chat.py)
+
+
+@dataclass(frozen=True)
+class ValidGrammar:
+    type: int  # GRAMMAR_JSON or GRAMMAR_REGEX, as the proto's grammar_type
+    value: str  # the JSON schema, serialized, or the regex
+
+
+def check_grammar(grammar: Grammar) -> ValidGrammar:
+    """`grammar` as the shards take it, or a ValidationError. Compiling can take milliseconds:
+    call it off the event loop."""
+    if grammar.type == "regex":
+        valid = ValidGrammar(GRAMMAR_REGEX, grammar.value)
+    else:
+        value = grammar.value["schema"] if grammar.type == "json_schema" else grammar.value
+        schema = _schema(value, needs_properties=grammar.type != ANY_JSON_OBJECT)
+        valid = ValidGrammar(GRAMMAR_JSON, json.dumps(schema, ensure_ascii=False))
+    size = len(valid.value.encode())
+    if size > MAX_GRAMMAR_BYTES:
+        raise _invalid(f"it is {size} bytes, more than the limit of {MAX_GRAMMAR_BYTES}")
+    try:
+        validate(valid.type, valid.value)
+    except GrammarError as err:
+        raise _invalid(str(err)) from err
+    return valid
+
+
+def _schema(value: Any, needs_properties: bool) -> dict:
+    if isinstance(value, str):  # TGI parses a string again: it must hold the schema
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise _invalid(str(err)) from err
+    if not isinstance(value, dict):
+        raise ValidationError("grammar is not supported")
+    try:
+        jsonschema.Draft202012Validator.check_schema(value)
+    except jsonschema.SchemaError as err:
+        raise _invalid(err.message) from err
+    if needs_properties and "properties" not in value:
+        raise _invalid("Grammar must have a 'properties' field")
+    return value
+
+
+def _invalid(reason: str) -> ValidationError:
+    return ValidationError(f"grammar is not valid: {reason}")
