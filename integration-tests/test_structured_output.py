@@ -70,7 +70,10 @@ SCHEMAS = {
                 "maxItems": 2,
                 "items": {
                     "type": "object",
-                    "properties": {"sku": NAME, "qty": {"type": "integer", "minimum": 1, "maximum": 99}},
+                    "properties": {
+                        "sku": NAME,
+                        "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+                    },
                     "required": ["sku", "qty"],
                 },
             }
@@ -193,7 +196,9 @@ def test_huggingface_hub_grammar_and_response_format(launcher):
         )  # fmt: skip
         check(SCHEMAS[name], out.generated_text, out.details.finish_reason, "eos_token")
     out = client.text_generation(
-        "My phone number is ", max_new_tokens=20, return_full_text=False,
+        "My phone number is ",
+        max_new_tokens=20,
+        return_full_text=False,
         grammar={"type": "regex", "value": r"\d{3}-\d{4}"},
     )
     assert re.fullmatch(r"\d{3}-\d{4}", out)
