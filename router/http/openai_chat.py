@@ -5,10 +5,10 @@ The messages (at least one) are rendered with the model's chat template (in the 
 executor, never on the event loop) and the text is generated like /generate with
 `add_special_tokens=false`, through the same path (`generation.py`).
 Content is a string or a list of `{"type": "text"}` parts; image parts are a 422 validation
-error (the served models are text-only). Tools are not supported: with `tool_choice` "auto"
-or "none" they are ignored (the model answers in text, which "auto" allows); "required" or a
-named function is a 422 `tool_error`. `response_format` becomes a grammar, which validation
-accepts or rejects like the `grammar` parameter of /generate.
+error (the served models are text-only). `response_format` becomes a grammar, which validation
+accepts or rejects like the `grammar` parameter of /generate; `tools` become one too, and the
+answer a tool call (tool_calls.py). Messages with role "tool" and assistant `tool_calls` go to
+the template as they are.
 """
 
 from __future__ import annotations
@@ -43,6 +43,15 @@ from router.http.openai_common import (
 from router.http.responses import timing_headers
 from router.http.sse import EventStream, sse_data
 from router.http.state import AppState, app_state
+from router.http.tool_calls import (
+    ToolCall,
+    ToolCallStream,
+    Tools,
+    parse_answer,
+    parse_tools,
+    tool_grammar,
+    with_tools,
+)
 from router.validation.generate_request import GenerateParameters, GenerateRequest, Grammar
 from router.validation.grammar import ANY_JSON_OBJECT
 from router.validation.serde import boolean, invalid_type, optional, string
@@ -59,6 +68,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     logprobs: bool
+    tools: Tools | None = None  # the functions the answer calls one of, if any
 
 
 def _part(value: Any, path: str) -> str:
@@ -145,18 +155,6 @@ def _list(value: Any, path: str) -> list:
     return value
 
 
-def _check_tools(tools: list | None, tool_choice: Any, grammar: Grammar | None) -> None:
-    if not tools:
-        return
-    if grammar is not None:
-        raise ToolError("Grammar and tools are mutually exclusive")
-    if tool_choice not in (None, "auto", "none"):
-        raise ToolError(
-            'tool calls are not supported: `tool_choice` must be "auto" or "none" '
-            "(the model then answers in text)"
-        )
-
-
 CHAT_FIELDS = {
     **COMMON_FIELDS,
     "messages": _messages,
@@ -164,6 +162,7 @@ CHAT_FIELDS = {
     "top_logprobs": u32_or_none,
     "tools": optional(_list),
     "tool_choice": lambda value, path: value,
+    "tool_prompt": optional(string),
     "response_format": optional(_response_format),
 }
 
@@ -173,20 +172,31 @@ def parse_chat_request(body: Any) -> ChatRequest:
     fields = parse_fields(body, "ChatRequest", CHAT_FIELDS, ("messages",))
     check_n(fields["n"])
     grammar = fields["response_format"]
-    _check_tools(fields["tools"], fields["tool_choice"], grammar)
+    tools = parse_tools(fields["tools"], fields["tool_choice"], fields["tool_prompt"])
+    if tools is not None:
+        if grammar is not None:
+            raise ToolError("Grammar and tools are mutually exclusive")
+        grammar = tool_grammar(tools)
     return ChatRequest(
         messages=fields["messages"],
         parameters=generate_parameters(fields, fields["top_logprobs"], grammar),
         stream=bool(fields["stream"]),
         include_usage=bool(fields["stream_options"]),
         logprobs=bool(fields["logprobs"]),
+        tools=tools,
     )
 
 
-async def render(state: AppState, messages: list[dict]) -> str:
-    """The chat template applied with add_generation_prompt, in the validation executor. Any
-    failure inside the model's template is TGI's 422 `template_error`."""
-    apply = partial(state.tokenizer.apply_chat_template, messages, add_generation_prompt=True)
+async def render(state: AppState, chat: ChatRequest) -> str:
+    """The chat template applied with add_generation_prompt (and the tools), in the validation
+    executor. Any failure inside the model's template is TGI's 422 `template_error`."""
+    messages, variables = chat.messages, {}
+    if chat.tools is not None:
+        uses_tools = "tools" in (state.tokenizer.chat_template or "")
+        messages, variables = with_tools(messages, chat.tools, uses_tools)
+    apply = partial(
+        state.tokenizer.apply_chat_template, messages, add_generation_prompt=True, **variables
+    )
     try:
         return await asyncio.get_running_loop().run_in_executor(state.validation.executor, apply)
     except Exception as err:
@@ -217,14 +227,50 @@ def message_content(done: Completion) -> str:
 
 def completion_json(state: AppState, chat: ChatRequest, done: Completion) -> dict:
     result = done.result
+    message = {"role": "assistant", "content": message_content(done)}
+    reason = finish_reason(result.end)
+    if chat.tools is not None:
+        answer = parse_answer(message["content"])
+        if isinstance(answer, ToolCall):
+            message = {"role": "assistant", "content": None, "tool_calls": [call_json(answer)]}
+            reason = "tool_calls"
+        elif answer is not None:  # no_tool: a plain answer (None: cut short, the text as is)
+            message["content"] = answer
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": message_content(done)},
+        "message": message,
         "logprobs": logprobs_json(result.tokens, result.top_tokens) if chat.logprobs else None,
-        "finish_reason": finish_reason(result.end),
+        "finish_reason": reason,
     }
     usage = request_usage(done.request, result.end)
     return envelope(state, "chat.completion", unix_time(), [choice], usage)
+
+
+def call_json(call: ToolCall) -> dict:
+    function = {"name": call.name, "arguments": call.arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+def tool_chunks(
+    state: AppState, chat: ChatRequest, created: int, event: Event, calls: ToolCallStream
+) -> list[dict]:
+    """The chunks a token of a tool-call answer releases: tool_calls deltas (none until the
+    function's name is known), and at the end the rest with finish_reason "tool_calls", or a
+    `no_tool` answer's content."""
+    end = event if isinstance(event, EndEvent) else None
+    deltas, content = calls.feed(event.content), None
+    if end is not None:
+        rest, content = calls.finish()
+        deltas += rest
+    if not deltas and end is None:
+        return []
+    reason = None
+    if end is not None:
+        called = calls.name is not None and content is None
+        reason = "tool_calls" if called and end.finish_reason != "length" else finish_reason(end)
+    delta = {"role": "assistant", "content": content, "tool_calls": deltas or None}
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+    return [envelope(state, "chat.completion.chunk", created, [choice], None)]
 
 
 def chunk_json(
@@ -253,7 +299,7 @@ async def chat(request: web.Request, body: Any) -> web.StreamResponse:
     """A chat request's body -> its answer (also reached through /invocations)."""
     state = app_state(request)
     parsed = parse_chat_request(body)
-    inputs = await render(state, parsed.messages)  # a template error is an HTTP 422, even streamed
+    inputs = await render(state, parsed)  # a template error is an HTTP 422, even streamed
     generate_request = GenerateRequest(inputs, parsed.parameters)
     if parsed.stream:
         return await _stream(request, state, parsed, generate_request)
@@ -269,6 +315,7 @@ async def _stream(
     generation = GenerationStream(state, generate_request, CHAT)
     sse = await EventStream.open(request, state.config.stream_write_timeout)
     created = unix_time()
+    calls = ToolCallStream() if chat.tools is not None else None
 
     def render(event: Event) -> Iterable[bytes]:
         if isinstance(event, PrefillEvent):
@@ -276,7 +323,10 @@ async def _stream(
         if isinstance(event, ErrorEvent):
             return (openai_error(event.error),)
         end = event if isinstance(event, EndEvent) else None
-        out = [sse_data(chunk_json(state, chat, created, event, end))]
+        if calls is not None:
+            out = [sse_data(c) for c in tool_chunks(state, chat, created, event, calls)]
+        else:
+            out = [sse_data(chunk_json(state, chat, created, event, end))]
         if end is not None and chat.include_usage:
             usage = request_usage(generation.validated, end)
             out.append(sse_data(envelope(state, "chat.completion.chunk", created, [], usage)))
@@ -291,7 +341,7 @@ async def chat_tokenize(request: web.Request) -> web.Response:
     """The templated text and its tokens, `{"tokenize_response": [...], "templated_text"}`."""
     state = app_state(request)
     chat = parse_chat_request(await read_json(request))
-    text = await render(state, chat.messages)
+    text = await render(state, chat)
     pieces = await tokenize_response(state, text, add_special_tokens=False)
     body = f'{{"tokenize_response":{pieces.text},"templated_text":{dumps(text)}}}'
     return web.Response(text=body, content_type="application/json")

@@ -400,9 +400,20 @@ def test_chat_errors_non_stream(tokenizer):
             status, out = await app.post("/v1/chat/completions", {**CHAT, "n": 2})
             assert status == 422 and out["error_type"] == "validation" and "`n`" in out["error"]
             tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-            body = {**CHAT, "tools": tools, "tool_choice": "required"}
-            status, out = await app.post("/v1/chat/completions", body)
-            assert status == 422 and out["error_type"] == "tool_error"
+            for choice, detail in [
+                ({"type": "function", "function": {"name": "g"}}, "Tool with name g not found"),
+                ({"type": "function"}, "tool_choice must be"),
+            ]:
+                body = {**CHAT, "tools": tools, "tool_choice": choice}
+                status, out = await app.post("/v1/chat/completions", body)
+                assert status == 422 and out["error_type"] == "tool_error"
+                assert detail in out["error"]
+            bad_tools = [{"type": "function", "function": {"description": "no name"}}]
+            status, out = await app.post("/v1/chat/completions", {**CHAT, "tools": bad_tools})
+            assert status == 422 and "tools[0].function.name" in out["error"]
+            both = {**CHAT, "tools": tools, "response_format": {"type": "json_object"}}
+            status, out = await app.post("/v1/chat/completions", both)
+            assert status == 422 and "mutually exclusive" in out["error"]
             for bad in ({"messages": 3}, {"model": "x"}, {**CHAT, "temperature": "hot"}):
                 status, out = await app.post("/v1/chat/completions", bad)
                 assert status == 422 and out.startswith("Failed to deserialize the JSON body")
