@@ -128,9 +128,34 @@ def stall(
     return report
 
 
+# A JSON schema whose documents are longer than any benchmark request (at least 64 objects), so
+# that a request with it runs max_new_tokens like the others, under the grammar all along.
+LONG_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "items": {
+            "type": "array",
+            "minItems": 64,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 16},
+                    "qty": {"type": "integer", "minimum": 0, "maximum": 999},
+                },
+                "required": ["name", "qty"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["items"],
+    "additionalProperties": False,
+}
+
+
 @dataclass
 class Measured:
     reports: dict[int, Report] = field(default_factory=dict)
+    grammar_reports: dict[int, Report] = field(default_factory=dict)  # ours, with LONG_JSON_SCHEMA
     prefix_ttfts: list[float] = field(default_factory=list)  # first, second
     stall: StallReport | None = None
 
@@ -148,11 +173,14 @@ class Workload:
     long_prompt: str  # arrives while `stall_streams` decode
     stall_streams: int
     log_dir: Path
+    grammar: dict | None = None  # also load ours with this grammar on every request
 
 
-def measure(spec: ServerSpec, streams: list[int], work: Workload) -> Measured:
-    """The server's report at each concurrency, its shared-prefix TTFTs and how its running
-    streams fare when a long prompt arrives."""
+def measure(
+    spec: ServerSpec, streams: list[int], work: Workload, grammar: dict | None = None
+) -> Measured:
+    """The server's report at each concurrency (and with `grammar` on every request), its
+    shared-prefix TTFTs and how its running streams fare when a long prompt arrives."""
     measured = Measured()
     print(f"starting {spec.name} ...", file=sys.stderr)
     try:
@@ -171,19 +199,24 @@ def measure(spec: ServerSpec, streams: list[int], work: Workload) -> Measured:
             )
         for n in streams:
             measured.reports[n] = load_at(server.url, spec, n, work)
+            if grammar is not None:
+                measured.grammar_reports[n] = load_at(server.url, spec, n, work, grammar)
     finally:
         server.stop()
     return measured
 
 
-def load_at(url: str, spec: ServerSpec, streams: int, work: Workload) -> Report:
-    load = Load(streams, max(streams * work.per_stream, 2), work.max_new_tokens, spec.dialect)
-    with tqdm(
-        total=load.requests, desc=f"{spec.name} @ {streams}", file=sys.stderr, leave=False
-    ) as bar:
+def load_at(
+    url: str, spec: ServerSpec, streams: int, work: Workload, grammar: dict | None = None
+) -> Report:
+    requests = max(streams * work.per_stream, 2)
+    load = Load(streams, requests, work.max_new_tokens, spec.dialect, grammar)
+    label = f"{spec.name}{' + grammar' if grammar else ''} @ {streams}"
+    with tqdm(total=load.requests, desc=label, file=sys.stderr, leave=False) as bar:
         report = asyncio.run(run_load(url, load, work.prompts, lambda done, total: bar.update(1)))
     print(
-        f"  {streams:>2} streams: {report.tokens_per_second:7.1f} tok/s, {report.errors} errors",
+        f"  {streams:>2} streams{' with a grammar' if grammar else ''}: "
+        f"{report.tokens_per_second:7.1f} tok/s, {report.errors} errors",
         file=sys.stderr,
     )
     return report
@@ -216,6 +249,26 @@ def table(
                     f"{own.tokens_per_second / ref.tokens_per_second:.2f}×" if ok else "—"
                 )
             lines.append(f"| {name} ÷ {reference} | " + " | ".join(ratios) + " | | |")
+    return "\n".join(lines)
+
+
+def grammar_table(measured: dict[str, Measured], streams: list[int]) -> str:
+    lines = [
+        "Every request under a JSON-schema grammar (LONG_JSON_SCHEMA) against none:",
+        "| server | streams | tok/s | with grammar | TPOT p50 | with grammar | TPOT ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in measured.items():
+        for n in streams:
+            plain, constrained = m.reports.get(n), m.grammar_reports.get(n)
+            if plain is None or constrained is None or not plain.tpot or not constrained.tpot:
+                continue
+            a, b = plain.summary()["tpot_p50"], constrained.summary()["tpot_p50"]
+            lines.append(
+                f"| {name} | {n} | {plain.tokens_per_second:.1f} | "
+                f"{constrained.tokens_per_second:.1f} | {a * 1000:.1f} ms | {b * 1000:.1f} ms | "
+                f"{b / a:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -277,6 +330,9 @@ def main(
         2000, help="Prompt that arrives while streams decode (0: skip the stall measurement)"
     ),
     stall_streams: int = typer.Option(4, help="Streams decoding when the long prompt arrives"),
+    grammar: bool = typer.Option(
+        False, help="Also load ours with a JSON-schema grammar on every request"
+    ),
 ) -> None:
     """Runs every server at every concurrency and prints the table."""
     from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
@@ -310,9 +366,15 @@ def main(
         long_prompt=long_prompt(model_dir, long_prompt_tokens) if long_prompt_tokens else "",
         stall_streams=stall_streams,
         log_dir=Path(tempfile.mkdtemp(prefix="textgen-bench-")),
+        grammar={"type": "json", "value": LONG_JSON_SCHEMA} if grammar else None,
     )
-    measured = {spec.name: measure(spec, spec_levels, work) for spec, spec_levels in specs}
     ours_names = [s.name for s, _ in specs[: len(ours_args)]]
+    measured = {
+        spec.name: measure(
+            spec, spec_levels, work, work.grammar if spec.name in ours_names else None
+        )
+        for spec, spec_levels in specs
+    }
     print_report(measured, work, levels, ours_names, llama_name, baseline_name)
 
 
@@ -337,6 +399,8 @@ def print_report(
     if work.long_tokens:
         stalls = {name: m.stall for name, m in measured.items()}
         print("\n" + stall_table(stalls, work.long_tokens, work.stall_streams))
+    if work.grammar:
+        print("\n" + grammar_table(measured, levels))
 
 
 if __name__ == "__main__":

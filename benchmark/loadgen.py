@@ -29,6 +29,7 @@ class Load:
     requests: int
     max_new_tokens: int
     dialect: str = "tgi"  # tgi | openai | llama
+    grammar: dict | None = None  # TGI's `grammar` parameter on every request (tgi dialect)
 
 
 @dataclass
@@ -78,9 +79,15 @@ class Report:
         }
 
 
-def request_body(dialect: str, prompt: str, max_new_tokens: int) -> tuple[str, dict]:
+def request_body(
+    dialect: str, prompt: str, max_new_tokens: int, grammar: dict | None = None
+) -> tuple[str, dict]:
+    if grammar is not None and dialect != "tgi":
+        raise ValueError("grammars are sent in the tgi dialect only")
     if dialect == "tgi":
         params = {"max_new_tokens": max_new_tokens, "ignore_eos": True}
+        if grammar is not None:
+            params["grammar"] = grammar
         return "/generate_stream", {"inputs": prompt, "parameters": params}
     if dialect == "openai":
         body = {"model": "m", "prompt": prompt, "max_tokens": max_new_tokens, "stream": True}
@@ -111,9 +118,10 @@ async def one_request(
     prompt: str,
     max_new_tokens: int,
     result: RequestResult | None = None,
+    grammar: dict | None = None,
 ) -> RequestResult:
     """Streams one request; `result` (filled as tokens arrive) may be watched meanwhile."""
-    path, body = request_body(dialect, prompt, max_new_tokens)
+    path, body = request_body(dialect, prompt, max_new_tokens, grammar)
     result = result or RequestResult(sent=time.perf_counter())
     try:
         async with session.post(url + path, json=body) as response:
@@ -147,7 +155,9 @@ async def run_load(
             prompt = prompts[next_index % len(prompts)]
             next_index += 1
             results.append(
-                await one_request(session, url, load.dialect, prompt, load.max_new_tokens)
+                await one_request(
+                    session, url, load.dialect, prompt, load.max_new_tokens, grammar=load.grammar
+                )
             )
             if progress is not None:
                 progress(len(results), load.requests)

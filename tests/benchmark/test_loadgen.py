@@ -10,8 +10,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from benchmark.__main__ import table
-from benchmark.loadgen import Load, Report, run_load, sequential_ttfts, stall_under_long_prompt
+from benchmark.__main__ import Measured, grammar_table, table
+from benchmark.loadgen import (
+    Load,
+    Report,
+    request_body,
+    run_load,
+    sequential_ttfts,
+    stall_under_long_prompt,
+)
 
 TOKENS = 5
 
@@ -64,6 +71,29 @@ def test_each_dialect_counts_one_token_per_event(dialect):
         assert report.tokens_per_second > 0
 
     asyncio.run(main())
+
+
+def test_a_grammar_goes_with_every_tgi_request():
+    grammar = {"type": "json", "value": {"type": "object", "properties": {}}}
+
+    async def main():
+        sent: list[dict] = []
+        async with TestServer(stub_app(sent)) as server:
+            url = str(server.make_url("")).rstrip("/")
+            await run_load(url, Load(2, 3, TOKENS, "tgi", grammar), ["a"])
+        assert [body["parameters"]["grammar"] for body in sent] == [grammar] * 3
+
+    asyncio.run(main())
+    with pytest.raises(ValueError, match="tgi dialect only"):
+        request_body("llama", "a", 1, grammar)
+
+
+def test_grammar_table_compares_time_per_token():
+    plain = Report(Load(1, 1, 4), seconds=1.0, tokens=100, errors=0, ttft=[0.1], tpot=[0.010])
+    constrained = Report(Load(1, 1, 4), 1.0, 90, 0, [0.1], [0.011])
+    measured = {"ours": Measured(reports={1: plain}, grammar_reports={1: constrained})}
+    row = grammar_table(measured, [1]).splitlines()[-1]
+    assert row == "| ours | 1 | 100.0 | 90.0 | 10.0 ms | 11.0 ms | 1.10 |"
 
 
 def test_errors_are_counted_not_timed():
