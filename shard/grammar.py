@@ -16,6 +16,7 @@ content and each request takes a copy, since a matcher holds its request's state
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -25,8 +26,20 @@ import numpy as np
 import torch
 
 from common.grammar import GrammarError, grammar_text, parser_limits
+from shard.native import load_library
 
 CACHED_GRAMMARS = 64
+MASK_SOURCE = Path(__file__).with_name("grammar_mask.c")
+
+
+def _mask_kernel():
+    """grammar_mask.c's mask_logits, or None where it cannot be built (then masked_fill)."""
+    lib = load_library(MASK_SOURCE, fallback="grammar masks use masked_fill")
+    if lib is None:
+        return None
+    lib.mask_logits.restype = None
+    lib.mask_logits.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+    return lib.mask_logits
 
 
 class GrammarState:
@@ -39,13 +52,29 @@ class GrammarState:
 
     def allowed(self) -> torch.Tensor:
         """[vocab] bool: the tokens the grammar allows next (EOS alone once it is complete)."""
-        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size]
-        return torch.from_numpy(bits).bool()
+        self._compute()
+        return self._unpacked()
 
     def mask(self, row: torch.Tensor) -> None:
-        """Sets the logits of every token the grammar forbids to -inf, in place; row [vocab]."""
-        row.masked_fill_(~self.allowed(), float("-inf"))
+        """Sets the logits of every token the grammar forbids to -inf, in place; row [vocab]
+        (float32, as the logits are)."""
+        self._compute()
+        kernel = _mask_kernel()
+        if kernel is None or not (row.is_contiguous() and row.dtype == torch.float32):
+            self.mask_reference(row)
+            return
+        kernel(row.data_ptr(), self._bits.ctypes.data, self.vocab_size)
+
+    def mask_reference(self, row: torch.Tensor) -> None:
+        """What mask does, in PyTorch, from the last computed bitmask."""
+        row.masked_fill_(~self._unpacked(), float("-inf"))
+
+    def _compute(self) -> None:
+        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+
+    def _unpacked(self) -> torch.Tensor:
+        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size]
+        return torch.from_numpy(bits).bool()
 
     def accept(self, token_id: int) -> bool:
         """Advances past the chosen token; True once the grammar is complete or cannot go on

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import jsonschema
@@ -32,13 +33,24 @@ class ValidGrammar:
 
 
 def check_grammar(grammar: Grammar) -> ValidGrammar:
-    """`grammar` as the shards take it, or a ValidationError. Compiling can take milliseconds:
-    call it off the event loop."""
+    """`grammar` as the shards take it, or a ValidationError. Checking a schema and compiling
+    take milliseconds (~3 ms for a small schema, most of it the meta-schema): call it off the
+    event loop. Applications send the same grammars again and again, so results are cached."""
     if grammar.type == "regex":
-        valid = ValidGrammar(GRAMMAR_REGEX, grammar.value)
+        return _checked(GRAMMAR_REGEX, grammar.value, False)
+    value = grammar.value["schema"] if grammar.type == "json_schema" else grammar.value
+    if not isinstance(value, str):
+        value = json.dumps(value, ensure_ascii=False)
+    return _checked(GRAMMAR_JSON, value, grammar.type != ANY_JSON_OBJECT)
+
+
+@lru_cache(maxsize=256)
+def _checked(kind: int, value: str, needs_properties: bool) -> ValidGrammar:
+    """ValidationErrors are not cached (lru_cache keeps results only)."""
+    if kind == GRAMMAR_REGEX:
+        valid = ValidGrammar(GRAMMAR_REGEX, value)
     else:
-        value = grammar.value["schema"] if grammar.type == "json_schema" else grammar.value
-        schema = _schema(value, needs_properties=grammar.type != ANY_JSON_OBJECT)
+        schema = _schema(value, needs_properties)
         valid = ValidGrammar(GRAMMAR_JSON, json.dumps(schema, ensure_ascii=False))
     size = len(valid.value.encode())
     if size > MAX_GRAMMAR_BYTES:
@@ -50,12 +62,11 @@ def check_grammar(grammar: Grammar) -> ValidGrammar:
     return valid
 
 
-def _schema(value: Any, needs_properties: bool) -> dict:
-    if isinstance(value, str):  # TGI parses a string again: it must hold the schema
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise _invalid(str(err)) from err
+def _schema(text: str, needs_properties: bool) -> dict:
+    try:  # a schema given as a string must hold one, as TGI parses it again
+        value: Any = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _invalid(str(err)) from err
     if not isinstance(value, dict):
         raise ValidationError("grammar is not supported")
     try:

@@ -127,3 +127,46 @@ def test_only_the_constrained_row_of_a_batch_is_masked(model):
     assert digit.isdigit() and len(digit) == 1
     assert generations[1].finish_reason == FINISH_EOS  # the grammar is complete after one digit
     assert generations[0].finish_reason is None
+
+
+@pytest.mark.parametrize("vocab", [64, 100, 49152])
+def test_mask_kernel_matches_masked_fill(model, vocab):
+    """grammar_mask.c against its reference, on random bitmasks with whole words of allowed
+    and of forbidden tokens, and a last partial word."""
+    state = model.compiler.state(GRAMMAR_REGEX, "[0-9]+")
+    state.vocab_size = vocab
+    generator = torch.Generator().manual_seed(vocab)
+    words = (vocab + 31) // 32
+    bits = torch.randint(-(2**31), 2**31, (words,), dtype=torch.int64, generator=generator)
+    bits[: words // 3] = -1  # every token of these words allowed
+    bits[words // 3 : words // 2] = 0  # none of these
+    state._bits = bits.to(torch.int32).numpy()
+    state._compute = lambda: None  # keep these bits
+    logits = torch.randn(vocab, generator=generator)
+    expected = logits.clone()
+    state.mask_reference(expected)
+    state.mask(logits)
+    assert torch.equal(logits, expected)
+    assert torch.isinf(expected).any() and torch.isfinite(expected).any()
+
+
+def test_tool_set_masks_only_let_calls_through(model):
+    """The grammar the router makes of a request's tools, walked on the real tokenizer: every
+    answer is a call of one of the tools, with the arguments it declares."""
+    from router.http.tool_calls import ToolCall, parse_answer, parse_tools, tool_grammar
+    from router.validation.grammar import check_grammar
+
+    city = {"type": "string", "maxLength": 10}
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": city}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "get_time"}},
+    ]  # fmt: skip
+    grammar = check_grammar(tool_grammar(parse_tools(tools, "required", None)))
+    for seed in range(3):
+        text, completed = walk(model, grammar.type, grammar.value, seed)
+        assert completed, text
+        call = parse_answer(text)
+        assert isinstance(call, ToolCall), text
+        arguments = json.loads(call.arguments)
+        assert (call.name, set(arguments)) in (("get_weather", {"city"}), ("get_time", set()))
