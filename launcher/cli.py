@@ -15,10 +15,9 @@ from typing import Annotated, Any
 
 import typer
 
-from common.logs import setup_logging
+from common.logs import python_level, setup_logging
 from launcher.commands import launch_plan, prepare_command, router_command, shard_command
 from launcher.config import (
-    LOG_LEVELS,
     ConfigError,
     LauncherConfig,
     is_memory_budget,
@@ -47,10 +46,11 @@ log = logging.getLogger("launcher")
 
 def run(flags: Mapping[str, Any], environ: Mapping[str, str]) -> int:
     """Validates the flags, then launches and supervises; returns the exit code."""
-    level = environ.get("LOG_LEVEL", "info").strip().lower()
-    setup_logging(
-        bool(flags["json_output"]), LOG_LEVELS.get(level, "info"), "launcher"
-    )  # bad: see below
+    try:
+        level = python_level(environ.get("LOG_LEVEL", "info"))
+    except ValueError:
+        level = "info"  # resolve_config refuses it below, logged at this level
+    setup_logging(bool(flags["json_output"]), level, "launcher")
     try:
         config = resolve_config(flags, environ)
     except ConfigError as err:

@@ -12,22 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.cpu import cpu_flags, native_bf16
+from common.logs import LOG_LEVELS, python_level
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `shard` serves without a model
 DTYPES = ("float32", "bfloat16", "float16")
 # --quantize values served on the CPU (shard/quant/loaders.py says what each one is).
 QUANTIZE = ("none", "int8", "eetq", "int4", "gguf", "gptq", "awq")
 ATTENTIONS = ("auto", "sdpa", "torch", "flash")
-# TGI's LOG_LEVEL names -> Python's; "trace" has no Python level.
-LOG_LEVELS = {
-    "trace": "debug",
-    "debug": "debug",
-    "info": "info",
-    "warn": "warning",
-    "warning": "warning",
-    "error": "error",
-    "critical": "critical",
-}
 _MEMORY = re.compile(r"(\d+(\.\d*)?|\.\d+)\s*(b|kb|mb|gb|kib|mib|gib)?", re.IGNORECASE)
 
 
@@ -203,10 +194,11 @@ def resolve_max_input_tokens(
 
 
 def resolve_log_level(environ: Mapping[str, str]) -> str:
-    name = environ.get("LOG_LEVEL", "info").strip().lower()
-    if name not in LOG_LEVELS:
-        raise ConfigError(f"invalid LOG_LEVEL {name!r}: use one of {', '.join(LOG_LEVELS)}")
-    return LOG_LEVELS[name]
+    """TGI's LOG_LEVEL filter -> the Python level every process logs at."""
+    try:
+        return python_level(environ.get("LOG_LEVEL", "info"))
+    except ValueError as err:
+        raise ConfigError(f"{err}: levels are {', '.join(LOG_LEVELS)}") from err
 
 
 def default_dtype(flags: frozenset[str]) -> str:

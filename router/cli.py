@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 
 import typer
 
-from common.logs import setup_logging
+from common.logs import python_level, setup_logging
 from router.config import RouterConfig
 from router.server import serve
 
 app = typer.Typer(add_completion=False, help=__doc__)
+log = logging.getLogger("router")
+
+
+def bind_address(hostname: str) -> str:
+    """`hostname` where it is an IP address, else 0.0.0.0, as TGI's router does: Docker and
+    Kubernetes set HOSTNAME to the container's name, which is no address to bind."""
+    try:
+        return str(ipaddress.ip_address(hostname))
+    except ValueError:
+        log.warning("hostname %r is not an IP address: listening on 0.0.0.0", hostname)
+        return "0.0.0.0"
 
 
 @app.command()
@@ -21,7 +33,7 @@ def main(
     ),
     tokenizer_name: str = typer.Option(..., help="Local directory with tokenizer.json"),
     master_shard_uds_path: str = typer.Option("/tmp/text-generation-server-0"),
-    hostname: str = typer.Option("0.0.0.0"),
+    hostname: str = typer.Option("0.0.0.0", envvar="HOSTNAME"),
     port: int = typer.Option(3000),
     max_concurrent_requests: int = typer.Option(128),
     max_best_of: int = typer.Option(2),
@@ -51,14 +63,19 @@ def main(
     log_level: str = typer.Option("info", envvar="LOG_LEVEL"),
 ) -> None:
     """Serves TGI's HTTP API in front of the shards."""
-    setup_logging(json_output, log_level, "router")
+    try:
+        setup_logging(json_output, python_level(log_level), "router")
+    except ValueError as err:
+        setup_logging(json_output, "info", "router")
+        log.error("%s", err)
+        raise typer.Exit(1) from err
 
     try:
         config = RouterConfig(
             model_id=model_id,
             tokenizer_dir=tokenizer_name,
             master_shard_uds_path=master_shard_uds_path,
-            hostname=hostname,
+            hostname=bind_address(hostname),
             port=port,
             max_concurrent_requests=max_concurrent_requests,
             max_best_of=max_best_of,

@@ -154,6 +154,8 @@ def test_defaults_match_tgi(captured: list[LauncherConfig]) -> None:
         ("CACHE_DIR", "/cache", "cache_dir", "/cache"),
         ("LOG_LEVEL", "WARN", "log_level", "warning"),
         ("LOG_LEVEL", "trace", "log_level", "debug"),
+        ("LOG_LEVEL", "warn,text_generation_router=debug", "log_level", "debug"),  # TGI's filters
+        ("LOG_LEVEL", "hyper=debug,error", "log_level", "error"),  # a library's: not ours
         ("PREFIX_CACHING", "0", "prefix_caching", False),
         ("PREFIX_CACHING", "true", "prefix_caching", True),
     ],
