@@ -30,6 +30,7 @@ OPEN_ROUTES = {
     "/docs",
     "/api-doc/openapi.json",
 }  # GET only
+OPEN_PREFIXES = ("/docs/static/",)  # Swagger UI's files, GET only
 
 
 def error_response(err: InferError) -> web.Response:
@@ -51,7 +52,8 @@ def auth_middleware(api_key: str):
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method != "GET" or request.path not in OPEN_ROUTES:
+        is_open = request.path in OPEN_ROUTES or request.path.startswith(OPEN_PREFIXES)
+        if request.method != "GET" or not is_open:
             # aiohttp decodes header bytes that are not UTF-8 as surrogates: give them back
             # as they came, so a malformed header is a wrong key (401), not a crash (500).
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 
 from aiohttp import web
+from swagger_ui_bundle import swagger_ui_path
 
 from router import VERSION
 from router.http.openapi_openai_schemas import openai_schemas
@@ -350,9 +351,10 @@ def openapi_document(version: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Routes
 
-# Swagger UI comes from a CDN: the browser fetches it, the server needs no network. Offline, the
-# page still loads and links to the raw document.
-SWAGGER_UI = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5"
+# Swagger UI's files come from the swagger-ui-bundle package and are served under /docs/static/,
+# so /docs works where neither the server nor the browser reaches the internet. The paths are
+# relative, as the document's, so the page also works behind a proxy that adds a prefix.
+SWAGGER_UI = "docs/static"
 DOCS_HTML = f"""<!doctype html>
 <html lang="en">
 <head>
@@ -362,10 +364,9 @@ DOCS_HTML = f"""<!doctype html>
 </head>
 <body>
 <div id="swagger-ui">
-<p>Loading Swagger UI. Without network access, read the
-<a href="api-doc/openapi.json">OpenAPI document</a> directly.</p>
+<p>Loading Swagger UI; the <a href="api-doc/openapi.json">OpenAPI document</a> itself.</p>
 </div>
-<script src="{SWAGGER_UI}/swagger-ui-bundle.js" crossorigin></script>
+<script src="{SWAGGER_UI}/swagger-ui-bundle.js"></script>
 <script>
 if (window.SwaggerUIBundle) {{
   SwaggerUIBundle({{url: "api-doc/openapi.json", dom_id: "#swagger-ui"}});
@@ -377,7 +378,8 @@ if (window.SwaggerUIBundle) {{
 
 
 def add_docs_routes(app: web.Application, version: str = VERSION) -> None:
-    """Registers GET /api-doc/openapi.json and GET /docs (the document is built once)."""
+    """Registers GET /api-doc/openapi.json, GET /docs and Swagger UI's files (the document is
+    built once)."""
     document = json.dumps(openapi_document(version))
 
     async def openapi_json(request: web.Request) -> web.Response:
@@ -388,3 +390,4 @@ def add_docs_routes(app: web.Application, version: str = VERSION) -> None:
 
     app.router.add_get("/api-doc/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)
+    app.router.add_static(f"/{SWAGGER_UI}/", swagger_ui_path)
