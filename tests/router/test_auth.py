@@ -18,8 +18,9 @@ def app() -> web.Application:
     application = web.Application(middlewares=[auth_middleware("s3cret")])
     for path in ("/", "/generate", "/tokenize"):
         application.router.add_post(path, ok)
-    for path in ("/", "/health", "/info", "/metrics"):
+    for path in ("/", "/health", "/info", "/metrics", "/docs/static/x.js", "/docs/staticky"):
         application.router.add_get(path, ok)
+    application.router.add_post("/docs/static/x.js", ok)
     return application
 
 
@@ -39,7 +40,9 @@ def test_api_key_is_required_on_inference_routes():
                     ).status == 401
                 good = await client.post(path, headers={"Authorization": "Bearer s3cret"})
                 assert good.status == 200
-            for path in ("/", "/health", "/info", "/metrics"):
+            for path in ("/", "/health", "/info", "/metrics", "/docs/static/x.js"):
                 assert (await client.get(path)).status == 200
+            assert (await client.get("/docs/staticky")).status == 401  # not Swagger UI's files
+            assert (await client.post("/docs/static/x.js")).status == 401  # GET only
 
     asyncio.run(main())
