@@ -17,6 +17,7 @@ content and each request takes a copy, since a matcher holds its request's state
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -32,8 +33,10 @@ CACHED_GRAMMARS = 64
 MASK_SOURCE = Path(__file__).with_name("grammar_mask.c")
 
 
+@functools.cache
 def _mask_kernel():
-    """grammar_mask.c's mask_logits, or None where it cannot be built (then masked_fill)."""
+    """grammar_mask.c's mask_logits, or None where it cannot be built (then masked_fill); set
+    up once per process, not once per masked row."""
     lib = load_library(MASK_SOURCE, fallback="grammar masks use masked_fill")
     if lib is None:
         return None
