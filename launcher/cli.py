@@ -1,5 +1,5 @@
-"""`python -m launcher`: TGI's launcher flags -> one validated `LauncherConfig` -> the commands
-for `shard prepare`, the shards and the router -> `processes.launch`.
+"""`launcher`: TGI's launcher flags (launcher/flags.py) -> one validated `LauncherConfig` ->
+the commands for `shard prepare`, the shards and the router -> `processes.launch`.
 
 Every flag keeps TGI's name and default and also reads its upper-snake environment variable
 (`--max-concurrent-requests` / `MAX_CONCURRENT_REQUESTS`), so TGI deployment files work as they
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+import click
 
 from common.logs import python_level, setup_logging
 from launcher.commands import launch_plan, prepare_command, router_command, shard_command
@@ -23,6 +24,8 @@ from launcher.config import (
     is_memory_budget,
     resolve_config,
 )
+from launcher.environment import runtime_env
+from launcher.flags import FLAGS, click_option
 from launcher.processes import ExitCode, StopSignal, Timing, launch
 
 # Re-exported: the config lives in `launcher.config`, the commands in `launcher.commands`.
@@ -75,130 +78,29 @@ def supervise(config: LauncherConfig) -> int:
         )
 
 
-app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+def print_env(environ: Mapping[str, str]) -> None:
+    """TGI's `--env`: what a bug report needs about this machine, then the launch goes on."""
+    for name, value in runtime_env(environ).items():
+        print(f"{name}: {value}", flush=True)
 
 
-Opt = typer.Option  # every flag below: (TGI's name, its env var, TGI's default)
-
-
-@app.command()
-def main(
-    model_id: Annotated[
-        str | None,
-        Opt(
-            envvar="MODEL_ID",
-            help="Local HF directory, .gguf file or Hub repo id; default: SmolLM2-135M-Instruct",
-        ),
-    ] = None,
-    revision: Annotated[str | None, Opt(envvar="REVISION", help="Hub commit or branch")] = None,
-    validation_workers: Annotated[
-        int, Opt(envvar="VALIDATION_WORKERS", help="Tokenizer worker processes in the router")
-    ] = 2,
-    sharded: Annotated[
-        str | None,
-        Opt(envvar="SHARDED", metavar="true|false", help="Shard the model across processes"),
-    ] = None,
-    num_shard: Annotated[
-        int | None, Opt(envvar="NUM_SHARD", help="Default: entries in CUDA_VISIBLE_DEVICES, else 1")
-    ] = None,
-    dtype: Annotated[
-        str | None,
-        Opt(
-            envvar="DTYPE",
-            help="float32, bfloat16 or float16. Default: bfloat16 where the CPU computes it "
-            "natively (AVX512-BF16 or AMX), float32 elsewhere",
-        ),
-    ] = None,
-    quantize: Annotated[
-        str | None,
-        Opt(
-            envvar="QUANTIZE",
-            help="Weight quantization: int8 (= eetq, per channel), int4 (groups of 32), gguf "
-            "(a GGUF file's own blocks), gptq, awq, or none. Default: the checkpoint's own "
-            "(the embedded GGUF model's blocks, GPTQ/AWQ), else none",
-        ),
-    ] = None,
-    max_concurrent_requests: Annotated[int, Opt(envvar="MAX_CONCURRENT_REQUESTS")] = 128,
-    max_best_of: Annotated[int, Opt(envvar="MAX_BEST_OF")] = 2,
-    max_stop_sequences: Annotated[int, Opt(envvar="MAX_STOP_SEQUENCES")] = 4,
-    max_top_n_tokens: Annotated[int, Opt(envvar="MAX_TOP_N_TOKENS")] = 5,
-    max_input_tokens: Annotated[int | None, Opt(envvar="MAX_INPUT_TOKENS")] = None,
-    max_input_length: Annotated[
-        int | None, Opt(envvar="MAX_INPUT_LENGTH", help="Legacy name of --max-input-tokens")
-    ] = None,
-    max_total_tokens: Annotated[int | None, Opt(envvar="MAX_TOTAL_TOKENS")] = None,
-    waiting_served_ratio: Annotated[float, Opt(envvar="WAITING_SERVED_RATIO")] = 0.3,
-    max_batch_prefill_tokens: Annotated[
-        int | None, Opt(envvar="MAX_BATCH_PREFILL_TOKENS", help="Default: 4096")
-    ] = None,
-    max_batch_total_tokens: Annotated[int | None, Opt(envvar="MAX_BATCH_TOTAL_TOKENS")] = None,
-    max_waiting_tokens: Annotated[int, Opt(envvar="MAX_WAITING_TOKENS")] = 20,
-    max_batch_size: Annotated[int | None, Opt(envvar="MAX_BATCH_SIZE")] = None,
-    hostname: Annotated[str, Opt(envvar="HOSTNAME")] = "0.0.0.0",
-    port: Annotated[int, Opt("--port", "-p", envvar="PORT")] = 3000,
-    shard_uds_path: Annotated[
-        str,
-        Opt(
-            envvar="SHARD_UDS_PATH",
-            help="Socket prefix: shard r listens on {path}-{r}",
-        ),
-    ] = "/tmp/text-generation-server",
-    master_addr: Annotated[str, Opt(envvar="MASTER_ADDR")] = "localhost",
-    master_port: Annotated[int, Opt(envvar="MASTER_PORT")] = 29500,
-    json_output: Annotated[
-        bool, Opt("--json-output", envvar="JSON_OUTPUT", help="Log JSON lines")
-    ] = False,
-    cors_allow_origin: Annotated[
-        list[str] | None, Opt(envvar="CORS_ALLOW_ORIGIN", help="Allowed CORS origin (repeatable)")
-    ] = None,
-    api_key: Annotated[
-        str | None, Opt(envvar="API_KEY", help="Bearer token required on inference routes")
-    ] = None,
-    max_client_batch_size: Annotated[int, Opt(envvar="MAX_CLIENT_BATCH_SIZE")] = 4,
-    payload_limit: Annotated[
-        int, Opt(envvar="PAYLOAD_LIMIT", help="Maximum request body in bytes")
-    ] = 2_000_000,
-    enable_prefill_logprobs: Annotated[
-        bool, Opt("--enable-prefill-logprobs", envvar="ENABLE_PREFILL_LOGPROBS")
-    ] = False,
-    disable_grammar_support: Annotated[
-        bool,
-        Opt(
-            "--disable-grammar-support",
-            envvar="DISABLE_GRAMMAR_SUPPORT",
-            help="Refuse grammar, response_format and tool calls (422)",
-        ),
-    ] = False,
-    graceful_termination_timeout: Annotated[
-        float,
-        Opt(
-            "--graceful-termination-timeout",
-            "-g",
-            envvar="GRACEFUL_TERMINATION_TIMEOUT",
-            help="Seconds the router may drain on SIGTERM before it is killed",
-        ),
-    ] = 90,
-    disable_custom_kernels: Annotated[
-        bool,
-        Opt(
-            "--disable-custom-kernels",
-            envvar="DISABLE_CUSTOM_KERNELS",
-            help="Accepted for TGI compatibility",
-        ),
-    ] = False,
-    kv_cache_memory: Annotated[
-        str,
-        Opt(
-            envvar="KV_CACHE_MEMORY",
-            help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory",
-        ),
-    ] = "0.3",
-    attention: Annotated[str, Opt(envvar="ATTENTION", help="auto, sdpa, torch or flash")] = "auto",
-    block_size: Annotated[int, Opt(envvar="BLOCK_SIZE", help="Tokens per KV block")] = 16,
-    cache_dir: Annotated[
-        str | None, Opt(envvar="CACHE_DIR", help="Where converted models live")
-    ] = None,
-) -> None:
+def _main(**flags: Any) -> None:
     """Starts the shards and the router, and supervises them until a signal or a crash."""
-    flags = dict(locals())  # every flag by name; resolve_config turns them into the config
-    raise typer.Exit(run(flags, os.environ))
+    if flags["env"]:
+        print_env(os.environ)
+    sys.exit(run(flags, os.environ))
+
+
+def build_command() -> click.Command:
+    """The `launcher` command, its options built from the declared flag table."""
+    return click.Command(
+        "launcher",
+        params=[click_option(flag) for flag in FLAGS],
+        callback=_main,
+        help=__doc__,
+        context_settings={"max_content_width": 100},
+    )
+
+
+app = click.version_option(package_name="textgen-server")(build_command())
+main = app  # the console scripts' entry point

@@ -13,10 +13,24 @@ from launcher.processes import Command, LaunchPlan
 def prepare_command(config: LauncherConfig) -> Command:
     """`shard prepare`: resolve/convert the model once, before any shard starts."""
     argv = [sys.executable, "-m", "shard", "prepare"]
-    argv += _optional("--model-id", config.model_id) + _optional("--revision", config.revision)
+    model = config.weights_cache_override or config.model_id  # TGI: the weights' directory
+    argv += _optional("--model-id", model) + _optional("--revision", config.revision)
     argv += _optional("--cache-dir", config.cache_dir)
     argv += ["--json-output"] if config.json_output else []
-    return Command("download", tuple(argv))
+    return Command("download", tuple(argv), hub_env(config))
+
+
+def hub_env(config: LauncherConfig) -> dict[str, str]:
+    """--huggingface-hub-cache, under the name TGI passes and the one huggingface_hub reads."""
+    cache = config.huggingface_hub_cache
+    return {} if cache is None else {"HUGGINGFACE_HUB_CACHE": cache, "HF_HUB_CACHE": cache}
+
+
+def tracing_args(config: LauncherConfig) -> list[str]:
+    return _optional("--otlp-endpoint", config.otlp_endpoint) + [
+        "--otlp-service-name",
+        config.otlp_service_name,
+    ]
 
 
 def shard_command(config: LauncherConfig, model_dir: str, rank: int) -> Command:
@@ -48,6 +62,11 @@ def shard_command(config: LauncherConfig, model_dir: str, rank: int) -> Command:
         *(["--json-output"] if config.json_output else []),
         "--log-level",
         config.log_level,
+        *_optional("--rope-scaling", config.rope_scaling),
+        *_optional("--rope-factor", config.rope_factor),
+        *_optional("--watermark-gamma", config.watermark_gamma),
+        *_optional("--watermark-delta", config.watermark_delta),
+        *tracing_args(config),
     ]
     env = {
         "RANK": str(rank),
@@ -55,6 +74,9 @@ def shard_command(config: LauncherConfig, model_dir: str, rank: int) -> Command:
         "MASTER_ADDR": config.master_addr,
         "MASTER_PORT": str(config.master_port),
         "LOG_LEVEL": config.log_level,
+        **hub_env(config),
+        # As TGI, in the environment: every kernel build in the shard reads it (shard/native.py).
+        **({"DISABLE_CUSTOM_KERNELS": "true"} if config.disable_custom_kernels else {}),
     }
     return Command(f"shard {rank}", tuple(argv), env)
 
@@ -103,7 +125,11 @@ def router_command(config: LauncherConfig, model_dir: str) -> Command:
         str(c.payload_limit),
         "--graceful-shutdown-timeout",
         str(c.graceful_termination_timeout),
+        "--prometheus-port",
+        str(c.prometheus_port),
+        *tracing_args(c),
     ]
+    argv += _optional("--tokenizer-config-path", c.tokenizer_config_path)
     argv += _optional("--max-input-tokens", c.max_input_tokens)
     argv += _optional("--max-total-tokens", c.max_total_tokens)
     argv += _optional("--max-batch-total-tokens", c.max_batch_total_tokens)
@@ -113,7 +139,7 @@ def router_command(config: LauncherConfig, model_dir: str) -> Command:
     argv += ["--json-output"] if c.json_output else []
     argv += ["--enable-prefill-logprobs"] if c.enable_prefill_logprobs else []
     argv += ["--disable-grammar-support"] if c.disable_grammar_support else []
-    env = {"LOG_LEVEL": c.log_level}
+    env = {"LOG_LEVEL": c.log_level, "COMPUTE_TYPE": c.compute_type, **hub_env(c)}
     if c.api_key is not None:  # in the environment: a command line is visible to every user
         env["API_KEY"] = c.api_key
     return Command("webserver", tuple(argv), env)

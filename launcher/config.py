@@ -6,20 +6,28 @@ the legacy `max_input_length` alias, and every check); errors are `ConfigError`.
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from common.cpu import cpu_flags, native_bf16
 from common.logs import LOG_LEVELS, python_level
+from launcher.environment import compute_type, nvidia_smi_count
+from launcher.flags import FLAGS, Support
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `shard` serves without a model
 DTYPES = ("float32", "bfloat16", "float16")
 # --quantize values served on the CPU (shard/quant/loaders.py says what each one is).
 QUANTIZE = ("none", "int8", "eetq", "int4", "gguf", "gptq", "awq")
 ATTENTIONS = ("auto", "sdpa", "torch", "flash")
+# TGI's ATTENTION values name its CUDA kernels; here the shard picks its paged kernel itself.
+TGI_ATTENTIONS = ("paged", "flashdecoding", "flashinfer", "flashdecoding-ipex")
 _MEMORY = re.compile(r"(\d+(\.\d*)?|\.\d+)\s*(b|kb|mb|gb|kib|mib|gib)?", re.IGNORECASE)
+
+
+log = logging.getLogger("launcher")
 
 
 class ConfigError(ValueError):
@@ -60,7 +68,18 @@ class LauncherConfig:
     enable_prefill_logprobs: bool = False
     disable_grammar_support: bool = False
     graceful_termination_timeout: float = 90.0
-    disable_custom_kernels: bool = False  # accepted for TGI compatibility; nothing to disable
+    disable_custom_kernels: bool = False  # the shards run the PyTorch reference code
+    prometheus_port: int = 9000
+    huggingface_hub_cache: str | None = None
+    weights_cache_override: str | None = None  # a directory the model is read from instead
+    rope_scaling: str | None = None  # linear or dynamic, overriding the model's
+    rope_factor: float | None = None
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "text-generation-inference.router"
+    watermark_gamma: float | None = None  # None: the shards' default (TGI's 0.5)
+    watermark_delta: float | None = None  # None: 2.0
+    tokenizer_config_path: str | None = None
+    compute_type: str = "1-cpu"  # x-compute-type: COMPUTE_TYPE, else {num_shard}-{device}
     kv_cache_memory: str = "0.3"  # bytes ("2GiB") or a fraction of free memory
     attention: str = "auto"
     block_size: int = 16
@@ -108,6 +127,14 @@ class LauncherConfig:
                 ),
             ),
             (0 <= self.port <= 65535, f"`port` must be in 0..65535, not {self.port}"),
+            (
+                0 <= self.prometheus_port <= 65535,
+                f"`prometheus_port` must be in 0..65535, not {self.prometheus_port}",
+            ),
+            (
+                self.rope_factor is None or self.rope_factor > 0,
+                f"`rope_factor` must be > 0, not {self.rope_factor}",
+            ),
             (self.graceful_termination_timeout >= 0, "`graceful_termination_timeout` must be >= 0"),
             (
                 self.dtype in DTYPES,
@@ -158,10 +185,20 @@ def parse_bool(name: str, text: str | None) -> bool | None:
     raise ConfigError(f"`{name}` must be true or false, not {text!r}")
 
 
-def count_visible_devices(environ: Mapping[str, str]) -> int | None:
-    """Entries in CUDA_VISIBLE_DEVICES, or None when unset or empty."""
-    devices = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return len(devices) or None
+def count_visible_devices(
+    environ: Mapping[str, str], count_gpus: Callable[[], int | None] | None = None
+) -> int | None:
+    """TGI's count: the entries of CUDA_VISIBLE_DEVICES, else of NVIDIA_VISIBLE_DEVICES (whose
+    `all` and `void`, set by NVIDIA's container images, mean every GPU nvidia-smi lists), else
+    of ZE_AFFINITY_MASK; None when none is set."""
+    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
+        value = environ.get(name, "").strip()
+        if not value:
+            continue
+        if name == "NVIDIA_VISIBLE_DEVICES" and value in ("all", "void"):
+            return (count_gpus or nvidia_smi_count)()
+        return len([d for d in value.split(",") if d.strip()]) or None
+    return None
 
 
 def resolve_num_shard(
@@ -207,10 +244,33 @@ def default_dtype(flags: frozenset[str]) -> str:
     return "bfloat16" if native_bf16(flags) else "float32"
 
 
+def resolve_attention(value: str) -> str:
+    if value in TGI_ATTENTIONS:
+        log.info("ATTENTION=%s names one of TGI's CUDA kernels: using auto", value)
+        return "auto"
+    return value
+
+
+def set_aside_tgi_only(flags: dict[str, Any]) -> None:
+    """Removes the NOT_APPLICABLE and REFUSED flags from `flags`: logs the first kind where set,
+    raises ConfigError for the second."""
+    for flag in FLAGS:
+        if flag.support not in (Support.NOT_APPLICABLE, Support.REFUSED):
+            continue
+        value = flags.pop(flag.dest)
+        if not flag.is_set(value):
+            continue
+        if flag.support is Support.REFUSED:
+            raise ConfigError(f"`--{flag.name}` is refused: {flag.here}")
+        log.warning("`--%s %s` is not applicable here: %s", flag.name, value, flag.here)
+
+
 def resolve_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> LauncherConfig:
     """The one place where the raw flags become a LauncherConfig: TGI's derived defaults,
     the legacy alias, and every check. Raises ConfigError."""
     flags = dict(flags)
+    flags.pop("env", None)  # printed by the CLI
+    set_aside_tgi_only(flags)
     sharded = parse_bool("sharded", flags.pop("sharded"))
     num_shard = resolve_num_shard(sharded, flags.pop("num_shard"), environ)
     max_input_tokens = resolve_max_input_tokens(
@@ -223,10 +283,12 @@ def resolve_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Laun
             "dtype": flags["dtype"] or default_dtype(cpu_flags()),
             "quantize": flags["quantize"].lower() if flags["quantize"] else None,
             "cors_allow_origin": tuple(flags["cors_allow_origin"] or ()),
+            "attention": resolve_attention(flags["attention"]),
         },
         num_shard=num_shard,
         max_input_tokens=max_input_tokens,
         max_batch_prefill_tokens=4096 if prefill is None else prefill,
         log_level=resolve_log_level(environ),
+        compute_type=compute_type(num_shard, environ),
         prefix_caching=parse_bool("PREFIX_CACHING", environ.get("PREFIX_CACHING")) is not False,
     )

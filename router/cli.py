@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from typing import Optional
 
 import typer
 
@@ -61,6 +62,13 @@ def main(
     disable_grammar_support: bool = typer.Option(False, "--disable-grammar-support"),
     graceful_shutdown_timeout: float = typer.Option(90.0),
     log_level: str = typer.Option("info", envvar="LOG_LEVEL"),
+    compute_type: str = typer.Option("cpu", envvar="COMPUTE_TYPE", help="x-compute-type"),
+    prometheus_port: int = typer.Option(9000, help="Also serve /metrics alone on this port"),
+    tokenizer_config_path: Optional[str] = typer.Option(
+        None, help="tokenizer_config.json to use instead of the model's (its chat_template)"
+    ),
+    otlp_endpoint: Optional[str] = typer.Option(None, help="OTLP gRPC collector for traces"),
+    otlp_service_name: str = typer.Option("text-generation-inference.router"),
 ) -> None:
     """Serves TGI's HTTP API in front of the shards."""
     try:
@@ -97,6 +105,11 @@ def main(
             enable_prefill_logprobs=enable_prefill_logprobs,
             disable_grammar_support=disable_grammar_support,
             graceful_shutdown_timeout=graceful_shutdown_timeout,
+            compute_type=compute_type,
+            prometheus_port=prometheus_port,
+            tokenizer_config_path=tokenizer_config_path,
+            otlp_endpoint=otlp_endpoint,
+            otlp_service_name=otlp_service_name,
         )
     except ValueError as err:
         logging.getLogger("router").error("invalid configuration: %s", err)

@@ -33,6 +33,11 @@ class RouterConfig:
     graceful_shutdown_timeout: float = 90.0
     enable_prefill_logprobs: bool = False
     disable_grammar_support: bool = False  # grammars (and tool calls) are a 422
+    compute_type: str = "cpu"  # x-compute-type (COMPUTE_TYPE; the launcher sets {n}-{device})
+    prometheus_port: int | None = None  # /metrics alone on this port too (the CLI: 9000)
+    tokenizer_config_path: str | None = None  # replaces the model's tokenizer_config.json
+    otlp_endpoint: str | None = None  # OTLP gRPC collector for traces
+    otlp_service_name: str = "text-generation-inference.router"
     # A stream write that cannot finish for this long (the client stopped reading) drops the
     # connection, freeing the request's permit and KV blocks.
     stream_write_timeout: float = 60.0

@@ -68,7 +68,7 @@ def build_state(
 ) -> tuple[AppState, Batcher]:
     """The engine and what the handlers reach. `config.max_batch_total_tokens` is what
     requests can use; the allocator adds the reserved block 0."""
-    tokenizer = Tokenizer.from_dir(config.tokenizer_dir)
+    tokenizer = Tokenizer.from_dir(config.tokenizer_dir, config.tokenizer_config_path)
     allocator = BlockAllocator(
         config.max_batch_total_tokens // info.block_size + 1,
         info.block_size,

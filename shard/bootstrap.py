@@ -55,7 +55,15 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
     # Quantization the user did not ask for (a GGUF model's own) keeps dense copies as well:
     # the fastest setting for both one and many streams; an explicit --quantize saves memory.
     keep_dense = config.quantize is None
-    model = load_model(config.model_dir, config.torch_dtype, device, dist, quantize, keep_dense)
+    model = load_model(
+        config.model_dir,
+        config.torch_dtype,
+        device,
+        dist,
+        quantize,
+        keep_dense,
+        rope_scaling=config.rope_scaling,
+    )
     backend = get_backend(config.attention, device, block_size=config.block_size)
     runner = ModelRunner(model, backend, config.block_size, device, config.torch_dtype, quantize)
     watermark = Watermark(config.watermark_gamma, config.watermark_delta)

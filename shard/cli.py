@@ -57,6 +57,10 @@ def serve(
     ),
     num_threads: Optional[int] = typer.Option(None, help="torch intra-op threads"),
     cache_dir: Optional[Path] = typer.Option(None, help="Where converted models live"),
+    rope_scaling: Optional[str] = typer.Option(None, help="linear or dynamic (NTK)"),
+    rope_factor: Optional[float] = typer.Option(None),
+    otlp_endpoint: Optional[str] = typer.Option(None, help="OTLP gRPC collector for traces"),
+    otlp_service_name: str = typer.Option("text-generation-inference.server"),
     json_output: bool = typer.Option(False, "--json-output"),
     log_level: str = typer.Option("info"),
     parent_death_signal: bool = typer.Option(
@@ -68,7 +72,7 @@ def serve(
     if parent_death_signal:
         exit_with_parent()
     from shard.bootstrap import build_service, run_forever
-    from shard.config import MemoryBudget, ShardConfig
+    from shard.config import MemoryBudget, ShardConfig, rope_override
     from shard.model_files import resolve_model_dir
 
     model_dir = resolve_model_dir(model_id, revision, cache_dir)
@@ -91,6 +95,9 @@ def serve(
         watermark_gamma=watermark_gamma,
         watermark_delta=watermark_delta,
         use_prefix_caching=prefix_caching,
+        rope_scaling=rope_override(rope_scaling, rope_factor),
+        otlp_endpoint=otlp_endpoint,
+        otlp_service_name=otlp_service_name,
     )
     service = build_service(config)
     asyncio.run(run_forever(config, service))

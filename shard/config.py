@@ -50,6 +50,18 @@ class MemoryBudget:
         return self.bytes if self.bytes is not None else int(free_bytes * self.fraction)
 
 
+def rope_override(scaling: str | None, factor: float | None) -> dict | None:
+    """TGI's --rope-scaling/--rope-factor: a factor alone scales linearly, a type alone has
+    factor 1; neither keeps the model's own rope_scaling (None)."""
+    if scaling is None and factor is None:
+        return None
+    if scaling not in (None, "linear", "dynamic"):
+        raise ValueError(f"rope scaling must be linear or dynamic, not {scaling!r}")
+    if factor is not None and factor <= 0:
+        raise ValueError(f"rope factor must be > 0, not {factor}")
+    return {"rope_type": scaling or "linear", "factor": 1.0 if factor is None else factor}
+
+
 @dataclass(frozen=True)
 class ShardConfig:
     model_dir: str  # a resolved local Hugging Face directory
@@ -70,6 +82,9 @@ class ShardConfig:
     watermark_gamma: float = 0.5
     watermark_delta: float = 2.0
     use_prefix_caching: bool = False
+    rope_scaling: dict | None = None  # overrides config.json's (launcher --rope-scaling/factor)
+    otlp_endpoint: str | None = None  # traces go to this OTLP gRPC collector
+    otlp_service_name: str = "text-generation-inference.server"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -29,6 +29,12 @@ CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # and -march=<marc
 SIMD_HEADER = Path(__file__).with_name("simd.h")  # vector helpers the kernels #include
 
 
+def custom_kernels_disabled() -> bool:
+    """DISABLE_CUSTOM_KERNELS (TGI's variable, set by `launcher --disable-custom-kernels`): every
+    kernel falls back to its PyTorch reference. Read when a kernel is built, never at import."""
+    return os.environ.get("DISABLE_CUSTOM_KERNELS", "").strip().lower() in ("1", "true", "yes")
+
+
 def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "gcc"))
 
@@ -47,6 +53,8 @@ def build_library(
     """The compiled library of `source` for this CPU, compiled once into cache_dir. `includes`
     are the files `source` #includes: a change to them builds a new library too. `march` other
     than native builds the code paths of an older instruction set (the tests run them all)."""
+    if custom_kernels_disabled():
+        raise RuntimeError("custom kernels are disabled (DISABLE_CUSTOM_KERNELS)")
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (install gcc or set CC)")

@@ -57,7 +57,7 @@ async def answer(
 ) -> web.Response:
     done = await generate(state, parsed, options)
     body = generate_response(done.request, done.result, done.others)
-    headers = timing_headers(done.request, done.result.end, done.timings)
+    headers = timing_headers(done.request, done.result.end, done.timings, state.config.compute_type)
     return json_response([body] if as_list else body, headers=headers)
 
 
@@ -66,7 +66,9 @@ async def stream(
 ) -> web.StreamResponse:
     state = app_state(request)
     generation = GenerationStream(state, parsed, options)  # precheck errors: HTTP status
-    sse = await EventStream.open(request, state.config.stream_write_timeout)
+    sse = await EventStream.open(
+        request, state.config.stream_write_timeout, state.config.compute_type
+    )
     index = 0
 
     def render(event: Event) -> Iterable[bytes]:

@@ -304,7 +304,7 @@ async def chat(request: web.Request, body: Any) -> web.StreamResponse:
     if parsed.stream:
         return await _stream(request, state, parsed, generate_request)
     done = await generate(state, generate_request, CHAT)
-    headers = timing_headers(done.request, done.result.end, done.timings)
+    headers = timing_headers(done.request, done.result.end, done.timings, state.config.compute_type)
     return json_response(completion_json(state, parsed, done), headers=headers)
 
 
@@ -313,7 +313,9 @@ async def _stream(
 ) -> web.StreamResponse:
     """SSE chunks then `data: [DONE]`; overload, validation and generation errors in-band."""
     generation = GenerationStream(state, generate_request, CHAT)
-    sse = await EventStream.open(request, state.config.stream_write_timeout)
+    sse = await EventStream.open(
+        request, state.config.stream_write_timeout, state.config.compute_type
+    )
     created = unix_time()
     calls = ToolCallStream() if chat.tools is not None else None
 

@@ -182,7 +182,9 @@ async def complete(request: web.Request, body: Any) -> web.StreamResponse:
         sum(d.result.end.generated_tokens for d in done),
     )
     body = envelope(state, "text_completion", unix_time(), choices, usage)
-    headers = [timing_headers(d.request, d.result.end, d.timings) for d in done]
+    headers = [
+        timing_headers(d.request, d.result.end, d.timings, state.config.compute_type) for d in done
+    ]
     return json_response(body, headers=summed_headers(headers))
 
 
@@ -192,7 +194,9 @@ async def _stream(
     """SSE chunks of every prompt then `data: [DONE]`; overload, validation and generation
     errors arrive in-band (the first one ends the whole stream)."""
     generations = [GenerationStream(state, r, PROMPT) for r in completion.requests]
-    sse = await EventStream.open(request, state.config.stream_write_timeout)
+    sse = await EventStream.open(
+        request, state.config.stream_write_timeout, state.config.compute_type
+    )
     chunks = _Chunks(state, completion)
     try:
         for index, r in enumerate(completion.requests):

@@ -100,14 +100,16 @@ INTEGER_TIMING_HEADERS = (
 )
 
 
-def timing_headers(request: ValidatedRequest, end: EndEvent, timings: Timings) -> dict[str, str]:
+def timing_headers(
+    request: ValidatedRequest, end: EndEvent, timings: Timings, compute_type: str
+) -> dict[str, str]:
     """TGI's x-* timing headers (seconds, except x-time-per-token in milliseconds)."""
     received_at, validated_at, finished_at = timings.received, timings.validated, timings.finished
     queue = max(end.started_at - end.queued_at, 0.0)
     inference = max(finished_at - end.started_at, 0.0)
     per_token = inference / max(end.generated_tokens, 1)
     return {
-        "x-compute-type": "cpu",
+        "x-compute-type": compute_type,
         "x-compute-time": f"{finished_at - received_at:.6f}",
         "x-compute-characters": str(len(request.inputs)),
         "x-total-time": str(int(1000 * (finished_at - received_at))),

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from router.http.app import make_app
 from router.http.middleware import Handler
+from router.http.prometheus_port import start_metrics_port
 from router.http.state import AppState
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class HttpServer:
         app.middlewares.insert(0, self._track)
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         self.site: web.TCPSite | None = None
+        self.metrics_runner: web.AppRunner | None = None  # --prometheus-port
         self.draining = False
         self.busy: Counter = Counter()  # connection (aiohttp's protocol) -> requests in flight
         self.idle = asyncio.Event()  # set when no request is in flight
@@ -63,6 +65,10 @@ class HttpServer:
         await self.runner.setup()
         self.site = web.TCPSite(self.runner, config.hostname, config.port)
         await self.site.start()
+        if config.prometheus_port is not None:
+            self.metrics_runner = await start_metrics_port(
+                self.state.metrics, config.hostname, config.prometheus_port
+            )
         log.info("Connected; listening on http://%s:%d", config.hostname, config.port)
 
     async def drain(self, timeout: float) -> None:
@@ -81,4 +87,6 @@ class HttpServer:
             log.warning("graceful timeout: %d requests still in flight", sum(self.busy.values()))
 
     async def close(self) -> None:
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
         await self.runner.cleanup()

@@ -28,7 +28,6 @@ SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
-    "x-compute-type": "cpu",
 }
 
 T = TypeVar("T")
@@ -46,14 +45,17 @@ class ClientGone(Exception):
 class EventStream:
     """One SSE response."""
 
-    def __init__(self, request: web.Request, write_timeout: float):
+    def __init__(self, request: web.Request, write_timeout: float, compute_type: str):
         self.request = request
         self.write_timeout = write_timeout
-        self.response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        headers = {**SSE_HEADERS, "x-compute-type": compute_type}
+        self.response = web.StreamResponse(status=200, headers=headers)
 
     @classmethod
-    async def open(cls, request: web.Request, write_timeout: float) -> EventStream:
-        stream = cls(request, write_timeout)
+    async def open(
+        cls, request: web.Request, write_timeout: float, compute_type: str
+    ) -> EventStream:
+        stream = cls(request, write_timeout, compute_type)
         await stream.response.prepare(request)
         return stream
 

@@ -65,15 +65,17 @@ class Tokenizer:
         self.chat_template = chat_template
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Loads tokenizer.json, tokenizer_config.json and the files that name BOS/EOS ids."""
+    def from_dir(cls, path: str | Path, config_path: str | None = None) -> Tokenizer:
+        """Loads tokenizer.json, tokenizer_config.json (or `config_path`, TGI's
+        --tokenizer-config-path) and the files that name BOS/EOS ids."""
         path = Path(path)
+        config_file = Path(config_path) if config_path else path / "tokenizer_config.json"
         tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         tokenizer.no_truncation()
         tokenizer.no_padding()
         config = {
             **_read_json(path / "special_tokens_map.json"),
-            **_read_json(path / "tokenizer_config.json"),
+            **_read_json(config_file),
         }
         if config.get("tokenizer_class") in LLAMA_TOKENIZER_CLASSES:
             _set_llama_post_processor(tokenizer, config)
@@ -82,18 +84,22 @@ class Tokenizer:
             for name in ("generation_config.json", "config.json")
             for i in _as_ids(_read_json(path / name).get("eos_token_id"))
         ]
-        loaded = cls(tokenizer, config, eos_ids, _load_chat_template(path, config))
-        loaded.path = str(path)
+        # A chat template in the given tokenizer config wins over the model's own files.
+        own_files = not (config_path and config.get("chat_template"))
+        template = _load_chat_template(path if own_files else None, config)
+        loaded = cls(tokenizer, config, eos_ids, template)
+        loaded.path, loaded.config_path = str(path), config_path
         return loaded
 
     path: str | None = None  # the directory it was loaded from
+    config_path: str | None = None  # the tokenizer_config.json that replaced the directory's
 
     def __reduce__(self):
         """Pickled as its directory: a tokenization worker process loads it once and then
         reuses it (`load_tokenizer`), so sending it with every call costs nothing."""
         if self.path is None:
             raise TypeError("only a Tokenizer loaded with from_dir can be sent to a process")
-        return load_tokenizer, (self.path,)
+        return load_tokenizer, (self.path, self.config_path)
 
     @property
     def bos_token(self) -> str | None:
@@ -179,9 +185,9 @@ class Tokenizer:
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(path: str) -> Tokenizer:
+def load_tokenizer(path: str, config_path: str | None = None) -> Tokenizer:
     """The tokenizer of a directory, loaded once per process."""
-    return Tokenizer.from_dir(path)
+    return Tokenizer.from_dir(path, config_path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -230,10 +236,10 @@ def _known_token(tokenizer: tokenizers.Tokenizer, config: dict[str, Any], name: 
     return token if token is not None and tokenizer.token_to_id(token) is not None else None
 
 
-def _load_chat_template(path: Path, config: dict[str, Any]) -> str | None:
-    """chat_template.jinja wins over tokenizer_config.json, as in transformers."""
-    jinja_file = path / "chat_template.jinja"
-    if jinja_file.is_file():
+def _load_chat_template(path: Path | None, config: dict[str, Any]) -> str | None:
+    """path/chat_template.jinja wins over tokenizer_config.json, as in transformers."""
+    jinja_file = path / "chat_template.jinja" if path is not None else None
+    if jinja_file is not None and jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]

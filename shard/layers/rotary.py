@@ -1,5 +1,7 @@
 """Rotary position embedding (Su et al.), in the rotate-half layout Hugging Face checkpoints
-use, with the scaling variants of the Llama family: none ("default"), "linear" and "llama3"."""
+use, with the scaling variants of the Llama family: none ("default"), "linear", "llama3" and
+"dynamic" (NTK-aware: past the trained length the base grows with the longest sequence, as in
+transformers and TGI)."""
 
 from __future__ import annotations
 
@@ -28,20 +30,36 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
+def dynamic_inv_freq(
+    rotary_dim: int, theta: float, factor: float, seq_len: int, trained_len: int
+) -> torch.Tensor:
+    """NTK-aware scaling for sequences of `seq_len` > `trained_len` positions."""
+    ratio = factor * seq_len / trained_len - (factor - 1)
+    return base_inv_freq(rotary_dim, theta * ratio ** (rotary_dim / (rotary_dim - 2)))
+
+
+def rope_type(scaling: dict) -> str:
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
 def scaled_inv_freq(rotary_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     inv_freq = base_inv_freq(rotary_dim, theta)
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "default":
+    rope = rope_type(scaling)
+    if rope in ("default", "dynamic"):  # dynamic: unchanged within the trained length
         return inv_freq
-    if rope_type == "linear":
+    if rope == "linear":
         return inv_freq / scaling["factor"]
-    if rope_type == "llama3":
+    if rope == "llama3":
         return llama3_inv_freq(inv_freq, scaling)
-    raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
+    raise ValueError(
+        f"rope scaling type {rope!r} is not supported (default, linear, dynamic, llama3)"
+    )
 
 
 class RotaryEmbedding:
-    """Holds a cos/sin table for positions [0, max_positions), grown on demand."""
+    """Holds a cos/sin table for positions [0, max_positions), grown on demand. With dynamic
+    scaling, a sequence longer than max_positions (the trained length) rebuilds the whole table
+    with a larger base, as TGI does: keys already cached keep their old rotation."""
 
     def __init__(
         self,
@@ -52,6 +70,8 @@ class RotaryEmbedding:
         device: torch.device | str = "cpu",
     ):
         self.inv_freq = scaled_inv_freq(rotary_dim, theta, scaling).to(device)
+        self.rotary_dim, self.theta, self.trained_len = rotary_dim, theta, max_positions
+        self.dynamic_factor = scaling["factor"] if rope_type(scaling) == "dynamic" else None
         self._build(max_positions)
 
     def _build(self, max_positions: int) -> None:
@@ -61,8 +81,16 @@ class RotaryEmbedding:
 
     def ensure(self, num_positions: int) -> None:
         """Makes the table cover positions [0, num_positions)."""
-        if num_positions > self.cos.shape[0]:
+        if num_positions <= self.cos.shape[0]:
+            return
+        if self.dynamic_factor is None:
             self._build(max(num_positions, 2 * self.cos.shape[0]))
+            return
+        inv_freq = dynamic_inv_freq(
+            self.rotary_dim, self.theta, self.dynamic_factor, num_positions, self.trained_len
+        )
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        self._build(num_positions)  # exact: the base depends on the length
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         """positions [T] (all < the table size) -> cos, sin [T, rotary_dim // 2] in `dtype`."""

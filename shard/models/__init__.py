@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,11 +27,14 @@ def load_model(
     dist: Dist = SINGLE,
     quantize: str = "none",
     keep_dense: bool = False,
+    rope_scaling: dict | None = None,
 ):
     """Builds the model for `model_dir`'s architecture and loads this rank's weights;
     `quantize` is a resolved method (shard.quant.loaders.resolve_method); keep_dense: see
-    shard.quant.loaders.Quantizer."""
+    shard.quant.loaders.Quantizer; `rope_scaling` replaces config.json's."""
     config = ModelConfig.from_dir(Path(model_dir))
+    if rope_scaling is not None:
+        config = replace(config, rope_scaling=rope_scaling)
     model_class = MODEL_CLASSES.get(config.architecture)
     if model_class is None:
         supported = ", ".join(sorted(MODEL_CLASSES))

@@ -11,8 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from typer.main import get_command
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from common.cpu import cpu_flags
 from launcher import cli
@@ -20,7 +19,7 @@ from launcher.cli import ConfigError, LauncherConfig, app, is_memory_budget
 from launcher.config import default_dtype
 
 PY = sys.executable
-OPTIONS = [p for p in get_command(app).params if p.opts[0].startswith("--")]
+OPTIONS = [p for p in app.params if p.opts[0].startswith("--") and p.envvar]
 FLAG_ENV_VARS = [p.envvar for p in OPTIONS]
 
 TGI_FLAGS = [
@@ -245,7 +244,7 @@ def test_sharded_true_counts_cuda_visible_devices(captured: list[LauncherConfig]
         (("--validation-workers", "0"), {}, "`validation_workers` must be > 0"),
         (("--max-batch-size", "0"), {}, "`max_batch_size` must be > 0"),
         (("--dtype", "float64"), {}, "`dtype` must be one of float32, bfloat16, float16"),
-        (("--attention", "paged"), {}, "`attention` must be one of auto, sdpa, torch, flash"),
+        (("--attention", "fast"), {}, "`attention` must be one of auto, sdpa, torch, flash"),
         (("--kv-cache-memory", "lots"), {}, "invalid `kv_cache_memory` 'lots'"),
         (("--block-size", "0"), {}, "`block_size` must be > 0"),
         (("-g", "-1"), {}, "`graceful_termination_timeout` must be >= 0"),
@@ -303,6 +302,12 @@ def test_prepare_command() -> None:
     config = LauncherConfig(
         model_id="org/model", revision="main", cache_dir="/cache", json_output=True
     )
+    override = LauncherConfig(model_id="org/model", weights_cache_override="/weights")
+    assert cli.prepare_command(override).argv[-2:] == ("--model-id", "/weights")
+    assert cli.prepare_command(LauncherConfig(huggingface_hub_cache="/hub")).env == {
+        "HUGGINGFACE_HUB_CACHE": "/hub",
+        "HF_HUB_CACHE": "/hub",
+    }
     assert cli.prepare_command(config).argv == (
         PY,
         "-m",
@@ -359,6 +364,8 @@ def test_shard_command() -> None:
         "--json-output",
         "--log-level",
         "debug",
+        "--otlp-service-name",
+        "text-generation-inference.router",
     )
     assert command.env == {
         "RANK": "1",
@@ -368,7 +375,39 @@ def test_shard_command() -> None:
         "LOG_LEVEL": "debug",
     }
     default = cli.shard_command(LauncherConfig(), "/models/m", rank=0).argv
-    assert "--json-output" not in default and default[-2:] == ("--log-level", "info")
+    assert "--json-output" not in default and ("--log-level", "info") == default[-4:-2]
+
+
+def test_shard_command_with_the_tgi_settings_it_carries() -> None:
+    config = LauncherConfig(
+        rope_scaling="dynamic",
+        rope_factor=2.0,
+        watermark_gamma=0.25,
+        watermark_delta=1.5,
+        otlp_endpoint="http://otel:4317",
+        otlp_service_name="svc",
+        huggingface_hub_cache="/hub",
+        disable_custom_kernels=True,
+    )
+    command = cli.shard_command(config, "/models/m", rank=0)
+    tail = command.argv[command.argv.index("--log-level") + 2 :]
+    assert tail == (
+        "--rope-scaling",
+        "dynamic",
+        "--rope-factor",
+        "2.0",
+        "--watermark-gamma",
+        "0.25",
+        "--watermark-delta",
+        "1.5",
+        "--otlp-endpoint",
+        "http://otel:4317",
+        "--otlp-service-name",
+        "svc",
+    )
+    assert command.env["DISABLE_CUSTOM_KERNELS"] == "true"
+    assert command.env["HF_HUB_CACHE"] == command.env["HUGGINGFACE_HUB_CACHE"] == "/hub"
+    assert "DISABLE_CUSTOM_KERNELS" not in cli.shard_command(LauncherConfig(), "/m", 0).env
 
 
 def test_router_command_defaults() -> None:
@@ -410,7 +449,12 @@ def test_router_command_defaults() -> None:
         "2000000",
         "--graceful-shutdown-timeout",
         "90.0",
+        "--prometheus-port",
+        "9000",
+        "--otlp-service-name",
+        "text-generation-inference.router",
     )
+    assert command.env == {"LOG_LEVEL": "info", "COMPUTE_TYPE": "1-cpu"}
 
 
 def test_router_command_with_every_optional_flag() -> None:
@@ -428,6 +472,9 @@ def test_router_command_with_every_optional_flag() -> None:
         json_output=True,
         enable_prefill_logprobs=True,
         graceful_termination_timeout=5,
+        prometheus_port=9100,
+        otlp_endpoint="http://otel:4317",
+        tokenizer_config_path="/cfg/tokenizer_config.json",
     )
     command = cli.router_command(config, "/models/m")
     argv = command.argv
@@ -445,6 +492,14 @@ def test_router_command_with_every_optional_flag() -> None:
     assert argv[argv.index("--graceful-shutdown-timeout") :] == (
         "--graceful-shutdown-timeout",
         "5",
+        "--prometheus-port",
+        "9100",
+        "--otlp-endpoint",
+        "http://otel:4317",
+        "--otlp-service-name",
+        "text-generation-inference.router",
+        "--tokenizer-config-path",
+        "/cfg/tokenizer_config.json",
         "--max-input-tokens",
         "100",
         "--max-total-tokens",

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.main import get_command
 
 from launcher.cli import app
 from launcher.processes import (
@@ -429,7 +428,7 @@ def test_children_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
 
 def launcher_env(directory: Path, **fake: str) -> dict[str, str]:
     """Our environment minus anything a launcher flag would read, plus the fake's knobs."""
-    flag_vars = {p.envvar for p in get_command(app).params if isinstance(p.envvar, str)}
+    flag_vars = {p.envvar for p in app.params if isinstance(p.envvar, str)}
     env = {k: v for k, v in os.environ.items() if k not in flag_vars | {"LOG_LEVEL"}}
     return {**env, "PYTHONPATH": str(REPO), "FAKE_DIR": str(directory), **fake}
 

@@ -20,7 +20,7 @@ async def ok(request: web.Request) -> web.Response:
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    stream = await EventStream.open(request, write_timeout=5.0)
+    stream = await EventStream.open(request, write_timeout=5.0, compute_type="cpu")
     response = stream.response
     await response.write(sse_data({"token": 1}))
     return response

@@ -320,3 +320,39 @@ def test_concat_reasons_without_chunking(tokenizer):
             assert s("tgi_batch_next_size_count") == 2
 
     run(main())
+
+
+def test_prometheus_port_serves_the_registry_on_any_path_and_skips_a_taken_port(tokenizer):
+    """TGI's --prometheus-port; a port already in use is logged, never fatal."""
+    import socket
+
+    import aiohttp
+
+    from router.http.prometheus_port import start_metrics_port
+
+    async def main():
+        async with RouterApp(tokenizer, compute_type="2-cpu") as app:
+            ok = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+            response = await app.client.post("/generate", json=ok)
+            assert response.headers["x-compute-type"] == "2-cpu"  # COMPUTE_TYPE
+            response = await app.client.post("/generate_stream", json=ok)
+            assert response.headers["x-compute-type"] == "2-cpu"
+            await response.read()
+            with socket.socket() as taken:
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                busy = taken.getsockname()[1]
+                assert await start_metrics_port(app.metrics, "127.0.0.1", busy) is None
+            runner = await start_metrics_port(app.metrics, "127.0.0.1", 0)
+            port = runner.addresses[0][1]
+            try:
+                async with aiohttp.ClientSession() as session:
+                    for path in ("/metrics", "/", "/anything"):
+                        async with session.get(f"http://127.0.0.1:{port}{path}") as r:
+                            text = await r.text()
+                            assert r.status == 200 and r.content_type == "text/plain"
+                            assert "tgi_request_success 2" in text
+            finally:
+                await runner.cleanup()
+
+    run(main())

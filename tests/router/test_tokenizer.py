@@ -151,6 +151,25 @@ def test_chat_template_renders(tiny):
     assert tiny.apply_chat_template(messages) == expected + "<|im_start|>assistant\n"
 
 
+def test_tokenizer_config_path_replaces_the_models_config(tmp_path):
+    """TGI's --tokenizer-config-path: its chat template wins, even over chat_template.jinja;
+    the tokenizer sent to a worker process loads the same file."""
+    import pickle
+
+    model = write_model_dir(
+        tmp_path / "m", {"chat_template": "model", "eos_token": "</s>"}, chat_template__jinja="file"
+    )
+    override = tmp_path / "override.json"
+    override.write_text(json.dumps({"chat_template": "override", "bos_token": "<s>"}))
+    tok = Tokenizer.from_dir(model, str(override))
+    assert tok.chat_template == "override" and tok.bos_token == "<s>"
+    assert tok.eos_token is None  # the model's tokenizer_config.json is not read
+    assert pickle.loads(pickle.dumps(tok)).chat_template == "override"
+    no_template = tmp_path / "plain.json"
+    no_template.write_text(json.dumps({"bos_token": "<s>"}))
+    assert Tokenizer.from_dir(model, str(no_template)).chat_template == "file"
+
+
 def test_chat_template_file_wins_and_named_list(tmp_path):
     named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     tok = Tokenizer.from_dir(write_model_dir(tmp_path / "a", {"chat_template": named}))

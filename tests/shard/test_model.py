@@ -134,7 +134,13 @@ def test_cached_prefix_and_chunked_prefill(ours, tiny_llama_hf):
                 "original_max_position_embeddings": 16,
             }
         ),
-        dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, initializer_range=0.3),
+        # 40 positions > 16 trained ones: the NTK base grows with the sequence
+        dict(
+            rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+            max_position_embeddings=16,
+            initializer_range=0.3,
+        ),
         dict(tie_word_embeddings=True, num_key_value_heads=1),
         dict(attention_bias=True),
     ],
@@ -145,6 +151,29 @@ def test_config_variants_match_transformers(tmp_path, overrides):
     path = save_tiny_model(tmp_path / "m", seed=3, **overrides)
     hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model = load_model(path, torch.float32)
-    seq = PagedSequence([random.Random(2).randrange(128) for _ in range(40)], list(range(1, 12)))
+    rng = random.Random(2)  # one generator: 40 different tokens, so positions matter
+    seq = PagedSequence([rng.randrange(128) for _ in range(40)], list(range(1, 12)))
     logits = run_step(model, new_cache(model), [seq], [40])
     torch.testing.assert_close(logits, hf_logits(hf, seq.token_ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic"])
+def test_rope_scaling_override_equals_the_config_saying_it(tmp_path, rope_type):
+    """launcher --rope-scaling/--rope-factor: the model behaves as if config.json said so."""
+    import transformers
+
+    scaling = {"rope_type": rope_type, "factor": 3.0}
+    # Weights large enough that attention is not uniform, so the rotation matters.
+    sizes = dict(max_position_embeddings=16, initializer_range=0.3)
+    plain = save_tiny_model(tmp_path / "plain", seed=4, **sizes)
+    scaled = save_tiny_model(tmp_path / "scaled", seed=4, rope_scaling=scaling, **sizes)
+    hf = transformers.LlamaForCausalLM.from_pretrained(scaled, dtype=torch.float32).eval()
+    model = load_model(plain, torch.float32, rope_scaling=scaling)
+    rng = random.Random(5)
+    seq = PagedSequence([rng.randrange(128) for _ in range(40)], list(range(1, 12)))
+    logits = run_step(model, new_cache(model), [seq], [40])
+    torch.testing.assert_close(logits, hf_logits(hf, seq.token_ids), atol=1e-4, rtol=0)
+    unscaled = load_model(plain, torch.float32)
+    seq.cache_len = 0
+    other = run_step(unscaled, new_cache(unscaled), [seq], [40])
+    assert not torch.allclose(other, logits, atol=1e-3)
