@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 
+from common.tracing import setup_tracing
 from router.batching.batcher import Batcher
 from router.batching.block_allocator import BlockAllocator
 from router.batching.health import Health
@@ -95,15 +96,19 @@ def build_state(
 
 
 async def serve(config: RouterConfig) -> None:
-    client, config, info = await connect_shards(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    tracing = setup_tracing(config.otlp_endpoint, config.otlp_service_name)
     try:
-        await run(config, client, info, stop)
+        client, config, info = await connect_shards(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await run(config, client, info, stop)
+        finally:
+            await client.close()
     finally:
-        await client.close()
+        tracing.shutdown()  # bounded: a collector that is down never holds the exit
 
 
 async def run(config: RouterConfig, client: ShardClient, info: ShardInfo, stop: asyncio.Event):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from common.tracing import setup_tracing
 from shard.attention import get_backend
 from shard.config import ShardConfig
 from shard.distributed import init_distributed
@@ -92,7 +93,11 @@ async def run_forever(config: ShardConfig, service: TextGenerationService) -> No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(config, service, stop)
+    tracing = setup_tracing(config.otlp_endpoint, config.otlp_service_name)
+    try:
+        await serve(config, service, stop, traced=tracing.enabled)
+    finally:
+        tracing.shutdown()  # bounded: a collector that is down never holds the exit
     if config.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # exiting with gloo threads alive aborts
     if service.fatal is not None:

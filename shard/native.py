@@ -71,6 +71,7 @@ def build_library(
         )
         if done.returncode:
             raise RuntimeError(f"compiling {source.name} failed:\n{done.stderr}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600: other users sharing the cache could not load it
         os.replace(tmp, target)  # atomic: concurrent shards never load a half-written file
     finally:
         if os.path.exists(tmp):

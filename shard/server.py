@@ -23,6 +23,7 @@ from shard.batch_cache import BatchCache
 from shard.config import ShardConfig
 from shard.generator import Generation, Generator, StepTimings
 from shard.sampler import SamplingParams
+from shard.tracing import TracingInterceptor
 from shard.warmup import run_warmup
 
 log = logging.getLogger(__name__)
@@ -233,14 +234,21 @@ def _budget(request) -> int | None:
     return max(request.prefill_budget, 1) if request.HasField("prefill_budget") else None
 
 
-async def serve(config: ShardConfig, service: TextGenerationService, stop: asyncio.Event) -> None:
-    """Serves on the rank's unix socket (mode 0600) until `stop` is set."""
+async def serve(
+    config: ShardConfig,
+    service: TextGenerationService,
+    stop: asyncio.Event,
+    traced: bool = False,
+) -> None:
+    """Serves on the rank's unix socket (mode 0600) until `stop` is set; `traced`: one span
+    per call (shard/tracing.py)."""
     service.stop = stop
     server = grpc.aio.server(
+        interceptors=[TracingInterceptor()] if traced else [],
         options=[
             ("grpc.max_receive_message_length", 256 * 2**20),
             ("grpc.max_send_message_length", 256 * 2**20),
-        ]
+        ],
     )
     pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
     path = config.socket_path

@@ -33,6 +33,7 @@ from router.batching.events import EndEvent, ErrorEvent
 from router.batching.hooks import Hooks
 from router.batching.pacing import PrefillPacer
 from router.batching.queue import NextBatch, Queue
+from router.batching.request_spans import batch_span
 from router.batching.shard_client import (
     CachedBatch,
     NewRequest,
@@ -145,6 +146,7 @@ class Batcher:
         now = time.monotonic()
         for entry in batch.entries:
             entry.started_at = now
+            entry.spans.started()
             self.entries[entry.id] = entry
         self._next_batch_id += 1
         batch_id = self._next_batch_id
@@ -152,12 +154,15 @@ class Batcher:
         batch_ids = [batch_id] + ([cached.id] if cached else [])
         new = [NewRequest(e.id, e.request, e.allocation, e.chunk_len) for e in batch.entries]
         call = self.client.prefill(batch_id, new, cached, budget)
-        return await self._step("prefill", ids, batch_ids, call)
+        links = [e.spans.link() for e in batch.entries]
+        with batch_span("prefill", len(ids), links):  # the shards' spans are its children
+            return await self._step("prefill", ids, batch_ids, call)
 
     async def _decode(self, batches: list[CachedBatch], budget: int | None = None):
         ids = [i for b in batches for i in b.request_ids]
         call = self.client.decode(batches, budget)
-        return await self._step("decode", ids, [b.id for b in batches], call)
+        with batch_span("decode", len(ids)):
+            return await self._step("decode", ids, [b.id for b in batches], call)
 
     async def _step(self, method: str, request_ids: list[int], batch_ids: list[int], call):
         start = time.monotonic()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from router.batching.block_allocator import Allocation
 from router.batching.events import Event
 from router.batching.output import OutputState
+from router.batching.request_spans import RequestSpans
 from router.request import ValidatedRequest
 
 
@@ -28,6 +29,7 @@ class Entry:
     allocation: Allocation | None = None
     chunk_len: int | None = None  # prompt tokens of the first prefill, when the budget cut it
     cancelled: bool = False
+    spans: RequestSpans = field(default_factory=RequestSpans)  # queued, then infer
 
     def send(self, event: Event) -> None:
         self.events.put_nowait(event)

@@ -136,6 +136,7 @@ class Infer:
                     return
         finally:
             entry.cancelled = True  # no-op once finished; otherwise the batcher drops it
+            entry.spans.finished()
 
     def _final(self, end: EndEvent, generated: list[int], output: OutputState) -> EndEvent:
         """The last event of the whole generation: its text covers every chunk, and what the

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from common.tracing import grpc_metadata
 from pb import generate_pb2 as pb
 from pb import generate_pb2_grpc as pb_grpc
 from router.batching.block_allocator import Allocation
@@ -142,7 +143,11 @@ class ShardClient:
         await asyncio.gather(*(c.close() for c in self.channels))
 
     async def _all(self, method: str, request, timeout: float | None = None) -> list:
-        calls = [getattr(stub, method)(request, timeout=timeout) for stub in self.stubs]
+        metadata = grpc_metadata()  # the current span's traceparent: the shards' parent
+        calls = [
+            getattr(stub, method)(request, timeout=timeout, metadata=metadata)
+            for stub in self.stubs
+        ]
         try:
             return await asyncio.gather(*calls)
         except grpc.aio.AioRpcError as err:

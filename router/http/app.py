@@ -21,12 +21,14 @@ from router.http.openai_completions import completions
 from router.http.openapi import add_docs_routes
 from router.http.sagemaker import invocations
 from router.http.state import STATE, AppState
+from router.http.tracing import tracing_middleware
 
 
 def make_app(app_state: AppState) -> web.Application:
     middlewares = [errors_middleware]
     if app_state.config.api_key:
         middlewares.insert(0, auth_middleware(app_state.config.api_key))
+    middlewares.insert(0, tracing_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=app_state.config.payload_limit)
     setup_cors(app, app_state.config.cors_allow_origin)
     app[STATE] = app_state

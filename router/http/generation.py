@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from common.tracing import tracer
 from router.batching.events import EndEvent, ErrorEvent, Event
 from router.batching.infer import GenerateResult
 from router.errors import GenerationError, InferError
 from router.http.state import AppState
+from router.http.tracing import record_timings
 from router.request import ValidatedRequest
 from router.validation.generate_request import GenerateRequest
 
@@ -71,6 +73,7 @@ async def generate(state: AppState, request: GenerateRequest, options: Options) 
             permit.release()
     timings = Timings(received, validated_at, time.monotonic())
     state.metrics.request_succeeded(result.end, received, validated_at, timings.finished)
+    record_timings(result.end, received, validated_at, timings.finished)
     return Completion(validated, result, others, timings)
 
 
@@ -118,19 +121,22 @@ class GenerationStream:
                     state.health.request_failed()
                     state.metrics.request_failed(event.error)
                 elif isinstance(event, EndEvent):
+                    finished = time.monotonic()
                     state.metrics.request_succeeded(
-                        event, self.received, self.validated_at, time.monotonic()
+                        event, self.received, self.validated_at, finished
                     )
+                    record_timings(event, self.received, self.validated_at, finished)
                 yield event
 
 
 async def _validate(
     state: AppState, request: GenerateRequest, options: Options
 ) -> ValidatedRequest:
-    validated = await state.validation.validate(
-        request,
-        add_special_tokens=options.add_special_tokens,
-        default_return_full_text=options.default_return_full_text,
-    )
+    with tracer().start_as_current_span("validate"):
+        validated = await state.validation.validate(
+            request,
+            add_special_tokens=options.add_special_tokens,
+            default_return_full_text=options.default_return_full_text,
+        )
     state.metrics.request_validated(validated.input_length, validated.stopping.max_total_new_tokens)
     return validated
