@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,14 +27,35 @@ class WarmupResult:
 
 
 def free_memory_bytes(device: torch.device) -> int:
+    """Memory this process may still use: on the CPU the machine's available memory, or less
+    where a container's cgroup limit leaves less (a pod limited to 8 GiB on a 512 GiB node)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
+        available = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    room = cgroup_free_bytes()
+    return available if room is None else min(available, room)
+
+
+def cgroup_free_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The cgroup's memory limit minus its usage (cgroup v2, else v1); None without a limit."""
+    for limit_file, usage_file in (
+        (root / "memory.max", root / "memory.current"),
+        (root / "memory" / "memory.limit_in_bytes", root / "memory" / "memory.usage_in_bytes"),
+    ):
+        try:
+            limit = limit_file.read_text().strip()
+            usage = int(usage_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # v1 writes "no limit" as a huge number
+            return None
+        return max(int(limit) - usage, 0)
+    return None
 
 
 def profile_batch(
