@@ -122,7 +122,7 @@ TGI_FLAGS: tuple[Flag, ...] = (
          here="Alone: linear scaling by this factor; with --rope-scaling alone: factor 1"),
     Flag("json-output", False, bool, "Log JSON lines", is_flag=True),
     Flag("otlp-endpoint", None, str, "OTLP gRPC collector, e.g. http://localhost:4317",
-         here="Traces of the router and the shards (docs/tracing.md)"),
+         here="Traces of the router and the shards (README: Tracing)"),
     Flag("otlp-service-name", "text-generation-inference.router", str, "OpenTelemetry service"),
     Flag("cors-allow-origin", None, str, "Allowed CORS origin (repeatable)", multiple=True),
     Flag("api-key", None, str, "Bearer token required on inference routes"),
@@ -157,7 +157,7 @@ OUR_FLAGS: tuple[Flag, ...] = (
     Flag("attention", "auto", str, "auto, sdpa, torch or flash", OURS,
          "TGI's values (paged, flashdecoding, flashinfer) mean auto"),
     Flag("block-size", 16, int, "Tokens per KV block", OURS),
-    Flag("cache-dir", None, str, "Where converted models and compiled kernels live", OURS),
+    Flag("cache-dir", None, str, "Where converted models live", OURS),
 )  # fmt: skip
 
 FLAGS: tuple[Flag, ...] = TGI_FLAGS + OUR_FLAGS
