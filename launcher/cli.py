@@ -68,7 +68,7 @@ def supervise(config: LauncherConfig) -> int:
         "launching %s: %d shard(s), %s, quantize %s, port %d",
         config.model_name,
         config.num_shard,
-        config.dtype,
+        config.dtype or "auto",
         config.quantize or "default",
         config.port,
     )

@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.cpu import cpu_flags, native_bf16
 from common.logs import LOG_LEVELS, python_level
 from launcher.environment import compute_type, nvidia_smi_count
 from launcher.flags import FLAGS, Support
@@ -42,7 +41,7 @@ class LauncherConfig:
     revision: str | None = None
     validation_workers: int = 2
     num_shard: int = 1
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the shards decide (shard/placement.py)
     quantize: str | None = None  # None: the checkpoint's own (GGUF blocks, GPTQ/AWQ), else dense
     max_concurrent_requests: int = 128
     max_best_of: int = 2
@@ -80,9 +79,10 @@ class LauncherConfig:
     watermark_delta: float | None = None  # None: 2.0
     tokenizer_config_path: str | None = None
     compute_type: str = "1-cpu"  # x-compute-type: COMPUTE_TYPE, else {num_shard}-{device}
-    kv_cache_memory: str = "0.3"  # bytes ("2GiB") or a fraction of free memory
+    kv_cache_memory: str | None = None  # bytes ("2GiB") or a fraction; None: the shards'
     attention: str = "auto"
-    block_size: int = 16
+    block_size: int | None = None  # None: the attention backend's
+    cuda_memory_fraction: float = 1.0
     cache_dir: str | None = None  # where converted models live
     log_level: str = "info"
     prefix_caching: bool = True  # env PREFIX_CACHING, as TGI (no flag)
@@ -137,8 +137,12 @@ class LauncherConfig:
             ),
             (self.graceful_termination_timeout >= 0, "`graceful_termination_timeout` must be >= 0"),
             (
-                self.dtype in DTYPES,
+                self.dtype is None or self.dtype in DTYPES,
                 f"`dtype` must be one of {', '.join(DTYPES)}, not {self.dtype!r}",
+            ),
+            (
+                0 < self.cuda_memory_fraction <= 1,
+                f"`cuda_memory_fraction` must be in (0, 1], not {self.cuda_memory_fraction}",
             ),
             (
                 self.quantize is None or self.quantize in QUANTIZE,
@@ -149,9 +153,9 @@ class LauncherConfig:
                 self.attention in ATTENTIONS,
                 f"`attention` must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}",
             ),
-            (self.block_size > 0, "`block_size` must be > 0"),
+            (self.block_size is None or self.block_size > 0, "`block_size` must be > 0"),
             (
-                is_memory_budget(self.kv_cache_memory),
+                self.kv_cache_memory is None or is_memory_budget(self.kv_cache_memory),
                 f"invalid `kv_cache_memory` {self.kv_cache_memory!r} (e.g. 0.3, 4GiB, 500MB)",
             ),
             (self.log_level in LOG_LEVELS.values(), f"invalid LOG_LEVEL {self.log_level!r}"),
@@ -205,7 +209,7 @@ def resolve_num_shard(
     sharded: bool | None, num_shard: int | None, environ: Mapping[str, str]
 ) -> int:
     """TGI's find_num_shards, except that `--sharded false` with several shards is an error."""
-    resolved = num_shard or count_visible_devices(environ) or 1
+    resolved = num_shard or count_visible_devices(environ) or nvidia_smi_count() or 1
     if num_shard is not None and num_shard < 1:
         raise ConfigError("`num_shard` cannot be < 1")
     if sharded is True and resolved <= 1:
@@ -236,12 +240,6 @@ def resolve_log_level(environ: Mapping[str, str]) -> str:
         return python_level(environ.get("LOG_LEVEL", "info"))
     except ValueError as err:
         raise ConfigError(f"{err}: levels are {', '.join(LOG_LEVELS)}") from err
-
-
-def default_dtype(flags: frozenset[str]) -> str:
-    """Without --dtype: bfloat16 where the CPU computes it natively (half the bytes per step,
-    and faster arithmetic), float32 elsewhere (emulated bfloat16 is slower than float32)."""
-    return "bfloat16" if native_bf16(flags) else "float32"
 
 
 def resolve_attention(value: str) -> str:
@@ -280,7 +278,6 @@ def resolve_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Laun
     return LauncherConfig(
         **{
             **flags,
-            "dtype": flags["dtype"] or default_dtype(cpu_flags()),
             "quantize": flags["quantize"].lower() if flags["quantize"] else None,
             "cors_allow_origin": tuple(flags["cors_allow_origin"] or ()),
             "attention": resolve_attention(flags["attention"]),

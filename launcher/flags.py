@@ -72,13 +72,14 @@ TGI_FLAGS: tuple[Flag, ...] = (
     Flag("sharded", None, str, "Shard the model across processes (true|false)"),
     Flag("num-shard", None, int, "Tensor-parallel ranks",
          here="Default: entries in CUDA_VISIBLE_DEVICES, else NVIDIA_VISIBLE_DEVICES (all: "
-         "nvidia-smi's count), else ZE_AFFINITY_MASK, else 1"),
+         "nvidia-smi's count), else ZE_AFFINITY_MASK, else the GPUs nvidia-smi lists, else 1. "
+         "Rank r runs on cuda:{r % visible GPUs}, else on the CPU"),
     Flag("quantize", None, str, "Weight quantization", here=QUANTIZE_HELP),
     Flag("speculate", None, int, "Tokens to speculate", NA,
          "No speculative decoding yet: ignored (outputs are the same, only speed differs)"),
     Flag("dtype", None, str, "float32, bfloat16 or float16",
-         here="Default: bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), "
-         "float32 elsewhere"),
+         here="Default: on a GPU the checkpoint's (bfloat16 for a float32 one); on the CPU "
+         "bfloat16 where it computes it natively (AVX512-BF16 or AMX), float32 elsewhere"),
     Flag("kv-cache-dtype", None, click.Choice(["fp8_e4m3fn", "fp8_e5m2"]), "KV cache dtype", NA,
          "FP8 KV caches are CUDA-only in TGI: the cache keeps the model's dtype"),
     Flag("trust-remote-code", False, bool, "Run the Hub repo's modelling code", R,
@@ -114,8 +115,8 @@ TGI_FLAGS: tuple[Flag, ...] = (
     Flag("disable-custom-kernels", False, bool, "Run PyTorch ops instead of our C kernels",
          here="The shards skip their compiled C kernels and run the PyTorch reference code",
          is_flag=True),
-    Flag("cuda-memory-fraction", 1.0, float, "Share of GPU memory to use", NA,
-         "The shards run on the CPU: ignored (--kv-cache-memory sizes the KV cache)"),
+    Flag("cuda-memory-fraction", 1.0, float, "Share of each GPU's memory a shard may use",
+         here="The KV cache takes --kv-cache-memory of what is free within it"),
     Flag("rope-scaling", None, click.Choice(["linear", "dynamic"]), "RoPE scaling type",
          here="Overrides the model's rope_scaling: linear, or dynamic (NTK)"),
     Flag("rope-factor", None, float, "RoPE scaling factor",
@@ -152,11 +153,13 @@ TGI_FLAGS: tuple[Flag, ...] = (
 )  # fmt: skip
 
 OUR_FLAGS: tuple[Flag, ...] = (
-    Flag("kv-cache-memory", "0.3", str,
-         "KV cache size: bytes (e.g. 2GiB) or a fraction of free memory", OURS),
+    Flag("kv-cache-memory", None, str,
+         "KV cache size: bytes (e.g. 2GiB) or a fraction of the memory free after warmup", OURS,
+         "Default: 0.3 on the CPU, 0.9 on a GPU"),
     Flag("attention", "auto", str, "auto, sdpa, torch or flash", OURS,
          "TGI's values (paged, flashdecoding, flashinfer) mean auto"),
-    Flag("block-size", 16, int, "Tokens per KV block", OURS),
+    Flag("block-size", None, int, "Tokens per KV block", OURS,
+         "Default: the attention backend's (16; flash-attn 256)"),
     Flag("cache-dir", None, str, "Where converted models live", OURS),
 )  # fmt: skip
 

@@ -19,6 +19,8 @@ from shard.generator import Generator
 from shard.grammar import GrammarCompiler
 from shard.model_runner import ModelRunner
 from shard.models import load_model
+from shard.models.config import ModelConfig
+from shard.placement import resolve_placement
 from shard.quant.loaders import QuantizationError, resolve_method
 from shard.server import DEFAULT_MAX_PREFILL_TOKENS, TextGenerationService, serve
 from shard.watermark import Watermark
@@ -34,14 +36,34 @@ def build_service(config: ShardConfig) -> TextGenerationService:
     step ~50 % slower (measured on 2 cores: 33 ms -> 50 ms per decode step).
     """
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    config = placed(config)
     generator, attention_impl = executor.submit(load_generator, config).result()
     return TextGenerationService(config, generator, attention_impl, executor)
 
 
+def placed(config: ShardConfig) -> ShardConfig:
+    """`config` with its device, dtype, backend, block size and KV budget decided (again: the
+    decision is idempotent)."""
+    checkpoint = ModelConfig.from_dir(Path(config.model_dir))
+    return resolve_placement(config, checkpoint.torch_dtype)
+
+
+def use_device(config: ShardConfig) -> torch.device:
+    """Makes the rank's device current (NCCL and every CUDA allocation follow it) and caps the
+    process at `cuda_memory_fraction` of it, as TGI does."""
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.set_per_process_memory_fraction(config.cuda_memory_fraction, device)
+    return device
+
+
 def load_generator(config: ShardConfig) -> tuple[Generator, str]:
+    """Builds the generator: the model on its device, the backend, the runner."""
+    config = placed(config)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    device = torch.device(config.device)
+    device = use_device(config)
     dist = init_distributed(
         config.rank,
         config.world_size,
@@ -51,6 +73,9 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
         config.collective_timeout,
     )
     quantize = resolve_method(config.quantize, Path(config.model_dir))
+    if quantize == "gguf" and config.quantize is None and device.type != "cpu":
+        log.info("a GGUF file's blocks are served on the CPU only: dense weights on %s", device)
+        quantize = "none"  # the converted checkpoint holds dense weights too
     if quantize != "none" and device.type != "cpu":
         raise QuantizationError(f"--quantize {quantize} runs on the CPU only, not {device}")
     # Quantization the user did not ask for (a GGUF model's own) keeps dense copies as well:

@@ -37,7 +37,9 @@ def serve(
     collective_timeout: float = typer.Option(
         120.0, envvar="COLLECTIVE_TIMEOUT", help="Seconds before a stuck collective fails the rank"
     ),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    dtype: Optional[str] = typer.Option(
+        None, help="float32, bfloat16 or float16; default: the checkpoint's on a GPU, else by CPU"
+    ),
     quantize: Optional[str] = typer.Option(
         None,
         envvar="QUANTIZE",
@@ -49,11 +51,18 @@ def serve(
         envvar="PREFIX_CACHING",
         help="Tell the router it may reuse the K/V of shared prompt prefixes (cache_len)",
     ),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("auto", help="auto (cuda:{rank % GPUs}, else cpu), cpu, cuda[:N]"),
     attention: str = typer.Option("auto", help="auto, sdpa, torch or flash"),
-    block_size: int = typer.Option(16, help="Tokens per KV cache block"),
-    kv_cache_memory: str = typer.Option(
-        "0.3", help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory"
+    block_size: Optional[int] = typer.Option(
+        None, help="Tokens per KV cache block; default: the attention backend's"
+    ),
+    kv_cache_memory: Optional[str] = typer.Option(
+        None,
+        help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory; default 0.3 on "
+        "the CPU, 0.9 on a GPU",
+    ),
+    cuda_memory_fraction: float = typer.Option(
+        1.0, envvar="CUDA_MEMORY_FRACTION", help="Share of the GPU's memory this shard may use"
     ),
     num_threads: Optional[int] = typer.Option(None, help="torch intra-op threads"),
     cache_dir: Optional[Path] = typer.Option(None, help="Where converted models live"),
@@ -87,7 +96,8 @@ def serve(
         device=device,
         attention=attention,
         block_size=block_size,
-        kv_cache_memory=MemoryBudget.parse(kv_cache_memory),
+        kv_cache_memory=MemoryBudget.parse(kv_cache_memory) if kv_cache_memory else None,
+        cuda_memory_fraction=cuda_memory_fraction,
         num_threads=num_threads,
         master_addr=master_addr,
         master_port=master_port,

@@ -69,12 +69,14 @@ class ShardConfig:
     uds_path: str = "/tmp/text-generation-server"
     rank: int = 0
     world_size: int = 1
-    dtype: str = "float32"
+    # None / "auto": decided at start-up for this rank and machine (shard/placement.py)
+    dtype: str | None = None
     quantize: str | None = None  # None: the checkpoint's own (GGUF blocks, GPTQ/AWQ) or dense
-    device: str = "cpu"
+    device: str = "auto"  # cuda:{rank % GPUs} where CUDA is available, else cpu
     attention: str = "auto"
-    block_size: int = 16
-    kv_cache_memory: MemoryBudget = MemoryBudget(fraction=0.3)
+    block_size: int | None = None  # None: the attention backend's (16, flash-attn 256)
+    kv_cache_memory: MemoryBudget | None = None  # None: 30% of free memory (CPU), 90% (GPU)
+    cuda_memory_fraction: float = 1.0  # share of the GPU this process may use, as TGI
     num_threads: int | None = None
     master_addr: str = "localhost"
     master_port: int = 29500
@@ -87,15 +89,20 @@ class ShardConfig:
     otlp_service_name: str = "text-generation-inference.server"
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
-        if self.block_size < 1:
+        if self.block_size is not None and self.block_size < 1:
             raise ValueError("block_size must be >= 1")
+        if not 0 < self.cuda_memory_fraction <= 1:
+            raise ValueError("cuda_memory_fraction must be in (0, 1]")
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The resolved dtype (shard/placement.py fills it in before the model loads)."""
+        if self.dtype is None:
+            raise ValueError("dtype is not resolved yet")
         return DTYPES[self.dtype]
 
     @property

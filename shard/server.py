@@ -162,6 +162,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             self.config.kv_cache_memory,
             request.max_input_tokens if request.HasField("max_input_tokens") else None,
             request.max_total_tokens if request.HasField("max_total_tokens") else None,
+            self.config.cuda_memory_fraction,
         )
         return pb.WarmupResponse(
             max_supported_total_tokens=result.max_supported_total_tokens,

@@ -26,11 +26,14 @@ class WarmupResult:
     max_total_tokens: int
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory this process may still use: on the CPU the machine's available memory, or less
-    where a container's cgroup limit leaves less (a pod limited to 8 GiB on a 512 GiB node)."""
+def free_memory_bytes(device: torch.device, cuda_fraction: float = 1.0) -> int:
+    """Memory this process may still use: on a GPU what is free within `cuda_fraction` of it
+    (TGI's --cuda-memory-fraction); on the CPU the machine's available memory, or less where a
+    container's cgroup limit leaves less (a pod limited to 8 GiB on a 512 GiB node)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        free, total = torch.cuda.mem_get_info(device)
+        allowed = cuda_fraction * total - torch.cuda.memory_reserved(device)
+        return max(int(min(free, allowed)), 0)
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
@@ -95,6 +98,7 @@ def run_warmup(
     budget: MemoryBudget,
     max_input: int | None,
     max_total: int | None,
+    cuda_fraction: float = 1.0,
 ) -> WarmupResult:
     runner = generator.runner
     bs = runner.block_size
@@ -106,7 +110,9 @@ def run_warmup(
     del batch
     runner.allocate_cache(1)
     gc.collect()
-    free = free_memory_bytes(runner.device)
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()  # the profile's activations go back to the device
+    free = free_memory_bytes(runner.device, cuda_fraction)
     cache_bytes = budget.resolve(free)
     num_blocks = max(cache_bytes // runner.bytes_per_block(), 2)
     num_blocks = min(num_blocks, (2**32 - 1) // bs)

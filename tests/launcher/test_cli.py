@@ -7,16 +7,14 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from common.cpu import cpu_flags
 from launcher import cli
+from launcher import config as config_module
 from launcher.cli import ConfigError, LauncherConfig, app, is_memory_budget
-from launcher.config import default_dtype
 
 PY = sys.executable
 OPTIONS = [p for p in app.params if p.opts[0].startswith("--") and p.envvar]
@@ -63,6 +61,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No flag may come from the test machine's environment; logging is restored after."""
     for name in [*FLAG_ENV_VARS, "LOG_LEVEL", "CUDA_VISIBLE_DEVICES", "PREFIX_CACHING"]:
         monkeypatch.delenv(name, raising=False)
+    for name in ("NVIDIA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(config_module, "nvidia_smi_count", lambda: None)  # no GPUs here
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
@@ -112,14 +113,13 @@ def test_every_flag_reads_its_upper_snake_env_var() -> None:
 
 def test_defaults_match_tgi(captured: list[LauncherConfig]) -> None:
     config = parse(captured)
-    assert config.dtype == default_dtype(cpu_flags())  # the one default that is the machine's
-    config = replace(config, dtype="float32")
     assert config == LauncherConfig()
     assert (config.model_id, config.num_shard) == (None, 1)
     assert config.max_batch_prefill_tokens == 4096
     assert config.waiting_served_ratio == 0.3
     assert config.graceful_termination_timeout == 90
-    assert config.kv_cache_memory == "0.3" and config.block_size == 16
+    assert config.dtype is None  # the shards choose (the checkpoint's on a GPU, by CPU else)
+    assert config.kv_cache_memory is None and config.block_size is None
     assert config.attention == "auto" and config.log_level == "info"
     assert config.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -531,17 +531,3 @@ def test_launch_plan_has_one_shard_and_socket_per_rank() -> None:
     assert plan.shard_sockets == ["/tmp/x-0", "/tmp/x-1", "/tmp/x-2"]
     assert [c.name for c in plan.shards("/m")] == ["shard 0", "shard 1", "shard 2"]
     assert plan.router("/m").argv[plan.router("/m").argv.index("--tokenizer-name") + 1] == "/m"
-
-
-def test_default_dtype_is_bfloat16_only_where_the_cpu_computes_it() -> None:
-    assert default_dtype(frozenset({"avx2", "fma"})) == "float32"
-    assert default_dtype(frozenset({"avx512f", "avx512_bf16"})) == "bfloat16"
-    assert default_dtype(frozenset({"amx_bf16"})) == "bfloat16"
-    assert default_dtype(frozenset()) == "float32"
-
-
-def test_cpu_flags_reads_the_first_cpu(tmp_path) -> None:
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor : 0\nflags : fpu avx2 avx512_bf16\n\nflags : other\n")
-    assert cpu_flags(info) == frozenset({"fpu", "avx2", "avx512_bf16"})
-    assert cpu_flags(tmp_path / "missing") == frozenset()

@@ -90,6 +90,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("ZE_AFFINITY_MASK", raising=False)
     monkeypatch.delenv("COMPUTE_TYPE", raising=False)
+    monkeypatch.setattr(config, "nvidia_smi_count", lambda: None)  # as on a machine without GPUs
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
@@ -173,7 +174,6 @@ def test_refused_flags_exit_1_and_say_why(captured: list[LauncherConfig], flag: 
         (("--kv-cache-dtype", "fp8_e5m2"), "the cache keeps the model's dtype"),
         (("--ngrok",), "No ngrok tunnel"),
         (("--usage-stats", "off"), "never sends usage statistics"),
-        (("--cuda-memory-fraction", "0.5"), "--kv-cache-memory sizes the KV cache"),
     ],
 )
 def test_not_applicable_flags_are_logged_when_set(
@@ -193,6 +193,15 @@ def test_tgi_choices_are_checked_as_tgi_checks_them(captured: list[LauncherConfi
     assert invoke("--usage-stats", "maybe").exit_code == 2
     assert invoke("--rope-scaling", "yarn").exit_code == 2
     assert invoke("--rope-factor", "0").exit_code == 1
+    assert invoke("--cuda-memory-fraction", "1.5").exit_code == 1
+
+
+def test_cuda_memory_fraction_reaches_the_shards(captured: list[LauncherConfig]) -> None:
+    assert invoke("--cuda-memory-fraction", "0.5").exit_code == 0
+    command = cli.shard_command(captured[-1], "/m", rank=0)
+    i = command.argv.index("--cuda-memory-fraction")
+    assert command.argv[i + 1] == "0.5"
+    assert "--cuda-memory-fraction" not in cli.shard_command(LauncherConfig(), "/m", 0).argv
 
 
 @pytest.mark.parametrize("value", ["paged", "flashdecoding", "flashinfer"])
@@ -229,6 +238,16 @@ def test_visible_devices_are_counted_as_tgi_counts_them(
     env: dict[str, str], gpus: int | None, expected: int | None
 ) -> None:
     assert count_visible_devices(env, count_gpus=lambda: gpus) == expected
+
+
+def test_without_any_variable_the_driver_counts(
+    captured: list[LauncherConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "nvidia_smi_count", lambda: 4)
+    assert invoke().exit_code == 0
+    assert captured[-1].num_shard == 4
+    assert invoke(CUDA_VISIBLE_DEVICES="0").exit_code == 0
+    assert captured[-1].num_shard == 1
 
 
 def test_nvidia_visible_devices_all_asks_nvidia_smi(

@@ -1,0 +1,71 @@
+"""Where a rank runs and with what, decided once at start-up from what was asked (`auto` or
+None: ours to choose) and the machine:
+
+- device: `cuda:{rank % visible GPUs}` where CUDA is available (TGI's rule), else the CPU;
+- dtype: on a GPU the checkpoint's own (`torch_dtype` bfloat16/float16; bfloat16 for a float32
+  checkpoint), on the CPU bfloat16 where it computes it natively (AVX512-BF16, AMX), else
+  float32 (emulated bfloat16 is slower);
+- block size: what the attention backend pages best (flash-attn 2 needs 256, ours 16);
+- KV cache budget: 30% of the memory free after warmup on the CPU (the OS and the router share
+  it), 90% on a GPU (TGI's wiggle room), within `--cuda-memory-fraction` of the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from common.cpu import cpu_flags, native_bf16
+from shard.attention import resolve_backend_name
+from shard.config import MemoryBudget, ShardConfig
+
+CPU_KV_FRACTION = 0.3
+GPU_KV_FRACTION = 0.9  # TGI_WIGGLE_ROOM: what is left covers fragmentation and graphs
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def resolve_device(requested: str, rank: int, cuda_count: int) -> torch.device:
+    """`auto`: cuda:{rank % cuda_count} when there are GPUs, else cpu; `cuda` always takes the
+    rank's GPU; an explicit `cuda:N` or `cpu` stays."""
+    if requested == "auto":
+        requested = "cuda" if cuda_count > 0 else "cpu"
+    if requested == "cuda":
+        if cuda_count == 0:
+            raise ValueError("--device cuda, but torch sees no CUDA device")
+        return torch.device("cuda", rank % cuda_count)
+    return torch.device(requested)
+
+
+def default_dtype(device: torch.device, checkpoint_dtype: str | None, flags: frozenset[str]) -> str:
+    if device.type == "cuda":
+        return checkpoint_dtype if checkpoint_dtype in HALF_DTYPES else "bfloat16"
+    return "bfloat16" if native_bf16(flags) else "float32"
+
+
+def default_block_size(backend: str) -> int:
+    from shard.attention.flash_attn import FLASH_BLOCK_MULTIPLE
+
+    return FLASH_BLOCK_MULTIPLE if backend == "flash" else 16
+
+
+def default_kv_budget(device: torch.device) -> MemoryBudget:
+    return MemoryBudget(fraction=GPU_KV_FRACTION if device.type == "cuda" else CPU_KV_FRACTION)
+
+
+def resolve_placement(
+    config: ShardConfig, checkpoint_dtype: str | None, cuda_count: int | None = None
+) -> ShardConfig:
+    """`config` with every `auto`/None setting made concrete for this rank and machine."""
+    if cuda_count is None:
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = resolve_device(config.device, config.rank, cuda_count)
+    backend = resolve_backend_name(config.attention, device, config.block_size)
+    return replace(
+        config,
+        device=str(device),
+        dtype=config.dtype or default_dtype(device, checkpoint_dtype, cpu_flags()),
+        attention=backend,
+        block_size=config.block_size or default_block_size(backend),
+        kv_cache_memory=config.kv_cache_memory or default_kv_budget(device),
+    )

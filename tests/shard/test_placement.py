@@ -1,0 +1,108 @@
+"""Where each rank runs and with what (shard/placement.py), for the machines it meets: the
+decisions are pure functions of the rank, the GPU count, the checkpoint and the CPU flags, so
+they are checked here on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.cpu import cpu_flags
+from shard import attention
+from shard.config import MemoryBudget, ShardConfig
+from shard.placement import (
+    default_block_size,
+    default_dtype,
+    default_kv_budget,
+    resolve_device,
+    resolve_placement,
+)
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    ("requested", "rank", "gpus", "expected"),
+    [
+        ("auto", 0, 0, "cpu"),
+        ("auto", 3, 0, "cpu"),
+        ("auto", 0, 1, "cuda:0"),
+        ("auto", 3, 4, "cuda:3"),
+        ("auto", 5, 4, "cuda:1"),  # TGI: rank modulo the visible devices
+        ("cuda", 2, 8, "cuda:2"),
+        ("cuda:1", 0, 2, "cuda:1"),
+        ("cpu", 1, 8, "cpu"),
+    ],
+)
+def test_each_rank_gets_its_device(requested: str, rank: int, gpus: int, expected: str) -> None:
+    assert str(resolve_device(requested, rank, gpus)) == expected
+
+
+def test_cuda_without_gpus_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda", 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("device", "checkpoint", "flags", "expected"),
+    [
+        (GPU, "bfloat16", frozenset(), "bfloat16"),
+        (GPU, "float16", frozenset(), "float16"),
+        (GPU, "float32", frozenset(), "bfloat16"),  # a float32 checkpoint: half the bytes
+        (GPU, None, frozenset(), "bfloat16"),
+        (CPU, "bfloat16", frozenset({"avx2", "fma"}), "float32"),  # emulated bf16 is slower
+        (CPU, "float16", frozenset({"avx512f", "avx512_bf16"}), "bfloat16"),
+        (CPU, None, frozenset({"amx_bf16"}), "bfloat16"),
+        (CPU, None, frozenset(), "float32"),
+    ],
+)
+def test_default_dtype(device, checkpoint, flags, expected) -> None:
+    assert default_dtype(device, checkpoint, flags) == expected
+
+
+def test_block_size_and_kv_budget_per_backend_and_device() -> None:
+    assert default_block_size("flash") == 256  # flash-attn 2's paged KV
+    assert default_block_size("sdpa") == default_block_size("torch") == 16
+    assert default_kv_budget(CPU) == MemoryBudget(fraction=0.3)
+    assert default_kv_budget(GPU) == MemoryBudget(fraction=0.9)
+
+
+def test_a_cpu_machine_resolves_everything_to_the_cpu() -> None:
+    config = resolve_placement(ShardConfig(model_dir="/m", model_id="m"), "bfloat16", 0)
+    assert config.device == "cpu" and config.attention == "sdpa" and config.block_size == 16
+    assert config.dtype == default_dtype(CPU, "bfloat16", cpu_flags())
+    assert config.kv_cache_memory == MemoryBudget(fraction=0.3)
+
+
+def test_a_gpu_rank_takes_its_gpu_the_checkpoint_dtype_and_flash_blocks(monkeypatch) -> None:
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
+    config = ShardConfig(model_dir="/m", model_id="m", rank=3, world_size=4)
+    resolved = resolve_placement(config, "float16", cuda_count=4)
+    assert resolved.device == "cuda:3" and resolved.dtype == "float16"
+    assert resolved.attention == "flash" and resolved.block_size == 256
+    assert resolved.kv_cache_memory == MemoryBudget(fraction=0.9)
+
+
+def test_explicit_settings_are_kept(monkeypatch) -> None:
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
+    config = ShardConfig(
+        model_dir="/m",
+        model_id="m",
+        device="cpu",
+        dtype="float32",
+        block_size=32,
+        kv_cache_memory=MemoryBudget(bytes=2**30),
+    )
+    resolved = resolve_placement(config, "bfloat16", cuda_count=8)
+    assert (resolved.device, resolved.dtype, resolved.block_size) == ("cpu", "float32", 32)
+    assert resolved.kv_cache_memory == MemoryBudget(bytes=2**30)
+    # a block size flash-attn cannot page: auto takes another backend on the GPU
+    on_gpu = resolve_placement(ShardConfig(model_dir="/m", model_id="m", block_size=16), None, 1)
+    assert on_gpu.attention != "flash" and on_gpu.block_size == 16
+
+
+def test_cpu_flags_reads_the_first_cpu(tmp_path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu avx2 avx512_bf16\n\nflags : other\n")
+    assert cpu_flags(info) == frozenset({"fpu", "avx2", "avx512_bf16"})
+    assert cpu_flags(tmp_path / "missing") == frozenset()
