@@ -20,7 +20,7 @@ DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `shard` serve
 DTYPES = ("float32", "bfloat16", "float16")
 # --quantize values served on the CPU (shard/quant/loaders.py says what each one is).
 QUANTIZE = ("none", "int8", "eetq", "int4", "gguf", "gptq", "awq")
-ATTENTIONS = ("auto", "sdpa", "torch", "flash")
+ATTENTIONS = ("auto", "sdpa", "torch", "flash", "triton")
 # TGI's ATTENTION values name its CUDA kernels; here the shard picks its paged kernel itself.
 TGI_ATTENTIONS = ("paged", "flashdecoding", "flashinfer", "flashdecoding-ipex")
 _MEMORY = re.compile(r"(\d+(\.\d*)?|\.\d+)\s*(b|kb|mb|gb|kib|mib|gib)?", re.IGNORECASE)

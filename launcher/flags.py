@@ -156,7 +156,7 @@ OUR_FLAGS: tuple[Flag, ...] = (
     Flag("kv-cache-memory", None, str,
          "KV cache size: bytes (e.g. 2GiB) or a fraction of the memory free after warmup", OURS,
          "Default: 0.3 on the CPU, 0.9 on a GPU"),
-    Flag("attention", "auto", str, "auto, sdpa, torch or flash", OURS,
+    Flag("attention", "auto", str, "auto, sdpa, torch, flash or triton", OURS,
          "TGI's values (paged, flashdecoding, flashinfer) mean auto"),
     Flag("block-size", None, int, "Tokens per KV block", OURS,
          "Default: the attention backend's (16; flash-attn 256)"),

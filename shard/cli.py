@@ -52,7 +52,7 @@ def serve(
         help="Tell the router it may reuse the K/V of shared prompt prefixes (cache_len)",
     ),
     device: str = typer.Option("auto", help="auto (cuda:{rank % GPUs}, else cpu), cpu, cuda[:N]"),
-    attention: str = typer.Option("auto", help="auto, sdpa, torch or flash"),
+    attention: str = typer.Option("auto", help="auto, sdpa, torch, flash or triton"),
     block_size: Optional[int] = typer.Option(
         None, help="Tokens per KV cache block; default: the attention backend's"
     ),

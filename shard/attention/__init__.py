@@ -1,9 +1,12 @@
 """Attention backends and the one place that picks one.
 
-torch  per-sequence pure-PyTorch reference (slow, any device)
-sdpa   one batched scaled_dot_product_attention call per layer (the CPU path)
-flash  flash-attn 2 paged kernels (CUDA; needs flash_attn and block_size % 256 == 0)
-auto   flash on CUDA when flash_attn is importable (and the block size suits it), else sdpa
+torch   per-sequence pure-PyTorch reference (slow, any device)
+sdpa    one batched scaled_dot_product_attention call per layer (the CPU path)
+flash   flash-attn 2 paged kernels (CUDA; needs flash_attn and block_size % 256 == 0)
+triton  SDPA for prompts, a Triton paged kernel for decode steps (CUDA; needs only the
+        Triton that ships with CUDA torch)
+auto    on CUDA: flash when flash_attn imports (and the block size suits it), else triton when
+        Triton is there, else sdpa; on the CPU: sdpa
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import torch
 from shard.attention.base import AttentionBackend
 from shard.attention.sdpa import SdpaPagedAttention
 from shard.attention.torch_ref import TorchReferenceAttention
+from shard.attention.triton_decode import TritonPagedAttention, triton_available
 
-BACKENDS = ("torch", "sdpa", "flash", "auto")
+BACKENDS = ("torch", "sdpa", "flash", "triton", "auto")
 
 
 def flash_attn_available() -> bool:
@@ -42,9 +46,11 @@ def resolve_backend_name(
         return name
     from shard.attention.flash_attn import FLASH_BLOCK_MULTIPLE
 
-    block_ok = block_size is None or block_size % FLASH_BLOCK_MULTIPLE == 0
-    use_flash = torch.device(device).type == "cuda" and block_ok and flash_attn_available()
-    return "flash" if use_flash else "sdpa"
+    if torch.device(device).type != "cuda":
+        return "sdpa"
+    if (block_size is None or block_size % FLASH_BLOCK_MULTIPLE == 0) and flash_attn_available():
+        return "flash"
+    return "triton" if triton_available() else "sdpa"
 
 
 def get_backend(
@@ -57,6 +63,8 @@ def get_backend(
         return TorchReferenceAttention()
     if resolved == "sdpa":
         return SdpaPagedAttention()
+    if resolved == "triton":
+        return TritonPagedAttention()
     from shard.attention.flash_attn import FlashPagedAttention
 
     return FlashPagedAttention(block_size=block_size)

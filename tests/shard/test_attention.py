@@ -355,15 +355,19 @@ def test_get_backend_by_name():
         get_backend("paged", cpu)
 
 
-def test_auto_on_cuda_needs_flash_attn_and_a_pageable_block_size(monkeypatch):
+def test_auto_on_cuda_prefers_flash_then_triton_then_sdpa(monkeypatch):
     from shard import attention
 
     monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
+    monkeypatch.setattr(attention, "triton_available", lambda: True)
     assert resolve_backend_name("auto", "cuda", block_size=256) == "flash"
-    assert resolve_backend_name("auto", "cuda", block_size=16) == "sdpa"
+    assert resolve_backend_name("auto", "cuda", block_size=None) == "flash"
+    assert resolve_backend_name("auto", "cuda", block_size=16) == "triton"
     assert resolve_backend_name("auto", "cpu", block_size=256) == "sdpa"
     monkeypatch.setattr(attention, "flash_attn_available", lambda: False)
-    assert resolve_backend_name("auto", "cuda", block_size=256) == "sdpa"
+    assert resolve_backend_name("auto", "cuda", block_size=256) == "triton"
+    monkeypatch.setattr(attention, "triton_available", lambda: False)
+    assert resolve_backend_name("auto", "cuda", block_size=16) == "sdpa"
 
 
 def test_importing_the_flash_module_does_not_import_flash_attn():
