@@ -55,6 +55,7 @@ def shard_command(config: LauncherConfig, model_dir: str, rank: int) -> Command:
         config.attention,
         *_optional("--block-size", config.block_size),
         *_optional("--kv-cache-memory", config.kv_cache_memory),
+        *_optional("--cuda-graphs", config.cuda_graphs),
         *_optional(
             "--cuda-memory-fraction",
             None if config.cuda_memory_fraction == 1.0 else config.cuda_memory_fraction,

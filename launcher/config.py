@@ -83,6 +83,7 @@ class LauncherConfig:
     attention: str = "auto"
     block_size: int | None = None  # None: the attention backend's
     cuda_memory_fraction: float = 1.0
+    cuda_graphs: str | None = None  # None: the shards' default (TGI's 1,2,4,8,16,32)
     cache_dir: str | None = None  # where converted models live
     log_level: str = "info"
     prefix_caching: bool = True  # env PREFIX_CACHING, as TGI (no flag)
@@ -155,6 +156,10 @@ class LauncherConfig:
             ),
             (self.block_size is None or self.block_size > 0, "`block_size` must be > 0"),
             (
+                self.cuda_graphs is None or is_cuda_graphs(self.cuda_graphs),
+                f"`cuda_graphs` must be batch sizes like 1,2,4,8 (or 0), not {self.cuda_graphs!r}",
+            ),
+            (
                 self.kv_cache_memory is None or is_memory_budget(self.kv_cache_memory),
                 f"invalid `kv_cache_memory` {self.kv_cache_memory!r} (e.g. 0.3, 4GiB, 500MB)",
             ),
@@ -175,6 +180,11 @@ def is_memory_budget(text: str) -> bool:
     without importing torch so that a typo fails before any model is loaded."""
     match = _MEMORY.fullmatch(text.strip())
     return match is not None and float(match.group(1)) > 0
+
+
+def is_cuda_graphs(text: str) -> bool:
+    """TGI's --cuda-graphs grammar: comma-separated batch sizes >= 0."""
+    return re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text) is not None
 
 
 def parse_bool(name: str, text: str | None) -> bool | None:

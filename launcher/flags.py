@@ -97,8 +97,9 @@ TGI_FLAGS: tuple[Flag, ...] = (
     Flag("max-batch-total-tokens", None, int, here="Default: the KV cache's size"),
     Flag("max-waiting-tokens", 20, int),
     Flag("max-batch-size", None, int),
-    Flag("cuda-graphs", None, str, "Batch sizes to capture CUDA graphs for", NA,
-         "No CUDA graphs here (the shards run eagerly): ignored"),
+    Flag("cuda-graphs", None, str, "Decode batch sizes to capture CUDA graphs for; 0: none",
+         here="Default 1,2,4,8,16,32; on a GPU with the triton attention backend (the CPU and "
+         "other backends run eagerly)"),
     Flag("hostname", "0.0.0.0", str,
          here="A value that is no IP address (a container's name) listens on 0.0.0.0, as TGI"),
     Flag("port", 3000, int, short="p"),

@@ -64,6 +64,9 @@ def serve(
     cuda_memory_fraction: float = typer.Option(
         1.0, envvar="CUDA_MEMORY_FRACTION", help="Share of the GPU's memory this shard may use"
     ),
+    cuda_graphs: Optional[str] = typer.Option(
+        None, envvar="CUDA_GRAPHS", help="Decode batch sizes to capture on a GPU; 0: none"
+    ),
     num_threads: Optional[int] = typer.Option(None, help="torch intra-op threads"),
     cache_dir: Optional[Path] = typer.Option(None, help="Where converted models live"),
     rope_scaling: Optional[str] = typer.Option(None, help="linear or dynamic (NTK)"),
@@ -82,6 +85,7 @@ def serve(
         exit_with_parent()
     from shard.bootstrap import build_service, run_forever
     from shard.config import MemoryBudget, ShardConfig, rope_override
+    from shard.cuda_graphs import parse_cuda_graphs
     from shard.model_files import resolve_model_dir
 
     model_dir = resolve_model_dir(model_id, revision, cache_dir)
@@ -98,6 +102,7 @@ def serve(
         block_size=block_size,
         kv_cache_memory=MemoryBudget.parse(kv_cache_memory) if kv_cache_memory else None,
         cuda_memory_fraction=cuda_memory_fraction,
+        cuda_graphs=parse_cuda_graphs(cuda_graphs),
         num_threads=num_threads,
         master_addr=master_addr,
         master_port=master_port,

@@ -77,6 +77,7 @@ class ShardConfig:
     block_size: int | None = None  # None: the attention backend's (16, flash-attn 256)
     kv_cache_memory: MemoryBudget | None = None  # None: 30% of free memory (CPU), 90% (GPU)
     cuda_memory_fraction: float = 1.0  # share of the GPU this process may use, as TGI
+    cuda_graphs: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # decode batch sizes captured on a GPU
     num_threads: int | None = None
     master_addr: str = "localhost"
     master_port: int = 29500

@@ -1,15 +1,19 @@
 """Owns the model, its paged KV cache and the attention backend; runs one forward step.
 
 The runner turns a step's Python lists into tensors, lets the backend precompute what all
-layers share, runs the model, and computes logits only for the rows that need them."""
+layers share, runs the model, and computes logits only for the rows that need them. On a GPU,
+decode steps that fit a captured CUDA graph replay it instead (shard/cuda_graphs.py)."""
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 
 import torch
 
 from shard.attention.base import AttentionBackend
+from shard.cuda_graphs import GRAPH_BACKENDS, DecodeGraphs, StaticBatch
 from shard.forward_context import AttentionMetadata, ForwardContext
 from shard.kv_cache import KVCache
 
@@ -34,6 +38,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.kv_cache: KVCache | None = None
+        self.graphs: DecodeGraphs | None = None  # captured once the cache is final
         self.allocate_cache(num_blocks=1)  # block 0 only, until Warmup sizes the real cache
 
     @property
@@ -47,6 +52,7 @@ class ModelRunner:
         )
 
     def allocate_cache(self, num_blocks: int) -> None:
+        self.graphs = None  # they recorded the old cache's addresses
         self.kv_cache = None  # free the old cache before allocating the new one
         c = self.config
         self.kv_cache = KVCache(
@@ -72,6 +78,10 @@ class ModelRunner:
         logit_rows: list[int],
     ) -> torch.Tensor:
         """Runs the step; returns float32 logits [len(logit_rows), vocab] for those token rows."""
+        if self.graphs is not None:
+            logits = self.graphs.run(input_ids, positions, meta, logit_rows)
+            if logits is not None:
+                return logits
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)  # [T]
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)  # [T]
         self.backend.prepare(meta)
@@ -80,3 +90,35 @@ class ModelRunner:
         if len(logit_rows) != len(input_ids):
             hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=self.device)]
         return self.model.compute_logits(hidden)  # [N, V]
+
+    def graphs_unsupported(self, buckets: Sequence[int]) -> str | None:
+        """Why decode steps cannot be captured here, or None."""
+        if not buckets:
+            return "--cuda-graphs 0"
+        if self.device.type != "cuda":
+            return f"the model runs on {self.device.type}"
+        if self.backend.name not in GRAPH_BACKENDS:
+            return f"the {self.backend.name} attention backend plans each step on the host"
+        if getattr(self.model.rotary, "dynamic_factor", None) is not None:
+            return "dynamic RoPE scaling rebuilds its table as sequences grow"
+        return None
+
+    @torch.inference_mode()
+    def capture_graphs(self, buckets: Sequence[int], max_positions: int) -> None:
+        """Captures a decode graph per bucket over the final KV cache, for sequences of up to
+        `max_positions` tokens; logs why not where it cannot."""
+        reason = self.graphs_unsupported(buckets)
+        if reason is not None:
+            log.info("decode steps run without CUDA graphs: %s", reason)
+            return
+        self.model.rotary.ensure(max_positions)  # the table must not move after the capture
+        max_blocks = math.ceil(max_positions / self.block_size)
+        graphs = DecodeGraphs(buckets, max_blocks, self.block_size, self.device, self._replayable)
+        graphs.capture_all()
+        self.graphs = graphs
+
+    def _replayable(self, static: StaticBatch) -> torch.Tensor:
+        """The decode step a graph records: the model over a bucket's static tensors."""
+        ctx = ForwardContext(static.metadata(), self.kv_cache, self.backend)
+        hidden = self.model(static.input_ids, static.positions, ctx)  # [size, hidden]
+        return self.model.compute_logits(hidden)  # [size, V]

@@ -163,6 +163,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             request.max_input_tokens if request.HasField("max_input_tokens") else None,
             request.max_total_tokens if request.HasField("max_total_tokens") else None,
             self.config.cuda_memory_fraction,
+            self.config.cuda_graphs,
         )
         return pb.WarmupResponse(
             max_supported_total_tokens=result.max_supported_total_tokens,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def run_warmup(
     max_input: int | None,
     max_total: int | None,
     cuda_fraction: float = 1.0,
+    cuda_graphs: Sequence[int] = (),
 ) -> WarmupResult:
     runner = generator.runner
     bs = runner.block_size
@@ -129,4 +131,5 @@ def run_warmup(
     usable = total - bs  # block 0 is reserved: requests never get it
     max_total = max_total or min(runner.config.max_position_embeddings, usable)
     max_input = max_input or max_total - 1
+    runner.capture_graphs(cuda_graphs, max_total)
     return WarmupResult(total, max_input, max_total)

@@ -169,7 +169,6 @@ def test_refused_flags_exit_1_and_say_why(captured: list[LauncherConfig], flag: 
 @pytest.mark.parametrize(
     ("args", "logged"),
     [
-        (("--cuda-graphs", "1,2,4"), "`--cuda-graphs 1,2,4` is not applicable here"),
         (("--speculate", "3"), "No speculative decoding"),
         (("--kv-cache-dtype", "fp8_e5m2"), "the cache keeps the model's dtype"),
         (("--ngrok",), "No ngrok tunnel"),
@@ -194,6 +193,14 @@ def test_tgi_choices_are_checked_as_tgi_checks_them(captured: list[LauncherConfi
     assert invoke("--rope-scaling", "yarn").exit_code == 2
     assert invoke("--rope-factor", "0").exit_code == 1
     assert invoke("--cuda-memory-fraction", "1.5").exit_code == 1
+    assert invoke("--cuda-graphs", "1,two").exit_code == 1
+
+
+def test_cuda_graphs_reach_the_shards(captured: list[LauncherConfig]) -> None:
+    assert invoke("--cuda-graphs", "1,2,4").exit_code == 0
+    argv = cli.shard_command(captured[-1], "/m", rank=0).argv
+    assert argv[argv.index("--cuda-graphs") + 1] == "1,2,4"
+    assert "--cuda-graphs" not in cli.shard_command(LauncherConfig(), "/m", 0).argv
 
 
 def test_cuda_memory_fraction_reaches_the_shards(captured: list[LauncherConfig]) -> None:
