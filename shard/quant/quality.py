@@ -88,9 +88,10 @@ def compare(runner: ModelRunner, oracle) -> Quality:
     for ids, prompt_len, reference in oracle:
         ours = runner_logits(runner, ids, prompt_len)
         rows = slice(prompt_len - 1, len(ids) - 1)  # the rows that predict generated tokens
-        target = torch.tensor(ids[prompt_len:])
+        target = torch.tensor(ids[prompt_len:], device=ours.device)
         agree += int((ours.argmax(-1) == target).sum())
-        log_p, log_q = F.log_softmax(reference[rows], -1), F.log_softmax(ours, -1)
+        log_p = F.log_softmax(reference[rows].to(ours.device), -1)
+        log_q = F.log_softmax(ours, -1)
         kl_total += float((log_p.exp() * (log_p - log_q)).sum())
         positions += len(target)
     return Quality(positions, agree / positions, kl_total / positions)
