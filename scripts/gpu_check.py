@@ -263,6 +263,33 @@ def load_table(url: str, text_prompts: list[str], plan: Plan) -> list[dict]:
     return rows
 
 
+def sampling_check(url: str) -> str:
+    """Sampling on the device: 8 concurrent requests with every warper and penalty; the same
+    seed must give the same text, whatever else is in the batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    def ask(seed: int) -> str:
+        parameters = {
+            "max_new_tokens": 16, "do_sample": True, "temperature": 0.8, "top_k": 50,
+            "top_p": 0.9, "typical_p": 0.95, "repetition_penalty": 1.2,
+            "frequency_penalty": 0.5, "seed": seed,
+        }  # fmt: skip
+        body = {"inputs": "Tell me a story.", "parameters": parameters}
+        response = requests.post(f"{url}/generate", json=body, timeout=120)
+        response.raise_for_status()
+        return response.json()["generated_text"]
+
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(ask, [1, 2, 3, 4, 1, 2, 3, 4]))
+    alone = ask(1)
+    same = texts[0] == texts[4] == alone and texts[1] == texts[5]
+    verdict = "seeded draws reproduce" if same else "SEEDED DRAWS DIFFER"
+    log(f"sampling: {verdict}")
+    return verdict
+
+
 def transformers_generate(model_dir: Path, batch: int, prompt_ids: list[int], plan: Plan) -> float:
     """tok/s of transformers' generate() with a static cache, bfloat16, greedy, EOS ignored."""
     import transformers
@@ -323,6 +350,7 @@ def report(results: dict, out: Path, plan: Plan) -> str:
             f"| {row['streams']} | {row['tok/s']:.1f} | {row['ttft_p50'] * 1000:.1f} | "
             f"{row['tpot_p50'] * 1000:.2f} | {row['errors']} | {row['tok/s'] / roofline:.2f}x |"
         )
+    lines += ["", f"Sampling (8 concurrent seeded requests, every warper): {results['sampling']}."]
     lines += ["", "| transformers generate(), static cache | tok/s |", "|---|---|"]
     for batch, tps in results["transformers"].items():
         lines.append(f"| batch {batch} | {tps:.1f} |")
@@ -360,6 +388,7 @@ def run(folder: Path, out: Path, plan: Plan) -> None:
     log(f"server up at {url}")
     try:
         results["load"] = load_table(url, text_prompts, plan)
+        results["sampling"] = sampling_check(url)
     finally:
         stop_server(process)
     vocab = json.loads((large / "config.json").read_text())["vocab_size"]
