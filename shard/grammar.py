@@ -62,15 +62,17 @@ class GrammarState:
         """Sets the logits of every token the grammar forbids to -inf, in place; row [vocab]
         (float32, as the logits are)."""
         self._compute()
-        kernel = _mask_kernel()
-        if kernel is None or not (row.is_contiguous() and row.dtype == torch.float32):
+        # The kernel writes through a host pointer: a GPU row takes the reference.
+        usable = row.is_cpu and row.is_contiguous() and row.dtype == torch.float32
+        kernel = _mask_kernel() if usable else None
+        if kernel is None:
             self.mask_reference(row)
             return
         kernel(row.data_ptr(), self._bits.ctypes.data, self.vocab_size)
 
     def mask_reference(self, row: torch.Tensor) -> None:
         """What mask does, in PyTorch, from the last computed bitmask."""
-        row.masked_fill_(~self._unpacked(), float("-inf"))
+        row.masked_fill_(~self._unpacked().to(row.device), float("-inf"))
 
     def _compute(self) -> None:
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)

@@ -150,6 +150,18 @@ def test_mask_kernel_matches_masked_fill(model, vocab):
     assert torch.isinf(expected).any() and torch.isfinite(expected).any()
 
 
+def test_a_row_off_the_cpu_never_reaches_the_kernel(model, monkeypatch):
+    """On a GPU the logits row is device memory, which the C kernel cannot write: the
+    reference masks it there (a meta tensor stands in for a CUDA one)."""
+    from shard import grammar
+
+    state = model.compiler.state(GRAMMAR_REGEX, "[0-9]+")
+    monkeypatch.setattr(grammar, "_mask_kernel", lambda: pytest.fail("kernel called"))
+    row = torch.empty(model.compiler.vocab_size, device="meta")
+    state.mask(row)
+    assert row.device.type == "meta"
+
+
 def test_tool_set_masks_only_let_calls_through(model):
     """The grammar the router makes of a request's tools, walked on the real tokenizer: every
     answer is a call of one of the tools, with the arguments it declares."""
