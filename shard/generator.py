@@ -100,7 +100,8 @@ def record_prompt_logprobs(plan: StepPlan, logprobs: torch.Tensor) -> None:
         n = min(len(next_tokens), r.num_prompt_tokens - start - 1)
         if n > 0:
             rows = logprobs[lo : lo + n]
-            picked = rows.gather(1, torch.tensor(next_tokens[:n]).unsqueeze(1)).squeeze(1)
+            targets = torch.tensor(next_tokens[:n], device=rows.device)  # [n]
+            picked = rows.gather(1, targets.unsqueeze(1)).squeeze(1)
             r.prompt_logprobs += picked.tolist()
 
 
@@ -149,7 +150,9 @@ class Generator:
         if not plan.sample_rows:
             return []
         chosen = [plan.active[i] for i, _ in plan.sample_rows]
-        rows = torch.tensor([row for _, row in plan.sample_rows], dtype=torch.int64)
+        rows = torch.tensor(
+            [row for _, row in plan.sample_rows], dtype=torch.int64, device=logits.device
+        )
         top_n = max(r.top_n_tokens for r in chosen)
         histories = [r.token_ids for r in chosen]
         scores = logits[rows]  # a copy: the grammars mask their own rows of it

@@ -251,7 +251,7 @@ def _choose_untouched(scores: torch.Tensor, touched: list[int], top_n: int) -> S
     batch = scores.size(0)
     if 2 * len(touched) < batch:
         return _choose(scores, top_n)
-    mask = torch.ones(batch, dtype=torch.bool)
+    mask = torch.ones(batch, dtype=torch.bool, device=scores.device)
     mask[touched] = False
     rest = mask.nonzero().squeeze(1)  # [U]
     out_u = _choose(scores[rest], top_n)
