@@ -3,7 +3,9 @@ the CPU, so its indexing, masking and online softmax are checked here; the devic
 compiled on a GPU. The cases are test_attention's.
 
 Triton reads TRITON_INTERPRET when it is imported (its own library functions are built then),
-so the kernel runs in a child process that sets it first."""
+so the kernel runs in a child process that sets it first. float32 and float16 are checked;
+the interpreter cannot load or store bfloat16 (numpy has no such type), so bfloat16 is left to
+the device check."""
 
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import torch
 
 from shard.attention import triton_decode
 from shard.attention.triton_decode import TritonPagedAttention
-from tests.shard.test_attention import CASES, HEADS, assert_close, make_case, run
+from tests.shard.test_attention import CASES, HEADS, assert_close, dense_reference, make_case, run
 
 REPO = Path(__file__).resolve().parents[2]
 DECODES = ["decode", "decode_uniform"]
+DTYPES = [torch.float32, torch.float16]
 
 
 def check_every_decode_case() -> int:
@@ -33,11 +36,17 @@ def check_every_decode_case() -> int:
         return real(*args)
 
     triton_decode.paged_decode = counted
-    for case_name in DECODES:
-        for heads in HEADS:
-            for block_size in (16, 32):
-                case = make_case(*CASES[case_name], *heads, block_size, torch.float32)
-                assert_close(run(TritonPagedAttention(), case), case, torch.float32)
+    for dtype in DTYPES:
+        for case_name in DECODES:
+            for heads in HEADS:
+                for block_size in (16, 32):
+                    case = make_case(*CASES[case_name], *heads, block_size, dtype)
+                    out = run(TritonPagedAttention(), case)
+                    assert out.dtype == dtype
+                    tol = 1e-5 if dtype == torch.float32 else 2e-3
+                    torch.testing.assert_close(
+                        out.double(), dense_reference(case), atol=tol, rtol=tol
+                    )
     return len(calls)
 
 
@@ -52,7 +61,7 @@ def test_decode_kernel_matches_dense_reference_interpreted():
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"kernel calls {len(DECODES) * len(HEADS) * 2}" in done.stdout
+    assert f"kernel calls {len(DTYPES) * len(DECODES) * len(HEADS) * 2}" in done.stdout
 
 
 @pytest.mark.parametrize("case_name", ["prefill", "mixed", "chunked"])
