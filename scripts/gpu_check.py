@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,7 +207,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, out: Path, device: str) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model_dir: Path, out: Path, device: str, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     argv = [
         sys.executable, "-m", "launcher", "--model-id", str(model_dir), "--port", str(port),
@@ -216,6 +219,7 @@ def start_server(model_dir: Path, out: Path, device: str) -> tuple[subprocess.Po
         "--shard-uds-path", f"/tmp/gpu-check-{os.getpid()}", "--master-port", str(free_port()),
         "--prometheus-port", str(free_port()),
     ]  # fmt: skip
+    argv += list(extra)
     if device == "cpu":
         argv += ["--kv-cache-memory", "64MiB"]
     logfile = open(out / "server.log", "w")  # noqa: SIM115 (lives as long as the server)
@@ -228,7 +232,8 @@ def start_server(model_dir: Path, out: Path, device: str) -> tuple[subprocess.Po
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the launcher exited with {process.returncode}: see server.log")
+            tail = (out / "server.log").read_text()[-3000:]
+            raise RuntimeError(f"the launcher exited with {process.returncode}:\n{tail}")
         try:
             if requests.get(f"{url}/health", timeout=2).status_code == 200:
                 return process, url
@@ -337,7 +342,8 @@ def report(results: dict, out: Path, plan: Plan) -> str:
     roofline = results["roofline"]
     lines += [
         "",
-        f"## Serving {results['served']} ({plan.new_tokens} new tokens per stream)",
+        f"## Serving {results['served']} ({plan.new_tokens} new tokens per stream, server "
+        f"flags: {results.get('server_flags', 'none started')})",
         "",
         f"Bandwidth roofline at 1 stream: {roofline:.0f} tok/s "
         f"({results['weight_bytes'] / 1e9:.2f} GB of weights / 4.8 TB/s).",
@@ -345,19 +351,55 @@ def report(results: dict, out: Path, plan: Plan) -> str:
         "| streams | tok/s | TTFT p50 (ms) | TPOT p50 (ms) | errors | vs roofline |",
         "|---|---|---|---|---|---|",
     ]
-    for row in results["load"]:
+    for row in results.get("load") or []:
         lines.append(
             f"| {row['streams']} | {row['tok/s']:.1f} | {row['ttft_p50'] * 1000:.1f} | "
             f"{row['tpot_p50'] * 1000:.2f} | {row['errors']} | {row['tok/s'] / roofline:.2f}x |"
         )
-    lines += ["", f"Sampling (8 concurrent seeded requests, every warper): {results['sampling']}."]
+    lines += [
+        "",
+        f"Sampling (8 concurrent seeded requests, every warper): {results.get('sampling')}.",
+    ]
     lines += ["", "| transformers generate(), static cache | tok/s |", "|---|---|"]
     for batch, tps in results["transformers"].items():
         lines.append(f"| batch {batch} | {tps:.1f} |")
+    for name, error in results.get("failures", {}).items():
+        lines += ["", f"FAILED {name}: {error}"]
     text = "\n".join(lines) + "\n"
     (out / "gpu_check.md").write_text(text)
     (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
     return text
+
+
+def attempt(results: dict, name: str, fn, *args):
+    """fn(*args), or None with the failure logged and recorded: one broken part of a one-shot
+    run on a borrowed GPU must not cost the figures of the others."""
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001 (reported in the table, with its traceback logged)
+        log(f"{name} FAILED: {err!r}\n{traceback.format_exc()}")
+        results.setdefault("failures", {})[name] = repr(err)[:500]
+        return None
+
+
+def serve_and_load(results: dict, large: Path, out: Path, plan: Plan) -> None:
+    """The load table from a server with CUDA graphs, else (if that one fails) without."""
+    text_prompts = [f"Request {i}: tell me about the number {i}." for i in range(256)]
+    for extra in ((), ("--cuda-graphs", "0")):
+        started = attempt(results, f"server {' '.join(extra) or 'defaults'}", start_server,
+                          large, out, plan.device, extra)  # fmt: skip
+        if started is None:
+            continue
+        process, url = started
+        log(f"server up at {url} ({' '.join(extra) or 'defaults'})")
+        try:
+            results["server_flags"] = " ".join(extra) or "defaults"
+            results["load"] = attempt(results, "load", load_table, url, text_prompts, plan)
+            results["sampling"] = attempt(results, "sampling", sampling_check, url)
+        finally:
+            stop_server(process)
+        if results["load"] is not None:
+            return
 
 
 def run(folder: Path, out: Path, plan: Plan) -> None:
@@ -366,39 +408,37 @@ def run(folder: Path, out: Path, plan: Plan) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 in both models
     torch.backends.cudnn.allow_tf32 = False
     gpu = torch.cuda.get_device_name(0) if plan.device == "cuda" else "CPU (smoke run)"
-    results: dict = {"gpu": gpu, "greedy": []}
+    results: dict = {"gpu": gpu, "greedy": [], "transformers": {}}
     log(f"{results['gpu']}, torch {torch.__version__}")
     small_config = plan.small or smollm2_config(folder)
     small = build_checkpoint("smollm2-135m", small_config, folder, work, plan.device)
     large = build_checkpoint("llama-1b", plan.large, folder, work, plan.device)
     for model_dir, dtype in ((small, "float32"), (large, "float32"), (large, "bfloat16")):
-        agreement, positions, path = greedy_agreement(
-            model_dir, dtype, plan.greedy_tokens, plan.device
-        )
+        name = f"greedy {model_dir.name} {dtype}"
+        found = attempt(results, name, greedy_agreement, model_dir, dtype, plan.greedy_tokens,
+                        plan.device)  # fmt: skip
+        if found is None:
+            continue
+        agreement, positions, path = found
         results["greedy"].append(
             {"model": model_dir.name, "dtype": dtype, "agreement": agreement,
              "positions": positions, "path": path}
         )  # fmt: skip
-        log(f"greedy {model_dir.name} {dtype}: {agreement:.1%} of {positions} ({path})")
+        log(f"{name}: {agreement:.1%} of {positions} ({path})")
     results["served"] = large.name
     results["weight_bytes"] = weight_bytes(large)
     results["roofline"] = H200_BANDWIDTH / results["weight_bytes"]
-    text_prompts = [f"Request {i}: tell me about the number {i}." for i in range(256)]
-    process, url = start_server(large, out, plan.device)
-    log(f"server up at {url}")
-    try:
-        results["load"] = load_table(url, text_prompts, plan)
-        results["sampling"] = sampling_check(url)
-    finally:
-        stop_server(process)
+    serve_and_load(results, large, out, plan)
     vocab = json.loads((large / "config.json").read_text())["vocab_size"]
     prompt_ids = prompts(vocab, 1, 24)[0]
-    results["transformers"] = {}
     for batch in plan.batches:
-        results["transformers"][batch] = transformers_generate(large, batch, prompt_ids, plan)
-        log(f"transformers generate() batch {batch}: {results['transformers'][batch]:.1f} tok/s")
+        tps = attempt(results, f"transformers batch {batch}", transformers_generate, large,
+                      batch, prompt_ids, plan)  # fmt: skip
+        if tps is not None:
+            results["transformers"][batch] = tps
+            log(f"transformers generate() batch {batch}: {tps:.1f} tok/s")
     print(report(results, out, plan), flush=True)
-    log("done")
+    log("done" if not results.get("failures") else f"done, {len(results['failures'])} failures")
 
 
 def main() -> None:
