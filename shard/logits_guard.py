@@ -1,13 +1,16 @@
 """Per-row numeric guard of the sampler: one request's sampling parameters (a temperature or
 repetition penalty so small the logits overflow) or NaN logits must never fail the batch.
 `guard_rows` finds such rows with one reduction each and repairs only them; the rule is in
-`_repair` and `_temperature_limit`."""
+`_repair` and `_temperature_limit`. Off the CPU, where finding them would be a host sync, every
+row goes through the repair and only the flagged ones take its result (`_guard_every_row`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+
+from shard import logits_processors as lp
 
 _NEG_INF = float("-inf")
 
@@ -28,6 +31,8 @@ def guard_rows(
     logits, row raw_rows[i] for row i of x, the fallback of _repair (which has the rule);
     temperature [T]: each row's (1.0 where off), None when no row has one.
     """
+    if not lp.branches_ok(x):
+        return _guard_every_row(x, raw, raw_rows, temperature)
     peak = x.amax(dim=-1)  # [T]
     bad = (~torch.isfinite(peak)).nonzero().squeeze(1)  # [X]
     if bad.numel():
@@ -36,6 +41,30 @@ def guard_rows(
         peak[bad] = fixed.amax(dim=-1)
     if temperature is not None:
         _temperature_limit(x, peak, temperature)
+    return x
+
+
+def _guard_every_row(
+    x: torch.Tensor,
+    raw: torch.Tensor,
+    raw_rows: Sequence[int],
+    temperature: torch.Tensor | None,
+) -> torch.Tensor:
+    """guard_rows without a host sync: the same rule, computed for every row and selected."""
+    peak = x.amax(dim=-1)  # [T]
+    bad = ~torch.isfinite(peak)  # [T]
+    fallback = raw[torch.tensor(raw_rows, device=x.device)]  # [T, V]
+    fixed = _overflow_limit(x.clone(), fallback)
+    empty = fixed.amax(dim=-1, keepdim=True) == _NEG_INF  # [T, 1]
+    alt = _overflow_limit(fallback.clone(), fallback)
+    alt = alt.masked_fill(alt.amax(dim=-1, keepdim=True) == _NEG_INF, 0.0)
+    fixed = torch.where(empty, alt, fixed)
+    x = torch.where(bad[:, None], fixed, x)
+    if temperature is not None:
+        peak = x.amax(dim=-1)  # [T]
+        over = ~torch.isfinite(peak / temperature.to(x.dtype))  # [T]
+        limit = torch.full_like(x, _NEG_INF).masked_fill_(x == peak[:, None], 0.0)
+        x = torch.where(over[:, None], limit, x)
     return x
 
 

@@ -25,6 +25,16 @@ from collections.abc import Sequence
 import torch
 
 FILTER_VALUE = float("-inf")
+
+
+def branches_ok(t: torch.Tensor) -> bool:
+    """Whether code may branch on t's values. On the CPU that is free, and skipping work on the
+    rows that need none pays; on an accelerator each such branch (`nonzero`, `bool(...)`) is a
+    host sync that stalls the stream, so there the sampler takes branch-free paths that treat
+    every row alike (and give the same results; the tests run both)."""
+    return t.is_cpu
+
+
 # apply_top_p looks for the cut among this many best tokens first (see there).
 TOP_P_PREFIXES = (256, 4096)
 
@@ -102,6 +112,8 @@ def apply_top_p(
     rows, vocab = scores.shape
     remove = torch.ones_like(scores, dtype=torch.bool)  # [R, V]
     pending = torch.arange(rows, device=scores.device)  # rows still without a cut
+    if not branches_ok(scores):  # a full sort is cheap there, and needs no sync
+        return scores.masked_fill_(_top_p_remove_sorted(scores, top_p), FILTER_VALUE)
     # softmax's kernel is fast on -inf; exp()/logsumexp() take a slow path on them.
     probs = scores.softmax(dim=-1)  # [R, V]
     for k in prefixes:

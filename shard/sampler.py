@@ -251,9 +251,8 @@ def _choose_untouched(scores: torch.Tensor, touched: list[int], top_n: int) -> S
     batch = scores.size(0)
     if 2 * len(touched) < batch:
         return _choose(scores, top_n)
-    mask = torch.ones(batch, dtype=torch.bool, device=scores.device)
-    mask[touched] = False
-    rest = mask.nonzero().squeeze(1)  # [U]
+    skip = set(touched)
+    rest = torch.tensor([i for i in range(batch) if i not in skip], device=scores.device)  # [U]
     out_u = _choose(scores[rest], top_n)
     return _merge(_empty_output(batch, out_u), rest, out_u)
 
@@ -376,6 +375,13 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     block_sums = blocks.sum(dim=-1).to(torch.float64)  # [S, nb]
     total = block_sums.sum(dim=-1)  # [S]
     ok = torch.isfinite(total) & (total > 0)  # [S]
+    if not lp.branches_ok(probs):  # no sync: every row drawn from safe weights, then chosen
+        drawn = _draw_blocks(
+            blocks.masked_fill(~ok[:, None, None], 1.0),
+            block_sums.masked_fill(~ok[:, None], 1.0),
+            u,
+        )
+        return torch.where(ok, drawn, probs.nan_to_num(nan=0.0).argmax(dim=-1))
     if bool(ok.all()):
         return _draw_blocks(blocks, block_sums, u)
     ids = probs.nan_to_num(nan=0.0).argmax(dim=-1)  # [S]: the fallback, for the bad rows

@@ -27,6 +27,14 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True, params=["cpu paths", "branch-free paths"])
+def _paths(request, monkeypatch):
+    """Every test runs twice: with the CPU's branches, and with the branch-free code a GPU
+    takes (no host sync), which must give the same results."""
+    if request.param == "branch-free paths":
+        monkeypatch.setattr(lp, "branches_ok", lambda t: False)
+
+
 def _logits(b: int, v: int = V, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, v, generator=g) * scale
