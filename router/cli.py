@@ -71,50 +71,31 @@ def main(
     otlp_service_name: str = typer.Option("text-generation-inference.router"),
 ) -> None:
     """Serves TGI's HTTP API in front of the shards."""
+    flags = dict(locals())  # every option by name: they are RouterConfig's fields, but three
     try:
         setup_logging(json_output, python_level(log_level), "router")
     except ValueError as err:
         setup_logging(json_output, "info", "router")
         log.error("%s", err)
         raise typer.Exit(1) from err
-
     try:
-        config = RouterConfig(
-            model_id=model_id,
-            tokenizer_dir=tokenizer_name,
-            master_shard_uds_path=master_shard_uds_path,
-            hostname=bind_address(hostname),
-            port=port,
-            max_concurrent_requests=max_concurrent_requests,
-            max_best_of=max_best_of,
-            max_stop_sequences=max_stop_sequences,
-            max_top_n_tokens=max_top_n_tokens,
-            max_input_tokens=max_input_tokens,
-            max_total_tokens=max_total_tokens,
-            max_batch_prefill_tokens=max_batch_prefill_tokens,
-            max_batch_total_tokens=max_batch_total_tokens,
-            max_batch_size=max_batch_size,
-            waiting_served_ratio=waiting_served_ratio,
-            max_waiting_tokens=max_waiting_tokens,
-            max_client_batch_size=max_client_batch_size,
-            validation_workers=validation_workers,
-            payload_limit=payload_limit,
-            api_key=api_key,
-            cors_allow_origin=tuple(cors_allow_origin),
-            json_output=json_output,
-            enable_prefill_logprobs=enable_prefill_logprobs,
-            disable_grammar_support=disable_grammar_support,
-            graceful_shutdown_timeout=graceful_shutdown_timeout,
-            compute_type=compute_type,
-            prometheus_port=prometheus_port,
-            tokenizer_config_path=tokenizer_config_path,
-            otlp_endpoint=otlp_endpoint,
-            otlp_service_name=otlp_service_name,
-        )
+        config = router_config(flags)
     except ValueError as err:
-        logging.getLogger("router").error("invalid configuration: %s", err)
+        log.error("invalid configuration: %s", err)
         raise typer.Exit(1) from err
     asyncio.run(serve(config))
+
+
+def router_config(flags: dict) -> RouterConfig:
+    """The command line's options as a RouterConfig; raises ValueError."""
+    flags = dict(flags)
+    del flags["log_level"]  # set up above, not part of the config
+    tokenizer_dir = flags.pop("tokenizer_name")  # TGI's name for the router's flag
+    hostname = bind_address(flags.pop("hostname"))
+    origins = tuple(flags.pop("cors_allow_origin"))
+    return RouterConfig(
+        **flags, tokenizer_dir=tokenizer_dir, hostname=hostname, cors_allow_origin=origins
+    )
 
 
 if __name__ == "__main__":
