@@ -8,15 +8,16 @@
 #                                  # carried along: installs the wheels, runs the check, writes
 #                                  # OUT/gpu_check.md (default: gpu-check-out)
 #
-# The GPU machine has CUDA torch, Triton, transformers, safetensors, tokenizers, grpcio, aiohttp,
-# typer and prometheus-client; WHEELS below is the rest of what the server imports.
+# The GPU machine has CUDA torch, Triton, transformers, safetensors, tokenizers, aiohttp, typer
+# and prometheus-client; WHEELS below is the rest of what the server imports, with grpcio and
+# protobuf as new as the ones the carried stubs (pb/) were generated for (they check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FOLDER=build/gpu-check
 WHEELS="llguidance jsonschema jsonschema-specifications referencing rpds-py swagger-ui-bundle
   opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc
   opentelemetry-exporter-otlp-proto-common opentelemetry-proto opentelemetry-semantic-conventions
-  googleapis-common-protos importlib-metadata gguf"
+  googleapis-common-protos importlib-metadata gguf grpcio protobuf"
 
 if [[ "${1:-}" == "prepare" ]]; then
   PY=${PY:-.venv/bin/python}
