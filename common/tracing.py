@@ -10,6 +10,7 @@ full. Shutdown flushes for at most `FLUSH_TIMEOUT` seconds and then lets the pro
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -67,7 +68,10 @@ def setup_tracing(endpoint: str | None, service_name: str) -> Tracing:
     return Tracing(provider)
 
 
+@functools.cache
 def tracer() -> Tracer:
+    """Our tracer, looked up once (it runs on every batch step). Before setup_tracing it is
+    the API's proxy, which follows the provider installed later."""
     return trace.get_tracer(TRACER_NAME)
 
 

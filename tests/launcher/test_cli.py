@@ -4,21 +4,17 @@ handed to `shard prepare`, `shard serve` and the router. Nothing is spawned here
 from __future__ import annotations
 
 import json
-import logging
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from launcher import cli
-from launcher import config as config_module
 from launcher.cli import ConfigError, LauncherConfig, app, is_memory_budget
 
 PY = sys.executable
 OPTIONS = [p for p in app.params if p.opts[0].startswith("--") and p.envvar]
-FLAG_ENV_VARS = [p.envvar for p in OPTIONS]
 
 TGI_FLAGS = [
     "--model-id",
@@ -56,32 +52,7 @@ TGI_FLAGS = [
 OUR_FLAGS = ["--kv-cache-memory", "--attention", "--block-size", "--cache-dir"]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No flag may come from the test machine's environment; logging is restored after."""
-    for name in [*FLAG_ENV_VARS, "LOG_LEVEL", "CUDA_VISIBLE_DEVICES", "PREFIX_CACHING"]:
-        monkeypatch.delenv(name, raising=False)
-    for name in ("NVIDIA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(config_module, "nvidia_smi_count", lambda: None)  # no GPUs here
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> list[LauncherConfig]:
-    """The configs the CLI would launch, instead of launching them."""
-    configs: list[LauncherConfig] = []
-
-    def fake_supervise(config: LauncherConfig) -> int:
-        configs.append(config)
-        return 0
-
-    monkeypatch.setattr(cli, "supervise", fake_supervise)
-    return configs
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def parse(captured: list[LauncherConfig], *args: str, **env: str) -> LauncherConfig:

@@ -5,8 +5,6 @@ purpose rather than read from launcher/flags.py, so a flag dropped from our tabl
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,26 +81,7 @@ def env_name(flag: str) -> str:
     return flag[2:].upper().replace("-", "_")
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in [env_name(f) for f in TGI_FLAGS] + ["LOG_LEVEL", "CUDA_VISIBLE_DEVICES"]:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.delenv("ZE_AFFINITY_MASK", raising=False)
-    monkeypatch.delenv("COMPUTE_TYPE", raising=False)
-    monkeypatch.setattr(config, "nvidia_smi_count", lambda: None)  # as on a machine without GPUs
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> list[LauncherConfig]:
-    configs: list[LauncherConfig] = []
-    monkeypatch.setattr(cli, "supervise", lambda c: configs.append(c) or 0)
-    return configs
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def invoke(*args: str, **env: str):
