@@ -351,11 +351,11 @@ def test_sampling_distribution_across_vocab_blocks() -> None:
 
 
 def test_invert_edges_never_pick_zero_weights() -> None:
-    from shard.sampler import _invert
+    from shard.draw import invert
 
     w = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]], dtype=torch.float64).expand(3, -1)
     u = torch.tensor([[0.0], [0.5], [torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))]])
-    idx, rem = _invert(w, u.double())
+    idx, rem = invert(w, u.double())
     assert idx.tolist() == [1, 3, 3]
     assert (rem >= 0).all() and (rem <= 0.5).all()
 
@@ -499,7 +499,7 @@ def test_nan_and_inf_logits_rows_spare_the_batch() -> None:
 
 
 def test_draw_never_returns_out_of_range_ids() -> None:
-    from shard.sampler import _draw
+    from shard.draw import draw
 
     v = 1500  # two draw blocks, the second padded
     probs = torch.softmax(_logits(4, v=v), -1)
@@ -508,9 +508,9 @@ def test_draw_never_returns_out_of_range_ids() -> None:
     probs[2] = 0.0
     probs[2, 700], probs[2, 1200] = 0.3, NAN
     gens = [torch.Generator().manual_seed(s) for s in range(4)]
-    ids = _draw(probs, gens)
+    ids = draw(probs, gens)
     assert ids.tolist()[:3] == [0, 0, 700]  # argmax, NaN counting as 0
-    alone = _draw(probs[3:], [torch.Generator().manual_seed(3)])
+    alone = draw(probs[3:], [torch.Generator().manual_seed(3)])
     assert int(ids[3]) == int(alone[0])
     # every generator advanced by exactly one uniform, drawn or not
     fresh = torch.Generator().manual_seed(0)
