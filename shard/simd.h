@@ -55,6 +55,23 @@ static inline v16f exp16(v16f x) {
     return y * (v16f)((n + 127) << 23); /* 2^n from its float bits */
 }
 
+/* silu(x) = x sigmoid(x), 16 at a time, from e = e^-|x| (never overflows): sigmoid is
+ * 1 / (1 + e) for x >= 0 and e / (1 + e) below. Each lane is a function of its own x alone. */
+static inline v16f silu16(v16f x) {
+    v16i negative = x < splat(0.f);
+    v16f magnitude = (v16f)((negative & (v16i)-x) | (~negative & (v16i)x));
+    v16f e = exp16(-magnitude), inverse = splat(1.f) / (splat(1.f) + e);
+    v16f sigmoid = (v16f)((negative & (v16i)(e * inverse)) | (~negative & (v16i)inverse));
+    return x * sigmoid;
+}
+
+/* Up to 16 floats from p, zeros past n: a row's last, partial vector. */
+static inline v16f load16_part(const float *p, int n) {
+    v16f v = splat(0.f);
+    memcpy(&v, p, sizeof(float) * (n < 16 ? n : 16));
+    return v;
+}
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;

@@ -87,3 +87,14 @@ def skip_unless_runnable(march: str) -> None:
     missing = OLDER_MARCHES[march] - cpu_flags()
     if missing:
         pytest.skip(f"this CPU lacks {sorted(missing)} for -march={march}")
+
+
+@pytest.fixture
+def fast_numerics():
+    """Batch invariance off (`--batch-invariant false`) for one test: the paths each step size
+    takes for speed (shard/numerics.py); restored after."""
+    from shard import numerics
+
+    numerics.configure(batch_invariant=False)
+    yield
+    numerics.configure(batch_invariant=True)

@@ -1,6 +1,8 @@
-/* Paged attention of decode steps on the CPU: each query token is the newest of its own
- * sequence and attends to its sequence's cached positions, read in place through the block
- * table (no gather into contiguous K/V, no padding, no mask).
+/* Paged attention on the CPU: each query token attends to its sequence's cached positions up
+ * to its own, read in place through the block table (no gather into contiguous K/V, no
+ * padding, no mask). A token is computed on its own, in position order, the same way whether
+ * it is a decode step's only token or one of a prompt chunk's: its output never depends on
+ * the other tokens of the step (batch invariance, shard/numerics.py).
  *
  * Compiled at run time by shard/attention/paged_decode.py (as shard/quant/kernels.c), and
  * included by shard/models/llama_decode.c. The references are the SDPA backend's general path
@@ -18,8 +20,9 @@
 typedef struct {
     int heads, kv_heads, head_dim, block_size, max_blocks, kv_bf16;
     float scale;                 /* of the scores, head_dim^-0.5 for Llama */
-    const int32_t *block_tables; /* [T, max_blocks] */
-    const int32_t *seq_lens;     /* [T] cached positions of each token's sequence, its own included */
+    const int32_t *block_tables; /* [B, max_blocks]: each sequence's blocks */
+    const int32_t *token_seq;    /* [T] the sequence (row of block_tables) of each query token */
+    const int32_t *token_len;    /* [T] the positions token t sees: its own position + 1 */
 } PagedKV;
 
 static inline v16f load16_kv(const void *cache, long i, int bf16) {
@@ -34,13 +37,14 @@ static inline v16f load16_kv(const void *cache, long i, int bf16) {
 #endif
 }
 
-/* out [D] = softmax(q . K^T * scale) V over the seq_len cached positions of token t's
- * sequence, for one query head; kv_head is the KV head its group reads. scores: seq_len + 16
- * floats of scratch. Positions are walked block by block through the block table. */
+/* out [D] = softmax(q . K^T * scale) V over the token_len[t] first cached positions of token
+ * t's sequence, for one query head; kv_head is the KV head its group reads. scores:
+ * token_len[t] + 16 floats of scratch. Positions are walked block by block through the block
+ * table. */
 static void attend(const PagedKV *s, const void *key, const void *value, int t, int kv_head,
                    const float *q, float *out, float *scores) {
-    int D = s->head_dim, n = s->seq_lens[t], bf16 = s->kv_bf16, size = s->block_size;
-    const int32_t *table = s->block_tables + (long)t * s->max_blocks;
+    int D = s->head_dim, n = s->token_len[t], bf16 = s->kv_bf16, size = s->block_size;
+    const int32_t *table = s->block_tables + (long)s->token_seq[t] * s->max_blocks;
     long stride = (long)s->kv_heads * D; /* from one slot to the next */
     float top = -INFINITY;
     for (int p0 = 0, b = 0; p0 < n; p0 += size, b++) {
@@ -76,7 +80,7 @@ static void attend(const PagedKV *s, const void *key, const void *value, int t, 
 
 static int longest_sequence(const PagedKV *s, int T) {
     int longest = 1;
-    for (int t = 0; t < T; t++) longest = s->seq_lens[t] > longest ? s->seq_lens[t] : longest;
+    for (int t = 0; t < T; t++) longest = s->token_len[t] > longest ? s->token_len[t] : longest;
     return longest;
 }
 
@@ -93,7 +97,7 @@ void paged_decode_attention(const PagedKV *s, int T, const void *q, void *out, i
     {
         float *scores = malloc(sizeof(float) * (longest + 16));
         float qf[D], of[D];
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static, 1) /* prompt tokens' lengths grow: interleave */
         for (int t = 0; t < T; t++) {
             for (int h = 0; h < s->heads; h++) {
                 long row = ((long)t * s->heads + h) * D;

@@ -1,6 +1,7 @@
-"""Paged attention of decode steps on the CPU, in C (paged_decode.c): each token attends to
-its own sequence's cache in place, through the block table. The SDPA backend takes this path
-for decode-only steps; its general path (gather K/V, pad, SDPA) serves every other step.
+"""Paged attention on the CPU, in C (paged_decode.c): each query token attends to its own
+sequence's cache in place, through the block table, up to its own position. The SDPA backend
+takes this path for every step in batch-invariant mode (shard/numerics.py), and otherwise for
+decode-only steps, its general path (gather K/V, pad, SDPA) serving the rest.
 
 Measured on SmolLM2-135M (2 cores, bf16, 16 sequences of ~150 tokens): the gathers and SDPA
 calls took ~7 ms of a 53 ms decode step.
@@ -17,6 +18,7 @@ import torch
 from shard.forward_context import AttentionMetadata
 from shard.kv_cache import LayerKV
 from shard.native import SIMD_HEADER, load_library
+from shard.numerics import batch_invariant
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
 DTYPES = (torch.float32, torch.bfloat16)
@@ -27,18 +29,34 @@ class PagedKV(ctypes.Structure):  # paged_decode.c's PagedKV
     _fields_ = [
         ("heads", _int), ("kv_heads", _int), ("head_dim", _int), ("block_size", _int),
         ("max_blocks", _int), ("kv_bf16", _int), ("scale", _float),
-        ("block_tables", _ptr), ("seq_lens", _ptr),
+        ("block_tables", _ptr), ("token_seq", _ptr), ("token_len", _ptr),
     ]  # fmt: skip
+
+
+def token_layout(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query token's sequence and how many positions it sees (its position + 1): two [T]
+    int32 tensors, built once per step (meta.prepared)."""
+    layout = meta.prepared.get("token_layout")
+    if layout is None:
+        query_lens = torch.tensor(meta.query_lens_list, dtype=torch.int64)  # [B]
+        seqs = torch.repeat_interleave(torch.arange(meta.num_seqs), query_lens)  # [T]
+        first = torch.tensor(meta.seq_lens_list, dtype=torch.int64) - query_lens + 1  # [B]
+        starts = torch.cumsum(query_lens, 0) - query_lens  # [B]
+        offset = torch.arange(len(seqs)) - starts[seqs]  # [T]: index within its sequence
+        lens = first[seqs] + offset
+        layout = meta.prepared["token_layout"] = (seqs.to(torch.int32), lens.to(torch.int32))
+    return layout
 
 
 def paged_kv(
     meta: AttentionMetadata, cache: LayerKV, heads: int, kv_heads: int, head_dim: int, scale: float
 ) -> PagedKV:
-    """Where the step's sequences are; valid while `meta` lives."""
+    """Where the step's tokens and sequences are; valid while `meta` lives."""
+    seqs, lens = token_layout(meta)
     return PagedKV(
         heads, kv_heads, head_dim, meta.block_size, meta.block_tables.shape[1],
         int(cache.key.dtype is torch.bfloat16), scale, meta.block_tables.data_ptr(),
-        meta.seq_lens.data_ptr(),
+        seqs.data_ptr(), lens.data_ptr(),
     )  # fmt: skip
 
 
@@ -50,9 +68,10 @@ class PagedDecodeKernel:
 
     @staticmethod
     def supports(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata) -> bool:
-        """A decode step on the CPU, q and the cache in one of DTYPES, heads of 16k floats."""
+        """A step on the CPU (any step in batch-invariant mode, else a decode step), q and the
+        cache in one of DTYPES, heads of 16k floats."""
         return (
-            meta.is_decode_only
+            (meta.is_decode_only or batch_invariant())
             and q.is_cpu
             and q.dtype in DTYPES
             and cache.key.dtype is q.dtype

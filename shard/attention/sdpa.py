@@ -1,5 +1,8 @@
-"""Paged attention through `torch.nn.functional.scaled_dot_product_attention`: the fast CPU path.
-Decode-only steps on the CPU take the paged decode kernel instead (paged_decode.py).
+"""Paged attention through `torch.nn.functional.scaled_dot_product_attention`: the fast CPU path
+where batch invariance is off. Decode-only steps on the CPU take the paged kernel instead
+(paged_decode.py), and so does every step in batch-invariant mode (shard/numerics.py): SDPA
+computes a prompt token in another order than a decode token at the same position, and its
+blocking changes with the shapes of the step.
 
 Sequences go through batched SDPA calls on padded [B, H, Qmax, D] queries and [B, KV, Lmax, D]
 gathered K/V. Padding costs B * Qmax * Lmax, so a mixed step (say 15 decodes next to a
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 from shard.attention.paged_decode import paged_decode_kernel
 from shard.forward_context import AttentionMetadata
 from shard.kv_cache import LayerKV
+from shard.numerics import batch_invariant
 
 WASTE = 2.0  # a group's padded query x key pairs may be this many times its real ones ...
 SLACK = 4096  # ... plus this many (a call's fixed overhead is worth a few thousand pairs)
@@ -215,18 +219,23 @@ def attend_group(
     return unpad_output(out, group)
 
 
+def _paged(meta: AttentionMetadata) -> bool:
+    """Whether the step goes to the paged kernel (where it supports the tensors)."""
+    return meta.is_decode_only or batch_invariant()
+
+
 class SdpaPagedAttention:
     name = "sdpa"
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        if meta.is_decode_only and paged_decode_kernel() is not None:
-            return  # the paged decode kernel needs nothing prepared (else forward prepares)
+        if _paged(meta) and paged_decode_kernel() is not None:
+            return  # the paged kernel needs nothing prepared (else forward prepares)
         meta.prepared["sdpa"] = build_step(meta)
 
     def forward(
         self, q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        kernel = paged_decode_kernel() if meta.is_decode_only else None
+        kernel = paged_decode_kernel() if _paged(meta) else None
         if kernel is not None and kernel.supports(q, cache, meta):
             return kernel.forward(q, cache, meta, scale)
         step = meta.prepared.get("sdpa")

@@ -14,7 +14,10 @@
  *
  * Activations and arithmetic are float32 whatever the model's dtype; the KV cache is float32
  * or bfloat16 (kv_bf16), laid out [num_blocks, block_size, kv_heads, head_dim] as
- * shard/kv_cache.py. Each of the T query tokens belongs to its own sequence (a decode step).
+ * shard/kv_cache.py. The T tokens are any step's: a decode step's one token per sequence, or
+ * prompt chunks (paged->token_seq and token_len say whose each token is and what it sees).
+ * Every token is computed on its own, in one order, whatever the others: batch invariance
+ * (shard/numerics.py). All the step's K/V are written before any token attends.
  */
 #include "../attention/paged_decode.c"
 #include "../quant/kernels.c"
@@ -85,7 +88,11 @@ static void silu_quantize(int kind, const float *gate_up, int T, int I, QuantX *
         long t = u / n, g = u % n, start = g * 128, count = I - start < 128 ? I - start : 128;
         const float *gate = gate_up + t * 2 * I + start, *up = gate + I;
         float v[128];
-        for (long i = 0; i < count; i++) v[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+        for (long i = 0; i < count; i += 16) {
+            int n = count - i < 16 ? (int)(count - i) : 16;
+            v16f out = silu16(load16_part(gate + i, n)) * load16_part(up + i, n);
+            memcpy(v + i, &out, sizeof(float) * n);
+        }
         quantize_quad(kind, v, t, g, blocks, xq);
     }
 }
@@ -178,7 +185,7 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
         store_kv(s->values[layer], at, v, kv_width, paged->kv_bf16);
     }
     int group = paged->heads / paged->kv_heads;
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static, 1) /* prompt tokens' lengths grow: interleave */
     for (int t = 0; t < T; t++)
         for (int h = 0; h < paged->heads; h++)
             attend(paged, s->keys[layer], s->values[layer], t, h / group,

@@ -1,11 +1,15 @@
-"""The Llama decoder stack in one C call (llama_decode.c) for decode steps of a few sequences on
-the CPU with quantized weights: the steps a single user waits on, bound by memory bandwidth,
-where eager PyTorch spent as long dispatching ~2,800 small operators as in the products.
+"""The Llama decoder stack in one C call (llama_decode.c) on the CPU with quantized weights.
+Written for the steps a single user waits on, decode steps of a few sequences bound by memory
+bandwidth, where eager PyTorch spent as long dispatching ~2,800 small operators as in the
+products.
 
-The eager layers of llama.py stay the reference and run every other step (prefill, more
-sequences than the library's llama_decode_max_rows, dense weights, tensor parallelism, other
-devices); the tests check that both give the same logits. The library is built like the
-quantized kernels (gcc, cached per CPU); where it cannot be, the eager layers run everything.
+In batch-invariant mode (the default, shard/numerics.py) it runs every step of the model:
+prefill, mixed and decode steps of any size, so that a token's numbers never depend on which
+path its step took. Otherwise it runs decode steps of up to llama_decode_max_rows sequences.
+The eager layers of llama.py stay the reference and run everything it cannot (dense weights,
+tensor parallelism, other devices); the tests check that both give the same logits. The
+library is built like the quantized kernels (gcc, cached per CPU); where it cannot be, the
+eager layers run everything.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from shard.attention.paged_decode import SOURCE as ATTENTION_SOURCE
 from shard.attention.paged_decode import PagedKV, paged_kv
 from shard.forward_context import ForwardContext
 from shard.native import SIMD_HEADER, load_library
+from shard.numerics import batch_invariant
 from shard.quant.kernels import KIND_CODES, NativeKernels, get_kernels
 from shard.quant.kernels import SOURCE as KERNELS_SOURCE
 from shard.quant.weight import QuantizedWeight
@@ -123,12 +128,13 @@ class CompiledDecoder:
         )
 
     def supports(self, x: torch.Tensor, ctx: ForwardContext) -> bool:
-        """A decode step of at most max_rows sequences over a float32 or bfloat16 cache."""
-        return (
-            ctx.attn.is_decode_only
-            and x.shape[0] <= self.max_rows
-            and ctx.kv_cache[0].key.dtype in DTYPES
-        )
+        """Over a float32 or bfloat16 cache: any step in batch-invariant mode, else a decode
+        step of at most max_rows sequences."""
+        if ctx.kv_cache[0].key.dtype not in DTYPES:
+            return False
+        if batch_invariant():
+            return True
+        return ctx.attn.is_decode_only and x.shape[0] <= self.max_rows
 
     def _cache_addresses(self, kv_cache) -> None:
         if self._cache is not kv_cache:  # a new cache (warmup sizes it once)
@@ -166,5 +172,8 @@ def compiled_decoder(model) -> CompiledDecoder | None:
     if lib is None:
         return None
     decoder = CompiledDecoder(lib, model)
-    log.info("decode steps of up to %d sequences run the compiled decoder", decoder.max_rows)
+    if batch_invariant():
+        log.info("every step runs the compiled decoder (batch-invariant)")
+    else:
+        log.info("decode steps of up to %d sequences run the compiled decoder", decoder.max_rows)
     return decoder

@@ -365,14 +365,14 @@ static inline __attribute__((always_inline)) void quad_q4_256(const QuantX *xq, 
 
 /* out[r] = x[t0 + r] . w_row for r < rows, q8 in groups of 32 (GGUF Q8_0), with AVX2: one block
  * per 256 bits (u8 x s8 products take |w| and x with w's signs, which cannot saturate), its
- * dw dx applied to the block's lanes; a single row of x takes turns between two accumulators,
- * so that consecutive blocks do not wait for each other's sums. */
+ * dw dx applied to the block's lanes; one accumulator per row of x, blocks in order, whatever
+ * `rows` is (batch invariance: a row's sum never depends on its tile-mates). */
 static inline __attribute__((always_inline)) void dot_q8_256(const QuantX *xq, long t0, int rows,
                                                              int K, const uint8_t *row,
                                                              const f16 *scale, float *out) {
     long blocks = K / 32;
-    __m256 acc[TILE + 1];
-    for (int a = 0; a <= rows; a++) acc[a] = _mm256_setzero_ps();
+    __m256 acc[TILE];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (long b = 0; b < blocks; b++) {
         if (b % 2 == 0) _mm_prefetch((const char *)row + b * 32 + PREFETCH, _MM_HINT_T0);
         __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * 32));
@@ -382,11 +382,9 @@ static inline __attribute__((always_inline)) void dot_q8_256(const QuantX *xq, l
             long xb = (t0 + r) * blocks + b;
             __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq->q + xb * 32)), w);
             __m256 p = _mm256_cvtepi32_ps(dot_u8s8(magnitude, x));
-            int a = rows == 1 ? (int)(b & 1) : r;
-            acc[a] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * xq->d[xb]), acc[a]);
+            acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * xq->d[xb]), acc[r]);
         }
     }
-    if (rows == 1) acc[0] = _mm256_add_ps(acc[0], acc[1]);
     for (int r = 0; r < rows; r++) out[r] = hsum8(acc[r]);
 }
 
@@ -441,23 +439,21 @@ static inline void dot_rows(int kind, const QuantX *xq, long x0, int rows, int K
 
 #ifdef HAVE_VNNI_512
 #define ROWS_512 4 /* rows of x that share one unpacked quad of W */
+#define WROWS 4    /* rows of W whose sums are reduced together (reduce4) */
 
-static inline float hsum4(__m128 v) {
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
-}
+/* Batch invariance: whatever the step's rows and however they are tiled, output (t, n) is
+ * computed by the same operations in the same order: one accumulator per (row of x, row of
+ * W), fed quad after quad in column order (quad_q4, pair_q8), then one reduction (reduce4,
+ * lane j of which depends on its own sums only). The integer dot products are exact, so only
+ * this float order matters; tiles decide what is loaded once and shared, never an order. */
 
-/* Accumulators of `rows` rows of x: one each, and two for a single row, which then takes
- * turns (slot 0, 1) so that consecutive quads do not wait for each other's sums. */
-#define ACCS(rows) ((rows) == 1 ? 2 : (rows))
-#define ACC(rows, r, slot) ((rows) == 1 ? (slot) : (r))
-
-/* One quad of 4 blocks of q4 (`real` < 4 in a last, partial quad) against `rows` rows of x. */
+/* One quad of 4 blocks of q4 (`real` < 4 in a last, partial quad) against `rows` rows of x:
+ * acc[r] and low[r] take row t0 + r's products. */
 static inline __attribute__((always_inline)) void quad_q4(const QuantX *xq, long t0, int rows,
                                                           long n, long blocks, long g, int real,
                                                           const uint8_t *row, const f16 *scale,
-                                                          const f16 *min, int slot,
-                                                          __m512 *acc, __m128 *low) {
+                                                          const f16 *min, __m512 *acc,
+                                                          __m128 *low) {
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     __mmask64 bytes = real == 4 ? ~0ULL : (1ULL << (16 * real)) - 1;
@@ -475,46 +471,19 @@ static inline __attribute__((always_inline)) void quad_q4(const QuantX *xq, long
         __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x));
         dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(x + 64));
         __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(xq->quad_d + at * 32));
-        int a = ACC(rows, r, slot);
-        acc[a] = _mm512_fmadd_ps(p, dws, acc[a]);
+        acc[r] = _mm512_fmadd_ps(p, dws, acc[r]);
         __m128 sx = _mm_maskz_loadu_ps(four, xq->sum + (t0 + r) * blocks + 4 * g);
         low[r] = _mm_fmadd_ps(mw, sx, low[r]);
     }
 }
 
-/* out[r] = x[t0 + r] . w_row for r < rows, q4 in groups of 32 (GGUF Q4_1), with 512-bit VNNI:
- * each quad of 4 blocks is unpacked once (two masks, no shuffles) and meets `rows` rows of x
- * arranged to its nibbles' order; lanes are scaled by dx (quad_d) and dw (spread from the 4
- * scales). The min term sum_b mw dx sum(xq) is a 4-wide dot product per quad. */
-static inline __attribute__((always_inline)) void dot_q4_512(const QuantX *xq, long t0, int rows,
-                                                             int K, const uint8_t *row,
-                                                             const f16 *scale,
-                                                             const f16 *min, __m512 *sums,
-                                                             __m128 *lows) {
-    long blocks = K / 32, n = quads(K), g = 0;
-    __m512 acc[ACCS(ROWS_512)];
-    __m128 low[ROWS_512];
-    for (int a = 0; a < ACCS(rows); a++) acc[a] = _mm512_setzero_ps();
-    for (int r = 0; r < rows; r++) low[r] = _mm_setzero_ps();
-    for (; g + 2 <= blocks / 4; g += 2) {
-        quad_q4(xq, t0, rows, n, blocks, g, 4, row, scale, min, 0, acc, low);
-        quad_q4(xq, t0, rows, n, blocks, g + 1, 4, row, scale, min, 1, acc, low);
-    }
-    if (g < blocks / 4) quad_q4(xq, t0, rows, n, blocks, g++, 4, row, scale, min, 0, acc, low);
-    if (blocks % 4)
-        quad_q4(xq, t0, rows, n, blocks, g, blocks % 4, row, scale, min, 1, acc, low);
-    if (rows == 1) acc[0] = _mm512_add_ps(acc[0], acc[1]);
-    for (int r = 0; r < rows; r++) {
-        sums[r] = acc[r];
-        lows[r] = low[r];
-    }
-}
-
-/* Two blocks of q8 (`real` 1 in a last, odd block) against `rows` rows of x. */
+/* Two blocks of q8 (`real` 1 in a last, odd block) against `rows` rows of x. VNNI multiplies
+ * unsigned by signed bytes, so W is read as w + 128 (w ^ 0x80) and 128 sum(x) (quad_c) is
+ * taken off each lane. */
 static inline __attribute__((always_inline)) void pair_q8(const QuantX *xq, long t0, int rows,
                                                           long n, long h, int real,
                                                           const uint8_t *row, const f16 *scale,
-                                                          int slot, __m512 *acc) {
+                                                          __m512 *acc) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     __mmask64 bytes = real == 2 ? ~0ULL : (1ULL << 32) - 1;
@@ -528,32 +497,84 @@ static inline __attribute__((always_inline)) void pair_q8(const QuantX *xq, long
                                           _mm512_loadu_si512(xq->quad_q + at * 64));
         dot = _mm512_sub_epi32(dot, _mm512_loadu_si512(xq->quad_c + at * 16));
         __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(xq->quad_d + at * 16));
-        int a = ACC(rows, r, slot);
-        acc[a] = _mm512_fmadd_ps(p, dws, acc[a]);
+        acc[r] = _mm512_fmadd_ps(p, dws, acc[r]);
     }
 }
 
-/* The same for q8 in groups of 32 (GGUF Q8_0): two blocks per 512 bits. VNNI multiplies
- * unsigned by signed bytes, so W is read as w + 128 (w ^ 0x80) and 128 sum(x) (quad_c) is
- * taken off each lane. */
-static inline __attribute__((always_inline)) void dot_q8_512(const QuantX *xq, long t0, int rows,
-                                                             int K, const uint8_t *row,
-                                                             const f16 *scale, __m512 *sums) {
-    long blocks = K / 32, n = quads(K), h = 0;
-    __m512 acc[ACCS(ROWS_512)];
-    for (int a = 0; a < ACCS(rows); a++) acc[a] = _mm512_setzero_ps();
-    for (; h + 2 <= blocks / 2; h += 2) {
-        pair_q8(xq, t0, rows, n, h, 2, row, scale, 0, acc);
-        pair_q8(xq, t0, rows, n, h + 1, 2, row, scale, 1, acc);
+/* Column step g of W's row (scale, min: that row's) against `rows` rows of x from t0: a quad
+ * of q4 (GGUF Q4_1) or a pair of blocks of q8 (Q8_0); `real` blocks of it exist (4 or 2 but
+ * in a row's last, partial step), a constant where inlined. */
+static inline __attribute__((always_inline)) void step_512(int kind, const QuantX *xq, long t0,
+                                                           int rows, long K, long g, int real,
+                                                           const uint8_t *row, const f16 *scale,
+                                                           const f16 *min, __m512 *acc,
+                                                           __m128 *low) {
+    if (kind == 4)
+        quad_q4(xq, t0, rows, quads(K), K / 32, g, real, row, scale, min, acc, low);
+    else
+        pair_q8(xq, t0, rows, quads(K), g, real, row, scale, acc);
+}
+
+/* Whole steps of a row of W, and the blocks of its last, partial step (0: none). */
+static inline long whole_steps(int kind, long K) { return K / 32 / (kind == 4 ? 4 : 2); }
+static inline int last_blocks(int kind, long K) { return (int)(K / 32 % (kind == 4 ? 4 : 2)); }
+#define WHOLE(kind) ((kind) == 4 ? 4 : 2)
+
+/* sums[r], lows[r] of one row of W against `rows` rows of x (rows from 2 to 4: they share
+ * each step's unpacked weights). */
+static inline __attribute__((always_inline)) void dot_rows_512(int kind, const QuantX *xq,
+                                                               long t0, int rows, int K,
+                                                               const uint8_t *row,
+                                                               const f16 *scale, const f16 *min,
+                                                               __m512 *sums, __m128 *lows) {
+    __m512 acc[ROWS_512];
+    __m128 low[ROWS_512];
+    for (int r = 0; r < rows; r++) {
+        acc[r] = _mm512_setzero_ps();
+        low[r] = _mm_setzero_ps();
     }
-    if (h < blocks / 2) pair_q8(xq, t0, rows, n, h++, 2, row, scale, 0, acc);
-    if (blocks % 2) pair_q8(xq, t0, rows, n, h, 1, row, scale, 1, acc);
-    if (rows == 1) acc[0] = _mm512_add_ps(acc[0], acc[1]);
-    for (int r = 0; r < rows; r++) sums[r] = acc[r];
+    long g = 0, whole = whole_steps(kind, K);
+    for (; g < whole; g++) step_512(kind, xq, t0, rows, K, g, WHOLE(kind), row, scale, min, acc, low);
+    if (last_blocks(kind, K))
+        step_512(kind, xq, t0, rows, K, g, last_blocks(kind, K), row, scale, min, acc, low);
+    for (int r = 0; r < rows; r++) {
+        sums[r] = acc[r];
+        lows[r] = low[r];
+    }
+}
+
+/* sums[j], lows[j] of WROWS rows of W against one row of x: their steps interleaved, so that
+ * four accumulators hide each other's latency (the order of each one's sum is unchanged). */
+static inline __attribute__((always_inline)) void dot_wrows_512(int kind, const QuantX *xq,
+                                                                long t0, int K,
+                                                                const uint8_t *const *rows,
+                                                                const f16 *const *scales,
+                                                                const f16 *const *mins,
+                                                                __m512 *sums, __m128 *lows) {
+    __m512 acc[WROWS];
+    __m128 low[WROWS];
+    for (int j = 0; j < WROWS; j++) {
+        acc[j] = _mm512_setzero_ps();
+        low[j] = _mm_setzero_ps();
+    }
+    long g = 0, whole = whole_steps(kind, K);
+    int last = last_blocks(kind, K);
+    for (; g < whole; g++)
+        for (int j = 0; j < WROWS; j++)
+            step_512(kind, xq, t0, 1, K, g, WHOLE(kind), rows[j], scales[j], mins[j], acc + j,
+                     low + j);
+    if (last)
+        for (int j = 0; j < WROWS; j++)
+            step_512(kind, xq, t0, 1, K, g, last, rows[j], scales[j], mins[j], acc + j, low + j);
+    for (int j = 0; j < WROWS; j++) {
+        sums[j] = acc[j];
+        lows[j] = low[j];
+    }
 }
 
 /* The totals of 4 sums (16 lanes each) and their 4 lows (4 lanes each): four horizontal
- * reductions done together, a third of the instructions of four done one by one. */
+ * reductions done together, a third of the instructions of four done one by one. Lane j is
+ * a function of v[j] and low[j] alone: padding the others with zeros changes nothing. */
 static inline __m128 reduce4(const __m512 *v, const __m128 *low) {
     __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
     __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
@@ -566,38 +587,51 @@ static inline __m128 reduce4(const __m512 *v, const __m128 *low) {
     return _mm_add_ps(total, _mm_add_ps(_mm_movelh_ps(l01, l23), _mm_movehl_ps(l23, l01)));
 }
 
-/* y[t0 + r, n] for r < rows and n in [n0, n1): rows of W met by `rows` rows of x. Each
- * (kind, rows) is compiled on its own (SPAN below): inlined into one function, the eight
- * variants left GCC short of registers, spilling loop variables in the inner loops. */
+/* y[t0 + r, n] for r < rows and n in [n0, n1): WROWS rows of W at a time, met by `rows` rows
+ * of x, each (row of x, row of W) summed and reduced the one way above. Each (kind, rows) is
+ * compiled on its own (SPAN below): inlined into one function, the eight variants left GCC
+ * short of registers, spilling loop variables in the inner loops. */
 static inline __attribute__((always_inline)) void span_512(int kind, int rows, const QuantX *xq,
                                                            long t0, int K, const uint8_t *qs,
                                                            const f16 *scale, const f16 *min,
                                                            long n0, long n1, int N, void *y,
                                                            int y_bf16) {
     long groups = K / 32, row_bytes = kind == 4 ? K / 2 : K;
-    /* One row of x: 4 rows of W at a time, their sums reduced together. */
-    int ws = rows == 1 ? 4 : 1;
-    for (long n = n0; n < n1; n += ws) {
-        if (n + ws > n1) ws = 1; /* the last few rows of W one by one */
-        __m512 sums[ROWS_512];
-        __m128 lows[ROWS_512]; /* q4's min terms; none for q8 */
-        for (int r = 0; r < ROWS_512; r++) lows[r] = _mm_setzero_ps();
-        for (int j = 0; j < ws; j++) {
-            const uint8_t *row = qs + (n + j) * row_bytes;
-            const f16 *s = scale + (n + j) * groups, *m = kind == 4 ? min + (n + j) * groups : 0;
-            if (kind == 4)
-                dot_q4_512(xq, t0, rows, K, row, s, m, sums + j, lows + j);
-            else
-                dot_q8_512(xq, t0, rows, K, row, s, sums + j);
+    for (long n = n0; n < n1; n += WROWS) {
+        int ws = n1 - n < WROWS ? (int)(n1 - n) : WROWS;
+        __m512 sums[WROWS][ROWS_512];
+        __m128 lows[WROWS][ROWS_512]; /* q4's min terms; zeros for q8 */
+        const uint8_t *w[WROWS];
+        const f16 *s[WROWS], *m[WROWS];
+        for (int j = 0; j < WROWS; j++) {
+            long at = n + (j < ws ? j : 0);
+            w[j] = qs + at * row_bytes;
+            s[j] = scale + at * groups;
+            m[j] = kind == 4 ? min + at * groups : 0;
+            for (int r = 0; r < ROWS_512; r++) {
+                sums[j][r] = _mm512_setzero_ps();
+                lows[j][r] = _mm_setzero_ps();
+            }
         }
-        float out[ROWS_512];
-        if (ws == 4) {
-            _mm_storeu_ps(out, reduce4(sums, lows));
-            for (int j = 0; j < 4; j++) store(y, y_bf16, t0 * N + n + j, out[j]);
-            continue;
+        if (rows == 1 && ws == WROWS) {
+            __m512 v[WROWS];
+            __m128 l[WROWS];
+            dot_wrows_512(kind, xq, t0, K, w, s, m, v, l);
+            for (int j = 0; j < WROWS; j++) {
+                sums[j][0] = v[j];
+                lows[j][0] = l[j];
+            }
+        } else {
+            for (int j = 0; j < ws; j++)
+                dot_rows_512(kind, xq, t0, rows, K, w[j], s[j], m[j], sums[j], lows[j]);
         }
-        for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(sums[r]) + hsum4(lows[r]);
-        for (int r = 0; r < rows; r++) store(y, y_bf16, (t0 + r) * N + n, out[r]);
+        for (int r = 0; r < rows; r++) {
+            __m512 v[WROWS] = {sums[0][r], sums[1][r], sums[2][r], sums[3][r]};
+            __m128 l[WROWS] = {lows[0][r], lows[1][r], lows[2][r], lows[3][r]};
+            float out[WROWS];
+            _mm_storeu_ps(out, reduce4(v, l));
+            for (int j = 0; j < ws; j++) store(y, y_bf16, (t0 + r) * N + n + j, out[j]);
+        }
     }
 }
 
@@ -614,15 +648,23 @@ SPAN(4, 1) SPAN(4, 2) SPAN(4, 3) SPAN(4, 4) SPAN(8, 1) SPAN(8, 2) SPAN(8, 3) SPA
 static const SpanFn SPANS[2][ROWS_512] = {{span_4_1, span_4_2, span_4_3, span_4_4},
                                           {span_8_1, span_8_2, span_8_3, span_8_4}};
 
+/* Rows of W a thread takes at a time when x has many rows (a prompt): their bytes stay in the
+ * L1 cache while every tile of x meets them. */
+#define W_CHUNK 16
+
 /* This thread's share of W's rows (as `omp for schedule(static)` would give), every row of
  * x; then the barrier that ends an `omp for`. */
 static void matmul_512(int kind, const QuantX *xq, int T, int K, const uint8_t *qs,
                        const f16 *scale, const f16 *min, int N, void *y, int y_bf16) {
     long threads = omp_get_num_threads(), me = omp_get_thread_num();
     long n0 = N * me / threads, n1 = N * (me + 1) / threads;
-    for (int t0 = 0; t0 < T; t0 += ROWS_512) {
-        int rows = T - t0 < ROWS_512 ? T - t0 : ROWS_512;
-        SPANS[kind == 8][rows - 1](xq, t0, K, qs, scale, min, n0, n1, N, y, y_bf16);
+    long chunk = T > 64 ? W_CHUNK : n1 - n0; /* a decode step streams its rows once */
+    for (long c0 = n0; c0 < n1; c0 += chunk) {
+        long c1 = c0 + chunk < n1 ? c0 + chunk : n1;
+        for (int t0 = 0; t0 < T; t0 += ROWS_512) {
+            int rows = T - t0 < ROWS_512 ? T - t0 : ROWS_512;
+            SPANS[kind == 8][rows - 1](xq, t0, K, qs, scale, min, c0, c1, N, y, y_bf16);
+        }
     }
 #pragma omp barrier
 }

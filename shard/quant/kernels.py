@@ -2,12 +2,15 @@
 through ctypes. Without a compiler the reference (dequantize, then a dense product) runs
 instead, with a warning: correct, several times slower.
 
-Products with at most `direct_max_rows` rows of x (decode steps of few sequences; the library
-says how many its kernels win at: 8 with AVX-512 VNNI, else 2) read the
-quantized weight directly: that is where quantization pays, since such steps are bound by
-memory bandwidth. Larger products use the dense GEMM (oneDNN, AMX where the CPU has it), many
-times faster than our kernel's arithmetic once a weight is reused across rows: on the
-weight's dense copy where the shard keeps one, else dequantized into a scratch matrix.
+In batch-invariant mode (the default, shard/numerics.py) every product reads the quantized
+weight directly, whatever its rows: each row of x is quantized on its own and its sums run in
+one order, so a row's output never depends on the other rows. Otherwise only products with at
+most `direct_max_rows` rows of x (decode steps of few sequences; the library says how many its
+kernels win at: 8 with AVX-512 VNNI, else 2) do: that is where quantization pays, since such
+steps are bound by memory bandwidth. Larger products then use the dense GEMM (oneDNN, AMX where
+the CPU has it), faster than our kernel's arithmetic once a weight is reused across rows
+where the CPU has AMX: on the weight's dense copy where the shard keeps one, else dequantized
+into a scratch matrix.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch.nn import functional as F
 
 from shard.convert import default_cache_dir
 from shard.native import SIMD_HEADER, build_library
+from shard.numerics import batch_invariant
 from shard.quant.weight import QuantizedWeight, dequantize
 
 log = logging.getLogger(__name__)
@@ -54,7 +58,7 @@ class NativeKernels:
             return self.matmul(x.float(), w).to(x.dtype)
         x = x.contiguous()
         rows = x.shape[0]
-        if rows > self.direct_max_rows:
+        if rows > self.direct_max_rows and not batch_invariant():
             dense = w.dense if w.dense is not None and w.dense.dtype == x.dtype else None
             return F.linear(x, dense if dense is not None else self.dequantize(w, x.dtype))
         y = torch.empty(rows, w.out_features, dtype=x.dtype)
@@ -83,7 +87,8 @@ class NativeKernels:
 
 
 class ReferenceKernels:
-    """Pure PyTorch: what the native kernels compute, used where they cannot be built."""
+    """Pure PyTorch: what the native kernels compute (but for the int8 rounding of x), used
+    where they cannot be built. Not batch-invariant: the dense GEMM's order depends on the rows."""
 
     name = "reference"
     direct_max_rows = 0  # every product dequantizes first

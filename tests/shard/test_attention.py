@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shard import numerics
 from shard.attention import get_backend, resolve_backend_name, sdpa
 from shard.attention.flash_attn import FlashPagedAttention
 from shard.attention.paged_decode import paged_decode_kernel
@@ -133,13 +134,22 @@ def assert_close(out: torch.Tensor, case: Case, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(
     "backend_cls", [TorchReferenceAttention, SdpaPagedAttention], ids=lambda c: c.name
 )
-def test_backend_matches_dense_reference(backend_cls, dtype, block_size, heads, case_name):
+@pytest.mark.parametrize("invariant", [True, False], ids=["invariant", "fast"])
+def test_backend_matches_dense_reference(
+    backend_cls, dtype, block_size, heads, case_name, invariant
+):
+    """Batch-invariant, the CPU backend sends every step to the paged kernel; fast, only
+    decode steps, the others to its SDPA path."""
     query_lens, seq_lens = CASES[case_name]
     case = make_case(query_lens, seq_lens, *heads, block_size, dtype)
-    assert_close(run(backend_cls(), case), case, dtype)
+    numerics.configure(batch_invariant=invariant)
+    try:
+        assert_close(run(backend_cls(), case), case, dtype)
+    finally:
+        numerics.configure(batch_invariant=True)
 
 
-def test_sdpa_same_output_for_every_layer_of_a_step():
+def test_sdpa_same_output_for_every_layer_of_a_step(fast_numerics):
     """One prepare, then several layers: same block tables, different K/V and queries."""
     backend = SdpaPagedAttention()
     lens = CASES["mixed_grouped"]  # several groups share the step's gather workspace
@@ -192,7 +202,7 @@ def test_sdpa_decode_steps_take_the_paged_kernel(monkeypatch, dtype, case_name):
     assert_close(out, case, dtype)
 
 
-def test_sdpa_prepares_lazily_when_prepare_was_skipped():
+def test_sdpa_prepares_lazily_when_prepare_was_skipped(fast_numerics):
     case = make_case([3, 1], [8, 5], 4, 4, 16, torch.float32)
     out = SdpaPagedAttention().forward(case.q, case.cache, case.meta, case.scale)
     assert "sdpa" in case.meta.prepared

@@ -150,7 +150,7 @@ def test_biases_and_a_single_kv_head(tmp_path):
     assert_close_up_to_rounding_flips(ours, eager)
 
 
-def test_other_steps_and_models_stay_eager(tiny_llama_dir, quantized):
+def test_other_steps_and_models_stay_eager(tiny_llama_dir, quantized, fast_numerics):
     assert unsupported_reason(load_model(tiny_llama_dir, torch.float32)) == "dense weights"
     tp = load_model(tiny_llama_dir, torch.float32, dist=Dist(0, 2), quantize="int4")
     assert unsupported_reason(tp) == "tensor parallel" and tp.decoder is None
@@ -167,3 +167,13 @@ def test_other_steps_and_models_stay_eager(tiny_llama_dir, quantized):
     ctx.attn = AttentionMetadata.build([3], [3], [[1]], [4, 5, 6], 4)  # a prefill
     assert not decoder.supports(torch.zeros(3, 64), ctx)
     assert rows >= get_kernels().direct_max_rows
+
+
+def test_every_step_runs_the_compiled_decoder_when_batch_invariant(quantized):
+    decoder: CompiledDecoder = quantized[torch.float32].decoder
+    ctx = type("Ctx", (), {"kv_cache": new_cache(quantized[torch.float32], torch.float32)})()
+    more = decoder.max_rows + 1
+    ctx.attn = AttentionMetadata.build([1] * more, [5] * more, [[1, 2]] * more, [5] * more, 4)
+    assert decoder.supports(torch.zeros(more, 64), ctx)
+    ctx.attn = AttentionMetadata.build([3, 1], [3, 6], [[1], [2, 3]], [4, 5, 6, 9], 4)  # mixed
+    assert decoder.supports(torch.zeros(4, 64), ctx)

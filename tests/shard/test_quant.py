@@ -71,7 +71,7 @@ def test_native_kernels_are_built_here():
     assert get_kernels().name == "native"  # gcc exists on every machine we run on
 
 
-def test_dense_copy_serves_large_steps(monkeypatch):
+def test_dense_copy_serves_large_steps(fast_numerics):
     weight = quantize(torch.randn(64, 96), "q4", 32)
     kept = QuantizedWeight(**{**weight.__dict__, "dense": torch.zeros(64, 96)})
     x = torch.randn(get_kernels().direct_max_rows + 1, 96)
