@@ -57,6 +57,10 @@ def shard_command(config: LauncherConfig, model_dir: str, rank: int) -> Command:
         *_optional("--kv-cache-memory", config.kv_cache_memory),
         *_optional("--cuda-graphs", config.cuda_graphs),
         *_optional(
+            "--batch-invariant",
+            None if config.batch_invariant is None else str(config.batch_invariant).lower(),
+        ),
+        *_optional(
             "--cuda-memory-fraction",
             None if config.cuda_memory_fraction == 1.0 else config.cuda_memory_fraction,
         ),

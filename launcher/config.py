@@ -85,6 +85,7 @@ class LauncherConfig:
     cuda_memory_fraction: float = 1.0
     cuda_graphs: str | None = None  # None: the shards' default (TGI's 1,2,4,8,16,32)
     cache_dir: str | None = None  # where converted models live
+    batch_invariant: bool | None = None  # None: the shards' default (CPU on, GPU off)
     log_level: str = "info"
     prefix_caching: bool = True  # env PREFIX_CACHING, as TGI (no flag)
 
@@ -291,6 +292,7 @@ def resolve_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Laun
             "quantize": flags["quantize"].lower() if flags["quantize"] else None,
             "cors_allow_origin": tuple(flags["cors_allow_origin"] or ()),
             "attention": resolve_attention(flags["attention"]),
+            "batch_invariant": parse_bool("batch-invariant", flags["batch_invariant"]),
         },
         num_shard=num_shard,
         max_input_tokens=max_input_tokens,

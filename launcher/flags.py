@@ -162,6 +162,11 @@ OUR_FLAGS: tuple[Flag, ...] = (
     Flag("block-size", None, int, "Tokens per KV block", OURS,
          "Default: the attention backend's (16; flash-attn 256)"),
     Flag("cache-dir", None, str, "Where converted models live", OURS),
+    Flag("batch-invariant", None, str,
+         "true|false: a request's tokens and logprobs are the same bits whatever its batch, "
+         "prefix cache hits and prompt chunking", OURS,
+         "Default: true on the CPU, false on a GPU (vLLM's VLLM_BATCH_INVARIANT); false takes "
+         "each step size's fastest path"),
 )  # fmt: skip
 
 FLAGS: tuple[Flag, ...] = TGI_FLAGS + OUR_FLAGS

@@ -3,6 +3,7 @@ shards' Warmup answer, validated once and passed down."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 
 
@@ -45,6 +46,8 @@ class RouterConfig:
     model_dtype: str = ""
     model_device_type: str = ""
     quantize: str = ""
+    batch_invariant: bool = False
+    system_fingerprint: str = ""  # OpenAI's: changes with what changes the numbers
 
     def __post_init__(self):
         checks = [
@@ -76,8 +79,25 @@ class RouterConfig:
             if not ok:
                 raise ValueError(message)
 
-    def with_model(self, dtype: str, device_type: str, quantize: str) -> RouterConfig:
-        return replace(self, model_dtype=dtype, model_device_type=device_type, quantize=quantize)
+    def with_model(
+        self,
+        dtype: str,
+        device_type: str,
+        quantize: str,
+        batch_invariant: bool = False,
+        kernel_build: str = "",
+    ) -> RouterConfig:
+        """The config once Info has told what the shards serve."""
+        return replace(
+            self,
+            model_dtype=dtype,
+            model_device_type=device_type,
+            quantize=quantize,
+            batch_invariant=batch_invariant,
+            system_fingerprint=fingerprint(
+                self.model_id, dtype, device_type, quantize, batch_invariant, kernel_build
+            ),
+        )
 
     def with_limits(
         self, max_input_tokens: int, max_total_tokens: int, max_batch_total_tokens: int
@@ -89,3 +109,12 @@ class RouterConfig:
             max_total_tokens=max_total_tokens,
             max_batch_total_tokens=max_batch_total_tokens,
         )
+
+
+def fingerprint(model_id: str, *served: object) -> str:
+    """OpenAI's `system_fingerprint` ("fp_" and 10 hex digits): a hash of what decides the
+    numbers a request gets (the model, dtype, device, quantization, batch invariance and the
+    shards' kernel build), so it changes exactly when the same request could change."""
+    text = "\n".join(str(part) for part in (model_id, *served))
+    return "fp_" + hashlib.sha256(text.encode()).hexdigest()[:10]
+

@@ -13,6 +13,7 @@ import torch
 
 from common.tracing import setup_tracing
 from shard.attention import get_backend
+from shard import numerics
 from shard.config import ShardConfig
 from shard.distributed import init_distributed
 from shard.generator import Generator
@@ -78,9 +79,16 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
         quantize = "none"  # the converted checkpoint holds dense weights too
     if quantize != "none" and device.type != "cpu":
         raise QuantizationError(f"--quantize {quantize} runs on the CPU only, not {device}")
-    # Quantization the user did not ask for (a GGUF model's own) keeps dense copies as well:
-    # the fastest setting for both one and many streams; an explicit --quantize saves memory.
-    keep_dense = config.quantize is None
+    if config.batch_invariant and device.type != "cpu":
+        raise ValueError(
+            f"--batch-invariant true is implemented on the CPU only, not on {device}: "
+            "run with --batch-invariant false"
+        )
+    numerics.configure(batch_invariant=config.batch_invariant)
+    # Quantization the user did not ask for (a GGUF model's own) keeps dense copies as well
+    # where steps of many rows use them (batch invariance off): the fastest setting for both
+    # one and many streams; an explicit --quantize saves memory.
+    keep_dense = config.quantize is None and not config.batch_invariant
     model = load_model(
         config.model_dir,
         config.torch_dtype,
@@ -102,13 +110,14 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
     )
     generator = Generator(runner, eos, DEFAULT_MAX_PREFILL_TOKENS, watermark, grammars)
     log.info(
-        "loaded %s (%s, quantize %s, %s, attention %s, %d threads)",
+        "loaded %s (%s, quantize %s, %s, attention %s, %d threads, batch invariance %s)",
         config.model_id,
         config.dtype,
         quantize,
         device,
         backend.name,
         torch.get_num_threads(),
+        "on" if config.batch_invariant else "off",
     )
     return generator, backend.name
 

@@ -67,6 +67,12 @@ def serve(
     cuda_graphs: Optional[str] = typer.Option(
         None, envvar="CUDA_GRAPHS", help="Decode batch sizes to capture on a GPU; 0: none"
     ),
+    batch_invariant: Optional[str] = typer.Option(
+        None,
+        envvar="BATCH_INVARIANT",
+        help="true|false: outputs independent of the batch, prefix cache and chunking; "
+        "default true on the CPU, false on a GPU",
+    ),
     num_threads: Optional[int] = typer.Option(None, help="torch intra-op threads"),
     cache_dir: Optional[Path] = typer.Option(None, help="Where converted models live"),
     rope_scaling: Optional[str] = typer.Option(None, help="linear or dynamic (NTK)"),
@@ -84,7 +90,7 @@ def serve(
     if parent_death_signal:
         exit_with_parent()
     from shard.bootstrap import build_service, run_forever
-    from shard.config import MemoryBudget, ShardConfig, rope_override
+    from shard.config import MemoryBudget, ShardConfig, parse_switch, rope_override
     from shard.cuda_graphs import parse_cuda_graphs
     from shard.model_files import resolve_model_dir
 
@@ -103,6 +109,7 @@ def serve(
         kv_cache_memory=MemoryBudget.parse(kv_cache_memory) if kv_cache_memory else None,
         cuda_memory_fraction=cuda_memory_fraction,
         cuda_graphs=parse_cuda_graphs(cuda_graphs),
+        batch_invariant=parse_switch("--batch-invariant", batch_invariant),
         num_threads=num_threads,
         master_addr=master_addr,
         master_port=master_port,

@@ -62,6 +62,18 @@ def rope_override(scaling: str | None, factor: float | None) -> dict | None:
     return {"rope_type": scaling or "linear", "factor": 1.0 if factor is None else factor}
 
 
+def parse_switch(name: str, text: str | None) -> bool | None:
+    """A true|false option's value; None when not given."""
+    if text is None:
+        return None
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, not {text!r}")
+
+
 @dataclass(frozen=True)
 class ShardConfig:
     model_dir: str  # a resolved local Hugging Face directory
@@ -78,6 +90,7 @@ class ShardConfig:
     kv_cache_memory: MemoryBudget | None = None  # None: 30% of free memory (CPU), 90% (GPU)
     cuda_memory_fraction: float = 1.0  # share of the GPU this process may use, as TGI
     cuda_graphs: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # decode batch sizes captured on a GPU
+    batch_invariant: bool | None = None  # None: on for the CPU, off for a GPU (placement.py)
     num_threads: int | None = None
     master_addr: str = "localhost"
     master_port: int = 29500

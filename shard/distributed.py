@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from shard.numerics import batch_invariant
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -16,9 +18,20 @@ class Dist:
     group: object | None = None  # a torch.distributed ProcessGroup when world_size > 1
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
+        """The sum of every rank's x. In batch-invariant mode the parts are gathered and added
+        in rank order: gloo's ring all-reduce adds them in an order that depends on where an
+        element falls among chunks of the tensor, so on its number of rows."""
+        if self.world_size == 1:
+            return x
+        if not batch_invariant():
             dist.all_reduce(x, group=self.group)
-        return x
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part  # rank order, every rank alike
+        return total
 
     def close(self) -> None:
         """Leaves the group; a process that exits with gloo threads still running aborts."""

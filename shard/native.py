@@ -90,3 +90,24 @@ def load_library(
     except (OSError, RuntimeError) as err:
         log.warning("%s unavailable, %s: %s", source.name, fallback, err)
         return None
+
+
+def kernel_build(device: torch.device) -> str:
+    """What a request's numbers depend on besides the model and its settings: on the CPU our
+    kernels' sources, the compiler and the CPU's instruction sets (each picks code paths),
+    torch's version; on a GPU torch's and CUDA's versions and the device. A short hash, which
+    the router folds into OpenAI's `system_fingerprint`."""
+    if device.type == "cuda":
+        parts = [torch.__version__, str(torch.version.cuda), torch.cuda.get_device_name(device)]
+    else:
+        sources = sorted(Path(__file__).parent.rglob("*.[ch]"))
+        compiler = _compiler()
+        version = (
+            subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+            if compiler
+            else "no compiler"
+        )
+        parts = [s.read_text() for s in sources]
+        parts += [version, platform.machine(), " ".join(sorted(cpu_flags())), torch.__version__]
+        parts.append(str(custom_kernels_disabled()))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -7,7 +7,9 @@ None: ours to choose) and the machine:
   float32 (emulated bfloat16 is slower);
 - block size: what the attention backend pages best (flash-attn 2 needs 256, ours 16);
 - KV cache budget: 30% of the memory free after warmup on the CPU (the OS and the router share
-  it), 90% on a GPU (TGI's wiggle room), within `--cuda-memory-fraction` of the GPU.
+  it), 90% on a GPU (TGI's wiggle room), within `--cuda-memory-fraction` of the GPU;
+- batch invariance (shard/numerics.py): on for the CPU, where our own kernels give it at
+  little cost; off for a GPU unless asked (`--batch-invariant true`, as vLLM's opt-in mode).
 """
 
 from __future__ import annotations
@@ -68,4 +70,7 @@ def resolve_placement(
         attention=backend,
         block_size=config.block_size or default_block_size(backend),
         kv_cache_memory=config.kv_cache_memory or default_kv_budget(device),
+        batch_invariant=(
+            device.type == "cpu" if config.batch_invariant is None else config.batch_invariant
+        ),
     )

@@ -22,6 +22,7 @@ from shard.batch import Batch, InvalidRequest, request_from_pb
 from shard.batch_cache import BatchCache
 from shard.config import ShardConfig
 from shard.generator import Generation, Generator, StepTimings
+from shard.native import kernel_build
 from shard.sampler import SamplingParams
 from shard.tracing import TracingInterceptor
 from shard.warmup import run_warmup
@@ -123,6 +124,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             vocab_size=self.runner.config.vocab_size,
             world_size=self.config.world_size,
             quantize=self.runner.quantize,
+            batch_invariant=bool(self.config.batch_invariant),
+            kernel_build=kernel_build(self.runner.device),
         )
 
     async def Health(self, request, context):

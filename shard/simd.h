@@ -72,6 +72,27 @@ static inline v16f load16_part(const float *p, int n) {
     return v;
 }
 
+/* out[j] = the sum of v[j]'s 16 lanes, for 4 vectors at once (a third of the instructions of
+ * four reductions), by one tree: lane j is a function of v[j] alone, so padding the other
+ * vectors with zeros changes nothing (batch invariance: an output's sum never depends on the
+ * outputs reduced beside it). */
+static inline void reduce16x4(const v16f *v, float *out) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    __m512 v0 = (__m512)v[0], v1 = (__m512)v[1], v2 = (__m512)v[2], v3 = (__m512)v[3];
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+    __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+    for (int j = 0; j < 4; j++) {
+        float sum = 0.f;
+        for (int i = 0; i < 16; i++) sum += v[j][i];
+        out[j] = sum;
+    }
+#endif
+}
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;

@@ -62,6 +62,8 @@ class ShardInfo:
     device_type: str = ""
     quantize: str = ""  # the weight quantization served ("none" when dense)
     use_prefix_caching: bool = False
+    batch_invariant: bool = False  # same bits whatever the batch, prefix cache and chunking
+    kernel_build: str = ""  # what the numbers depend on besides the model (shard/native.py)
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ class ShardClient:
             answer.device_type,
             answer.quantize or "none",
             answer.use_prefix_caching,
+            answer.batch_invariant,
+            answer.kernel_build,
         )
 
     async def health(self, timeout: float = 5.0) -> None:

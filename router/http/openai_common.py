@@ -169,10 +169,6 @@ def generate_parameters(
 # ---- responses ----------------------------------------------------------------------------
 
 
-def system_fingerprint() -> str:
-    return f"{VERSION}-native"  # TGI: "{version}-{docker_label or 'native'}"
-
-
 def envelope(
     state: AppState, kind: str, created: int, choices: list[dict], usage: dict | None
 ) -> dict:
@@ -182,7 +178,7 @@ def envelope(
         "object": kind,
         "created": created,
         "model": state.config.model_id,
-        "system_fingerprint": system_fingerprint(),
+        "system_fingerprint": state.config.system_fingerprint or f"{VERSION}-native",
         "choices": choices,
         "usage": usage,
     }

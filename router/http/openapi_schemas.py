@@ -286,6 +286,16 @@ def info() -> Schema:
         "model_device_type": string(example="cpu"),
         "model_pipeline_tag": nullable(string(example="text-generation")),
         "quantize": string(example="gguf", description="Not in TGI: the weight quantization."),
+        "batch_invariant": boolean(
+            description="Not in TGI: a request's tokens and logprobs are the same bits whatever "
+            "else is in its batch, whatever part of its prompt came from the prefix cache and "
+            "however it was chunked."
+        ),
+        "system_fingerprint": string(
+            example="fp_3f2a9c1b7d",
+            description="Not in TGI: OpenAI's; changes only with the model, dtype, "
+            "quantization, batch invariance or kernel build.",
+        ),
         **{name: integer(0) for name in counts},
         "router": string(example="text-generation-router"),
         "version": string(),

@@ -3,7 +3,9 @@
 At decode a decoder layer's element-wise work is tiny, and as PyTorch ops it is ~20 calls of a
 few microseconds of dispatch each: RMSNorm took 23 us and rotary 16 us per call, ~2.4 ms of a
 SmolLM2 step; fused, 8 and 5 us (most of it the ctypes call). SiLU-and-multiply stays in
-PyTorch, whose vectorized exp beats a scalar loop. The
+PyTorch, but in batch-invariant mode (shard/numerics.py): torch's elementwise kernels split
+their work by the tensor's size, computing some values in vector code and some in scalar code
+whose exp differs in the last bit, so a row's values could depend on the step's rows. The
 library is built like the quantized kernels (shard/quant/kernels.py: gcc, cached per CPU);
 without a compiler, or for other devices and dtypes, the layers keep their PyTorch code, which
 is also the reference the tests compare with.
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from shard.native import load_library
+from shard.native import SIMD_HEADER, load_library
 
 SOURCE = Path(__file__).with_name("fused.c")
 _ptr, _int, _long, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
@@ -30,7 +32,9 @@ class FusedOps:
         self._rms_norm.argtypes = [_ptr, _long, _ptr, _ptr, _int, _int, _float, _int]
         self._rotary = lib.fused_rotary
         self._rotary.argtypes = [_ptr, _long, _ptr, _ptr, _ptr, _int, _int, _int, _int]
-        for fn in (self._rms_norm, self._rotary):
+        self._silu_mul = lib.fused_silu_mul
+        self._silu_mul.argtypes = [_ptr, _ptr, _int, _int, _int]
+        for fn in (self._rms_norm, self._rotary, self._silu_mul):
             fn.restype = None
 
     @staticmethod
@@ -63,8 +67,17 @@ class FusedOps:
         return x
 
 
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, 2 I] = [gate | up], contiguous -> silu(gate) * up [T, I]."""
+        x = x.contiguous()
+        tokens, width = x.shape
+        y = torch.empty(tokens, width // 2, dtype=x.dtype)
+        self._silu_mul(x.data_ptr(), y.data_ptr(), tokens, width // 2, int(x.dtype is torch.bfloat16))
+        return y
+
+
 @functools.cache
 def fused_ops() -> FusedOps | None:
     """The process's fused ops, built on first call; None where they cannot be built."""
-    lib = load_library(SOURCE, fallback="using PyTorch ops")
+    lib = load_library(SOURCE, (SIMD_HEADER,), fallback="using PyTorch ops")
     return None if lib is None else FusedOps(lib)

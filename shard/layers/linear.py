@@ -14,18 +14,26 @@ import torch
 from torch import nn
 
 from shard.distributed import Dist
+from shard.layers.dense import dense_kernel
+from shard.numerics import batch_invariant
 from shard.quant.kernels import get_kernels
 from shard.quant.weight import QuantizedWeight
 from shard.weights import Matrix, Weights
 
 
 def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ weight[out, in]^T (+ bias). A single row in 16-bit on the CPU goes through
-    matrix-vector product: oneDNN's GEMM reads 16-bit weights at ~2/3 of the memory bandwidth
-    GEMV reaches, and one-token decode steps are bandwidth-bound."""
+    """x [T, in] @ weight[out, in]^T (+ bias). Dense weights on the CPU take our fixed-order
+    kernel in batch-invariant mode (shard/layers/dense.py). Otherwise a single row in 16-bit on
+    the CPU goes through matrix-vector product: oneDNN's GEMM reads 16-bit weights at ~2/3 of
+    the memory bandwidth GEMV reaches, and one-token decode steps are bandwidth-bound."""
     if isinstance(weight, QuantizedWeight):
         out = get_kernels().matmul(x, weight)
         return out if bias is None else out + bias
+    if x.device.type == "cpu" and batch_invariant():
+        kernel = dense_kernel()
+        if kernel is not None and kernel.supports(x, weight):
+            out = kernel.matmul(x, weight)
+            return out if bias is None else out + bias
     if x.shape[0] == 1 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         out = torch.mv(weight, x[0]).unsqueeze(0)
         return out if bias is None else out + bias
