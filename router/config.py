@@ -117,4 +117,3 @@ def fingerprint(model_id: str, *served: object) -> str:
     shards' kernel build), so it changes exactly when the same request could change."""
     text = "\n".join(str(part) for part in (model_id, *served))
     return "fp_" + hashlib.sha256(text.encode()).hexdigest()[:10]
-

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from common.tracing import setup_tracing
-from shard.attention import get_backend
 from shard import numerics
+from shard.attention import get_backend
 from shard.config import ShardConfig
 from shard.distributed import init_distributed
 from shard.generator import Generator

@@ -66,13 +66,14 @@ class FusedOps:
         )  # fmt: skip
         return x
 
-
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, 2 I] = [gate | up], contiguous -> silu(gate) * up [T, I]."""
         x = x.contiguous()
         tokens, width = x.shape
         y = torch.empty(tokens, width // 2, dtype=x.dtype)
-        self._silu_mul(x.data_ptr(), y.data_ptr(), tokens, width // 2, int(x.dtype is torch.bfloat16))
+        self._silu_mul(
+            x.data_ptr(), y.data_ptr(), tokens, width // 2, int(x.dtype is torch.bfloat16)
+        )
         return y
 
 
