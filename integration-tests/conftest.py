@@ -20,6 +20,11 @@ from shard.quant.quality import PROMPTS  # noqa: F401 (the oracle's prompts; tes
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The oracle: transformers in float32 (the default may be bfloat16) on dense weights (the
+# embedded GGUF model is quantized by default).
+ORACLE = ("--dtype", "float32", "--quantize", "none")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,7 +38,9 @@ class Launcher:
         *args: str,
         startup_timeout: float = 300.0,
         env: dict[str, str] | None = None,
+        oracle: bool = True,
     ):
+        """oracle: dense float32 weights, as transformers has them; False: the defaults."""
         self.port = free_port()
         self.uds = f"/tmp/textgen-it-{name}-{os.getpid()}"
         self.url = f"http://127.0.0.1:{self.port}"
@@ -53,10 +60,7 @@ class Launcher:
             "512",
             "--kv-cache-memory",
             "512MiB",
-            "--dtype",
-            "float32",  # the oracle: transformers in float32 (the default may be bfloat16)
-            "--quantize",
-            "none",  # ... on dense weights (the embedded GGUF model is quantized by default)
+            *(ORACLE if oracle else ()),
             *args,
         ]
         self.process = subprocess.Popen(

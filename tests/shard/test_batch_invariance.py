@@ -236,13 +236,14 @@ def crowded(model, dtype, prompt: list[int], seed: int) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def models(tiny_llama_dir):
+    f32, bf16 = torch.float32, torch.bfloat16
     return {
-        "float32 dense": (load_model(tiny_llama_dir, torch.float32), torch.float32),
-        "bfloat16 dense": (load_model(tiny_llama_dir, torch.bfloat16), torch.bfloat16),
-        "float32 int4": (load_model(tiny_llama_dir, torch.float32, quantize="int4"), torch.float32),
-        "bfloat16 int4": (load_model(tiny_llama_dir, torch.bfloat16, quantize="int4"), torch.bfloat16),
-        "float32 int8": (load_model(tiny_llama_dir, torch.float32, quantize="eetq"), torch.float32),
-    }  # fmt: skip
+        "float32 dense": (load_model(tiny_llama_dir, f32), f32),
+        "bfloat16 dense": (load_model(tiny_llama_dir, bf16), bf16),
+        "float32 int4": (load_model(tiny_llama_dir, f32, quantize="int4"), f32),
+        "bfloat16 int4": (load_model(tiny_llama_dir, bf16, quantize="int4"), bf16),
+        "float32 int8": (load_model(tiny_llama_dir, f32, quantize="eetq"), f32),
+    }
 
 
 @pytest.mark.parametrize(
