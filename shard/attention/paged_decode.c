@@ -37,10 +37,26 @@ static inline v16f load16_kv(const void *cache, long i, int bf16) {
 #endif
 }
 
+static inline v16f fma16(v16f a, v16f b, v16f acc) {
+#if defined(__AVX512F__)
+    return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#else
+    return acc + a * b;
+#endif
+}
+
+/* The 16 lanes of q . k for the key at `at` (D / 16 multiply-adds in order). */
+static inline v16f dot_lanes(const float *q, const void *key, long at, int D, int bf16) {
+    v16f acc = splat(0.f);
+    for (int i = 0; i < D; i += 16) acc = fma16(load16(q + i), load16_kv(key, at + i, bf16), acc);
+    return acc;
+}
+
 /* out [D] = softmax(q . K^T * scale) V over the token_len[t] first cached positions of token
  * t's sequence, for one query head; kv_head is the KV head its group reads. scores:
  * token_len[t] + 16 floats of scratch. Positions are walked block by block through the block
- * table. */
+ * table; a position's score is its dot_lanes reduced by reduce16x4 (4 positions at a time,
+ * each lane on its own: the same bits in any group), its weight's sums run in position order. */
 static void attend(const PagedKV *s, const void *key, const void *value, int t, int kv_head,
                    const float *q, float *out, float *scores) {
     int D = s->head_dim, n = s->token_len[t], bf16 = s->kv_bf16, size = s->block_size;
@@ -49,11 +65,17 @@ static void attend(const PagedKV *s, const void *key, const void *value, int t, 
     float top = -INFINITY;
     for (int p0 = 0, b = 0; p0 < n; p0 += size, b++) {
         long at = (long)table[b] * size * stride + (long)kv_head * D;
-        for (int p = p0; p < n && p < p0 + size; p++, at += stride) {
-            v16f acc = splat(0.f);
-            for (int i = 0; i < D; i += 16) acc += load16(q + i) * load16_kv(key, at + i, bf16);
-            scores[p] = hsum(acc) * s->scale;
-            top = scores[p] > top ? scores[p] : top;
+        int end = n < p0 + size ? n : p0 + size;
+        for (int p = p0; p < end; p += 4, at += 4 * stride) {
+            v16f lanes[4] = {splat(0.f), splat(0.f), splat(0.f), splat(0.f)};
+            int count = end - p < 4 ? end - p : 4;
+            for (int j = 0; j < count; j++) lanes[j] = dot_lanes(q, key, at + j * stride, D, bf16);
+            float four[4];
+            reduce16x4(lanes, four);
+            for (int j = 0; j < count; j++) {
+                scores[p + j] = four[j] * s->scale;
+                top = scores[p + j] > top ? scores[p + j] : top;
+            }
         }
     }
     for (int p = n; p < n + 16; p++) scores[p] = -INFINITY; /* a whole last vector */
@@ -72,7 +94,7 @@ static void attend(const PagedKV *s, const void *key, const void *value, int t, 
         for (int p = p0; p < n && p < p0 + size; p++, at += stride) {
             v16f weight = splat(scores[p] / total);
             for (int i = 0; i < D / 16; i++)
-                acc[i] += weight * load16_kv(value, at + i * 16, bf16);
+                acc[i] = fma16(weight, load16_kv(value, at + i * 16, bf16), acc[i]);
         }
     }
     memcpy(out, acc, sizeof(float) * D);

@@ -1,5 +1,6 @@
-/* The decoder stack of a Llama-family model for decode steps of a few sequences, on the CPU:
- * every layer of one step in one call, on quantized weights.
+/* The decoder stack of a Llama-family model on the CPU: every layer of one step in one call, on
+ * quantized weights. Written for decode steps of a few sequences; in batch-invariant mode
+ * (shard/numerics.py) it runs every step, prompts included.
  *
  * Why: at a few sequences a step's real work is the quantized products (~5 ms for
  * SmolLM2-135M at one sequence on 2 cores); run as PyTorch ops, the rest of a layer (norms,

@@ -116,21 +116,27 @@ typedef struct {
     float *sum;  /* [T, K/32] dx * sum(xq) of the block */
     /* The 512-bit paths read x by quads of 4 blocks (the last one padded with zeros), arranged
      * for the kind of W it meets (arrange_quad): */
-    int8_t *quad_q;  /* [T, quads, 128] */
-    float *quad_d;   /* [T, quads, 32]: dx of the block each int32 lane of a product sums */
-    int32_t *quad_c; /* [T, quads, 32]: q8 only, 128 * the sum of each lane's 4 values */
+    int8_t *quad_q;  /* [T / 4, quads, 4, 128] */
+    float *quad_d;   /* [T / 4, quads, 4, 32]: dx of the block each int32 lane of a product sums */
+    int32_t *quad_c; /* [T / 4, quads, 4, 32]: q8 only, 128 * the sum of each lane's 4 values */
 } QuantX;
 
 static long quads(long K) { return (K / 32 + 3) / 4; }
+
+/* Where quad g of row t of x lies among `n` quads per row: the 4 rows of a tile side by side
+ * for each quad, so a tile's rows are one pointer and constant offsets (quad_slot * 128 bytes
+ * of quad_q, * 32 values of quad_d and quad_c). */
+static inline long quad_slot(long t, long g, long n) { return ((t >> 2) * n + g) * 4 + (t & 3); }
 
 /* Room for T rows of up to K values. */
 static QuantX quantx_new(long T, long K) {
     QuantX xq = {malloc(T * K), malloc(sizeof(float) * T * K / 32),
                  malloc(sizeof(float) * T * K / 32), NULL, NULL, NULL};
 #ifdef HAVE_QUADS
-    xq.quad_q = malloc(T * quads(K) * 128);
-    xq.quad_d = malloc(sizeof(float) * T * quads(K) * 32);
-    xq.quad_c = malloc(sizeof(int32_t) * T * quads(K) * 32);
+    long rows = (T + 3) / 4 * 4; /* whole tiles of 4 rows */
+    xq.quad_q = malloc(rows * quads(K) * 128);
+    xq.quad_d = malloc(sizeof(float) * rows * quads(K) * 32);
+    xq.quad_c = malloc(sizeof(int32_t) * rows * quads(K) * 32);
 #endif
     return xq;
 }
@@ -152,9 +158,9 @@ static void quantx_free(QuantX *xq) {
 #ifdef HAVE_QUADS
 static void arrange_quad(int kind, long t, long g, long blocks, QuantX *out) {
     long n = (blocks + 3) / 4;
-    int8_t *q = out->quad_q + (t * n + g) * 128;
-    float *d = out->quad_d + (t * n + g) * 32;
-    int32_t *c = out->quad_c + (t * n + g) * 32;
+    int8_t *q = out->quad_q + quad_slot(t, g, n) * 128;
+    float *d = out->quad_d + quad_slot(t, g, n) * 32;
+    int32_t *c = out->quad_c + quad_slot(t, g, n) * 32;
     int lanes = kind == 4 ? 4 : 8; /* int32 lanes of a product that sum one block */
     for (int i = 0; i < 4; i++) {
         long b = g * 4 + i;
@@ -325,7 +331,7 @@ static inline __attribute__((always_inline)) __m256 half_q4(const QuantX *xq, lo
                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)bytes));
     __m256i lo = _mm256_and_si256(raw, nibble);
     __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
-    const int8_t *x = xq->quad_q + at * 128 + h * 32;
+    const int8_t *x = xq->quad_q + at * 128 + h * 32; /* at: quad_slot */
     __m256i dot = dot2_u4s8(lo, _mm256_loadu_si256((const __m256i *)x), hi,
                             _mm256_loadu_si256((const __m256i *)(x + 64)));
     return _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_loadu_ps(xq->quad_d + at * 32 + h * 8));
@@ -353,7 +359,7 @@ static inline __attribute__((always_inline)) void quad_q4_256(const QuantX *xq, 
     const uint8_t *bytes = row + g * 64;
     _mm_prefetch((const char *)bytes + PREFETCH, _MM_HINT_T0);
     for (int r = 0; r < rows; r++) {
-        long at = (t0 + r) * n + g;
+        long at = quad_slot(t0 + r, g, n);
         acc[r] = _mm256_fmadd_ps(half_q4(xq, at, 0, bytes, real < 2 ? real : 2), dw01, acc[r]);
         if (real > 2)
             acc[r] = _mm256_fmadd_ps(half_q4(xq, at, 1, bytes + 32, real - 2), dw23, acc[r]);
@@ -466,7 +472,7 @@ static inline __attribute__((always_inline)) void quad_q4(const QuantX *xq, long
     __m512 dws = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
     __m128 mw = _mm_cvtph_ps(_mm_maskz_loadu_epi16(four, min + 4 * g));
     for (int r = 0; r < rows; r++) {
-        long at = (t0 + r) * n + g;
+        long at = quad_slot(t0 + r, g, n);
         const int8_t *x = xq->quad_q + at * 128;
         __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x));
         dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(x + 64));
@@ -492,7 +498,7 @@ static inline __attribute__((always_inline)) void pair_q8(const QuantX *xq, long
     __m128 dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1 << real) - 1), scale + 2 * h));
     __m512 dws = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
     for (int r = 0; r < rows; r++) {
-        long at = (t0 + r) * n * 2 + h; /* the pair's 64 values and 16 lanes */
+        long at = quad_slot(t0 + r, h / 2, n) * 2 + h % 2; /* the pair's 64 values, 16 lanes */
         __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
                                           _mm512_loadu_si512(xq->quad_q + at * 64));
         dot = _mm512_sub_epi32(dot, _mm512_loadu_si512(xq->quad_c + at * 16));

@@ -502,3 +502,12 @@ def test_launch_plan_has_one_shard_and_socket_per_rank() -> None:
     assert plan.shard_sockets == ["/tmp/x-0", "/tmp/x-1", "/tmp/x-2"]
     assert [c.name for c in plan.shards("/m")] == ["shard 0", "shard 1", "shard 2"]
     assert plan.router("/m").argv[plan.router("/m").argv.index("--tokenizer-name") + 1] == "/m"
+
+
+def test_batch_invariance_reaches_the_shards_only_when_asked(captured) -> None:
+    assert parse(captured).batch_invariant is None  # the shards decide: CPU on, GPU off
+    assert parse(captured, "--batch-invariant", "false").batch_invariant is False
+    assert parse(captured, BATCH_INVARIANT="true").batch_invariant is True
+    argv = cli.shard_command(LauncherConfig(batch_invariant=False), "/models/m", rank=0).argv
+    assert argv[argv.index("--batch-invariant") + 1] == "false"
+    assert "--batch-invariant" not in cli.shard_command(LauncherConfig(), "/m", rank=0).argv

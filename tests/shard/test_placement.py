@@ -106,3 +106,20 @@ def test_cpu_flags_reads_the_first_cpu(tmp_path) -> None:
     info.write_text("processor : 0\nflags : fpu avx2 avx512_bf16\n\nflags : other\n")
     assert cpu_flags(info) == frozenset({"fpu", "avx2", "avx512_bf16"})
     assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_batch_invariance_is_on_for_the_cpu_and_asked_for_on_a_gpu() -> None:
+    base = ShardConfig(model_dir="/m", model_id="m", block_size=16)
+    assert resolve_placement(base, None, 0).batch_invariant is True
+    assert resolve_placement(base, None, 1).batch_invariant is False
+    off = ShardConfig(model_dir="/m", model_id="m", block_size=16, batch_invariant=False)
+    assert resolve_placement(off, None, 0).batch_invariant is False
+
+
+@pytest.mark.parametrize("text,expected", [("true", True), ("0", False), (None, None)])
+def test_batch_invariant_switch(text, expected) -> None:
+    from shard.config import parse_switch
+
+    assert parse_switch("--batch-invariant", text) is expected
+    with pytest.raises(ValueError, match="true or false"):
+        parse_switch("--batch-invariant", "maybe")
