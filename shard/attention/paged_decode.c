@@ -52,52 +52,117 @@ static inline v16f dot_lanes(const float *q, const void *key, long at, int D, in
     return acc;
 }
 
-/* out [D] = softmax(q . K^T * scale) V over the token_len[t] first cached positions of token
- * t's sequence, for one query head; kv_head is the KV head its group reads. scores:
- * token_len[t] + 16 floats of scratch. Positions are walked block by block through the block
- * table; a position's score is its dot_lanes reduced by reduce16x4 (4 positions at a time,
- * each lane on its own: the same bits in any group), its weight's sums run in position order. */
-static void attend(const PagedKV *s, const void *key, const void *value, int t, int kv_head,
-                   const float *q, float *out, float *scores) {
-    int D = s->head_dim, n = s->token_len[t], bf16 = s->kv_bf16, size = s->block_size;
+#define GROUP_MAX 8 /* query heads attended together (a KV head's group, 8 at a time) */
+
+/* out [g, D] = softmax(q[g] . K^T * scale) V over the token_len[t] first cached positions of
+ * token t's sequence, for the `heads` (<= GROUP_MAX) query heads q [heads, D] that read KV head
+ * kv_head: they share each load of K and V. scores: heads * (token_len[t] + 16) floats of
+ * scratch. Positions are walked block by block through the block table; a head's score for a
+ * position is its dot_lanes reduced by reduce16x4 (4 positions at a time, each lane on its
+ * own: the same bits in any group), its softmax and weighted sum run in position order: each
+ * head's numbers are those it would get alone, whatever its token's step holds. */
+static inline __attribute__((always_inline)) void attend_d(const PagedKV *s, int D,
+                                                           const void *key, const void *value,
+                                                           int t, int kv_head, int heads,
+                                                           const float *q, float *out,
+                                                           float *scores) {
+    int n = s->token_len[t], bf16 = s->kv_bf16, size = s->block_size;
     const int32_t *table = s->block_tables + (long)s->token_seq[t] * s->max_blocks;
     long stride = (long)s->kv_heads * D; /* from one slot to the next */
-    float top = -INFINITY;
+    long width = n + 16;                 /* one head's scores */
+    float top[GROUP_MAX];
+    for (int h = 0; h < heads; h++) top[h] = -INFINITY;
     for (int p0 = 0, b = 0; p0 < n; p0 += size, b++) {
         long at = (long)table[b] * size * stride + (long)kv_head * D;
         int end = n < p0 + size ? n : p0 + size;
         for (int p = p0; p < end; p += 4, at += 4 * stride) {
-            v16f lanes[4] = {splat(0.f), splat(0.f), splat(0.f), splat(0.f)};
             int count = end - p < 4 ? end - p : 4;
-            for (int j = 0; j < count; j++) lanes[j] = dot_lanes(q, key, at + j * stride, D, bf16);
-            float four[4];
-            reduce16x4(lanes, four);
-            for (int j = 0; j < count; j++) {
-                scores[p + j] = four[j] * s->scale;
-                top = scores[p + j] > top ? scores[p + j] : top;
+            for (int h = 0; h < heads; h++) {
+                v16f lanes[4] = {splat(0.f), splat(0.f), splat(0.f), splat(0.f)};
+                for (int j = 0; j < count; j++)
+                    lanes[j] = dot_lanes(q + h * D, key, at + j * stride, D, bf16);
+                float four[4];
+                reduce16x4(lanes, four);
+                float *row = scores + h * width;
+                for (int j = 0; j < count; j++) {
+                    row[p + j] = four[j] * s->scale;
+                    top[h] = row[p + j] > top[h] ? row[p + j] : top[h];
+                }
             }
         }
     }
-    for (int p = n; p < n + 16; p++) scores[p] = -INFINITY; /* a whole last vector */
-    v16f sums = splat(0.f);
-    for (int p = 0; p < n; p += 16) {
-        v16f e = exp16(load16(scores + p) - splat(top));
-        for (int i = n - p; i < 16; i++) e[i] = 0.f; /* past the sequence */
-        memcpy(scores + p, &e, sizeof e);
-        sums += e;
+    for (int h = 0; h < heads; h++) {
+        float *row = scores + h * width;
+        for (int p = n; p < n + 16; p++) row[p] = -INFINITY; /* a whole last vector */
+        v16f sums = splat(0.f);
+        for (int p = 0; p < n; p += 16) {
+            v16f e = exp16(load16(row + p) - splat(top[h]));
+            for (int i = n - p; i < 16; i++) e[i] = 0.f; /* past the sequence */
+            memcpy(row + p, &e, sizeof e);
+            sums += e;
+        }
+        float total = hsum(sums);
+        for (int p = 0; p < n; p++) row[p] /= total; /* each position's weight */
     }
-    float total = hsum(sums);
-    v16f acc[D / 16];
-    for (int i = 0; i < D / 16; i++) acc[i] = splat(0.f);
+    /* Block by block, each head's sum in registers over the block's positions (the block's V
+     * stays in the L1 cache for the group's other heads). */
+    for (int h = 0; h < heads; h++) memset(out + h * D, 0, sizeof(float) * D);
     for (int p0 = 0, b = 0; p0 < n; p0 += size, b++) {
-        long at = (long)table[b] * size * stride + (long)kv_head * D;
-        for (int p = p0; p < n && p < p0 + size; p++, at += stride) {
-            v16f weight = splat(scores[p] / total);
-            for (int i = 0; i < D / 16; i++)
-                acc[i] = fma16(weight, load16_kv(value, at + i * 16, bf16), acc[i]);
+        long first = (long)table[b] * size * stride + (long)kv_head * D;
+        int end = n < p0 + size ? n : p0 + size;
+        for (int h = 0; h < heads; h++) {
+            v16f acc[D / 16];
+            for (int i = 0; i < D / 16; i++) acc[i] = load16(out + h * D + i * 16);
+            const float *weights = scores + h * width;
+            long at = first;
+            for (int p = p0; p < end; p++, at += stride) {
+                v16f w = splat(weights[p]);
+                for (int i = 0; i < D / 16; i++)
+                    acc[i] = fma16(w, load16_kv(value, at + i * 16, bf16), acc[i]);
+            }
+            memcpy(out + h * D, acc, sizeof acc);
         }
     }
-    memcpy(out, acc, sizeof(float) * D);
+}
+
+/* attend_d for the common head sizes as constants (their loops unrolled), else any size. */
+static __attribute__((noinline)) void attend_64(const PagedKV *s, const void *key,
+                                                const void *value, int t, int kv_head,
+                                                int heads, const float *q, float *out,
+                                                float *scores) {
+    attend_d(s, 64, key, value, t, kv_head, heads, q, out, scores);
+}
+
+static __attribute__((noinline)) void attend_128(const PagedKV *s, const void *key,
+                                                 const void *value, int t, int kv_head,
+                                                 int heads, const float *q, float *out,
+                                                 float *scores) {
+    attend_d(s, 128, key, value, t, kv_head, heads, q, out, scores);
+}
+
+static void attend(const PagedKV *s, const void *key, const void *value, int t, int kv_head,
+                   int heads, const float *q, float *out, float *scores) {
+    if (s->head_dim == 64)
+        attend_64(s, key, value, t, kv_head, heads, q, out, scores);
+    else if (s->head_dim == 128)
+        attend_128(s, key, value, t, kv_head, heads, q, out, scores);
+    else
+        attend_d(s, s->head_dim, key, value, t, kv_head, heads, q, out, scores);
+}
+
+/* The query heads of the (token, KV head) pairs, GROUP_MAX at a time: how many attend calls a
+ * step makes (`units`), and the heads of unit u (first head, count). */
+static inline int group_units(const PagedKV *s) {
+    int group = s->heads / s->kv_heads;
+    return s->kv_heads * ((group + GROUP_MAX - 1) / GROUP_MAX);
+}
+
+static inline void unit_heads(const PagedKV *s, int u, int *kv_head, int *first, int *count) {
+    int group = s->heads / s->kv_heads, per = (group + GROUP_MAX - 1) / GROUP_MAX;
+    *kv_head = u / per;
+    int start = (u % per) * GROUP_MAX;
+    *first = *kv_head * group + start;
+    *count = group - start < GROUP_MAX ? group - start : GROUP_MAX;
 }
 
 static int longest_sequence(const PagedKV *s, int T) {
@@ -111,21 +176,24 @@ static inline float load_value(const void *p, int bf16, long i) {
 }
 
 /* out [T, heads, D] = attention of q [T, heads, D] (both float32, or both bfloat16 with
- * x_bf16) over one layer's cache (key, value), every (token, head) on its own. */
+ * x_bf16) over one layer's cache (key, value), every token on its own, the heads of a KV
+ * head's group together. */
 void paged_decode_attention(const PagedKV *s, int T, const void *q, void *out, int x_bf16,
                             const void *key, const void *value) {
-    int D = s->head_dim, group = s->heads / s->kv_heads, longest = longest_sequence(s, T);
+    int D = s->head_dim, longest = longest_sequence(s, T), units = group_units(s);
 #pragma omp parallel if (T * s->heads > 1)
     {
-        float *scores = malloc(sizeof(float) * (longest + 16));
-        float qf[D], of[D];
+        float *scores = malloc(sizeof(float) * GROUP_MAX * (longest + 16));
+        float *qf = malloc(sizeof(float) * GROUP_MAX * D), *of = malloc(sizeof(float) * GROUP_MAX * D);
 #pragma omp for collapse(2) schedule(static, 1) /* prompt tokens' lengths grow: interleave */
         for (int t = 0; t < T; t++) {
-            for (int h = 0; h < s->heads; h++) {
-                long row = ((long)t * s->heads + h) * D;
-                for (int i = 0; i < D; i++) qf[i] = load_value(q, x_bf16, row + i);
-                attend(s, key, value, t, h / group, qf, of, scores);
-                for (int i = 0; i < D; i++) {
+            for (int u = 0; u < units; u++) {
+                int kv_head, first, count;
+                unit_heads(s, u, &kv_head, &first, &count);
+                long row = ((long)t * s->heads + first) * D;
+                for (int i = 0; i < count * D; i++) qf[i] = load_value(q, x_bf16, row + i);
+                attend(s, key, value, t, kv_head, count, qf, of, scores);
+                for (int i = 0; i < count * D; i++) {
                     if (x_bf16)
                         ((uint16_t *)out)[row + i] = f32_to_bf16(of[i]);
                     else
@@ -134,5 +202,7 @@ void paged_decode_attention(const PagedKV *s, int T, const void *q, void *out, i
             }
         }
         free(scores);
+        free(qf);
+        free(of);
     }
 }

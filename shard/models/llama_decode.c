@@ -185,13 +185,16 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
         store_kv(s->keys[layer], at, k, kv_width, paged->kv_bf16);
         store_kv(s->values[layer], at, v, kv_width, paged->kv_bf16);
     }
-    int group = paged->heads / paged->kv_heads;
+    int units = group_units(paged);
 #pragma omp for collapse(2) schedule(static, 1) /* prompt tokens' lengths grow: interleave */
     for (int t = 0; t < T; t++)
-        for (int h = 0; h < paged->heads; h++)
-            attend(paged, s->keys[layer], s->values[layer], t, h / group,
-                   m->qkv + (long)t * width + (long)h * D, m->attn + (long)t * q_width + h * D,
-                   scores);
+        for (int u = 0; u < units; u++) {
+            int kv_head, first, count;
+            unit_heads(paged, u, &kv_head, &first, &count);
+            attend(paged, s->keys[layer], s->values[layer], t, kv_head, count,
+                   m->qkv + (long)t * width + (long)first * D,
+                   m->attn + (long)t * q_width + (long)first * D, scores);
+        }
     quantize_x(w->o.kind, m->attn, T, q_width, &m->xq);
     product(&w->o, &m->xq, T, m->out);
     r->delta = m->out;
@@ -238,7 +241,7 @@ void llama_decode(const DecoderLayer *layers, int num_layers, const DecodeStep *
     int longest = longest_sequence(paged, T);
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * (longest + 16)); /* attend's scratch */
+        float *scores = malloc(sizeof(float) * GROUP_MAX * (longest + 16)); /* attend's */
         Residual r = {x, m.residual, NULL};
         for (int l = 0; l < num_layers; l++) {
             attention(&layers[l], s, l, &m, scores, &r);

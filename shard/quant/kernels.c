@@ -449,17 +449,18 @@ static inline void dot_rows(int kind, const QuantX *xq, long x0, int rows, int K
 
 /* Batch invariance: whatever the step's rows and however they are tiled, output (t, n) is
  * computed by the same operations in the same order: one accumulator per (row of x, row of
- * W), fed quad after quad in column order (quad_q4, pair_q8), then one reduction (reduce4,
- * lane j of which depends on its own sums only). The integer dot products are exact, so only
- * this float order matters; tiles decide what is loaded once and shared, never an order. */
+ * W), fed quad after quad in column order (quad_q4, pair_q8); q4's min term in its own
+ * 16-lane accumulator, 16 blocks at a time in column order (min_term); both reduced by one
+ * tree (reduce16x4, lane j of which depends on its own vector only). The integer dot products
+ * are exact, so only this float order matters; tiles decide what is loaded once and shared,
+ * never an order. */
 
 /* One quad of 4 blocks of q4 (`real` < 4 in a last, partial quad) against `rows` rows of x:
- * acc[r] and low[r] take row t0 + r's products. */
+ * acc[r] takes row t0 + r's products. */
 static inline __attribute__((always_inline)) void quad_q4(const QuantX *xq, long t0, int rows,
-                                                          long n, long blocks, long g, int real,
+                                                          long n, long g, int real,
                                                           const uint8_t *row, const f16 *scale,
-                                                          const f16 *min, __m512 *acc,
-                                                          __m128 *low) {
+                                                          __m512 *acc) {
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     __mmask64 bytes = real == 4 ? ~0ULL : (1ULL << (16 * real)) - 1;
@@ -470,16 +471,14 @@ static inline __attribute__((always_inline)) void quad_q4(const QuantX *xq, long
     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble); /* values 16..31 */
     __m128 dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16(four, scale + 4 * g));
     __m512 dws = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
-    __m128 mw = _mm_cvtph_ps(_mm_maskz_loadu_epi16(four, min + 4 * g));
+    long at = quad_slot(t0, g, n); /* the tile's rows follow each other (quad_slot) */
+    const int8_t *x = xq->quad_q + at * 128;
+    const float *d = xq->quad_d + at * 32;
     for (int r = 0; r < rows; r++) {
-        long at = quad_slot(t0 + r, g, n);
-        const int8_t *x = xq->quad_q + at * 128;
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x));
-        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(x + 64));
-        __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(xq->quad_d + at * 32));
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x + r * 128));
+        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(x + r * 128 + 64));
+        __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(d + r * 32));
         acc[r] = _mm512_fmadd_ps(p, dws, acc[r]);
-        __m128 sx = _mm_maskz_loadu_ps(four, xq->sum + (t0 + r) * blocks + 4 * g);
-        low[r] = _mm_fmadd_ps(mw, sx, low[r]);
     }
 }
 
@@ -497,26 +496,26 @@ static inline __attribute__((always_inline)) void pair_q8(const QuantX *xq, long
     __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(bytes, row + h * 64), flip);
     __m128 dw = _mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1 << real) - 1), scale + 2 * h));
     __m512 dws = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
+    long at = quad_slot(t0, h / 2, n) * 2 + h % 2; /* the pair's 64 values and 16 lanes */
     for (int r = 0; r < rows; r++) {
-        long at = quad_slot(t0 + r, h / 2, n) * 2 + h % 2; /* the pair's 64 values, 16 lanes */
+        long a = at + r * 2; /* the next row's same pair: one quad slot (2 halves) later */
         __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
-                                          _mm512_loadu_si512(xq->quad_q + at * 64));
-        dot = _mm512_sub_epi32(dot, _mm512_loadu_si512(xq->quad_c + at * 16));
-        __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(xq->quad_d + at * 16));
+                                          _mm512_loadu_si512(xq->quad_q + a * 64));
+        dot = _mm512_sub_epi32(dot, _mm512_loadu_si512(xq->quad_c + a * 16));
+        __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(xq->quad_d + a * 16));
         acc[r] = _mm512_fmadd_ps(p, dws, acc[r]);
     }
 }
 
-/* Column step g of W's row (scale, min: that row's) against `rows` rows of x from t0: a quad
- * of q4 (GGUF Q4_1) or a pair of blocks of q8 (Q8_0); `real` blocks of it exist (4 or 2 but
- * in a row's last, partial step), a constant where inlined. */
+/* Column step g of W's row (scale: that row's) against `rows` rows of x from t0: a quad of q4
+ * (GGUF Q4_1) or a pair of blocks of q8 (Q8_0); `real` blocks of it exist (4 or 2 but in a
+ * row's last, partial step), a constant where inlined. */
 static inline __attribute__((always_inline)) void step_512(int kind, const QuantX *xq, long t0,
                                                            int rows, long K, long g, int real,
                                                            const uint8_t *row, const f16 *scale,
-                                                           const f16 *min, __m512 *acc,
-                                                           __m128 *low) {
+                                                           __m512 *acc) {
     if (kind == 4)
-        quad_q4(xq, t0, rows, quads(K), K / 32, g, real, row, scale, min, acc, low);
+        quad_q4(xq, t0, rows, quads(K), g, real, row, scale, acc);
     else
         pair_q8(xq, t0, rows, quads(K), g, real, row, scale, acc);
 }
@@ -526,71 +525,51 @@ static inline long whole_steps(int kind, long K) { return K / 32 / (kind == 4 ? 
 static inline int last_blocks(int kind, long K) { return (int)(K / 32 % (kind == 4 ? 4 : 2)); }
 #define WHOLE(kind) ((kind) == 4 ? 4 : 2)
 
-/* sums[r], lows[r] of one row of W against `rows` rows of x (rows from 2 to 4: they share
- * each step's unpacked weights). */
+/* sums[r] of one row of W against `rows` rows of x (rows from 2 to 4: they share each step's
+ * unpacked weights). */
 static inline __attribute__((always_inline)) void dot_rows_512(int kind, const QuantX *xq,
                                                                long t0, int rows, int K,
                                                                const uint8_t *row,
-                                                               const f16 *scale, const f16 *min,
-                                                               __m512 *sums, __m128 *lows) {
+                                                               const f16 *scale, __m512 *sums) {
     __m512 acc[ROWS_512];
-    __m128 low[ROWS_512];
-    for (int r = 0; r < rows; r++) {
-        acc[r] = _mm512_setzero_ps();
-        low[r] = _mm_setzero_ps();
-    }
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
     long g = 0, whole = whole_steps(kind, K);
-    for (; g < whole; g++) step_512(kind, xq, t0, rows, K, g, WHOLE(kind), row, scale, min, acc, low);
+    for (; g < whole; g++) step_512(kind, xq, t0, rows, K, g, WHOLE(kind), row, scale, acc);
     if (last_blocks(kind, K))
-        step_512(kind, xq, t0, rows, K, g, last_blocks(kind, K), row, scale, min, acc, low);
-    for (int r = 0; r < rows; r++) {
-        sums[r] = acc[r];
-        lows[r] = low[r];
-    }
+        step_512(kind, xq, t0, rows, K, g, last_blocks(kind, K), row, scale, acc);
+    for (int r = 0; r < rows; r++) sums[r] = acc[r];
 }
 
-/* sums[j], lows[j] of WROWS rows of W against one row of x: their steps interleaved, so that
- * four accumulators hide each other's latency (the order of each one's sum is unchanged). */
+/* sums[j] of WROWS rows of W against one row of x: their steps interleaved, so that four
+ * accumulators hide each other's latency (the order of each one's sum is unchanged). */
 static inline __attribute__((always_inline)) void dot_wrows_512(int kind, const QuantX *xq,
                                                                 long t0, int K,
                                                                 const uint8_t *const *rows,
                                                                 const f16 *const *scales,
-                                                                const f16 *const *mins,
-                                                                __m512 *sums, __m128 *lows) {
+                                                                __m512 *sums) {
     __m512 acc[WROWS];
-    __m128 low[WROWS];
-    for (int j = 0; j < WROWS; j++) {
-        acc[j] = _mm512_setzero_ps();
-        low[j] = _mm_setzero_ps();
-    }
+    for (int j = 0; j < WROWS; j++) acc[j] = _mm512_setzero_ps();
     long g = 0, whole = whole_steps(kind, K);
     int last = last_blocks(kind, K);
     for (; g < whole; g++)
         for (int j = 0; j < WROWS; j++)
-            step_512(kind, xq, t0, 1, K, g, WHOLE(kind), rows[j], scales[j], mins[j], acc + j,
-                     low + j);
+            step_512(kind, xq, t0, 1, K, g, WHOLE(kind), rows[j], scales[j], acc + j);
     if (last)
         for (int j = 0; j < WROWS; j++)
-            step_512(kind, xq, t0, 1, K, g, last, rows[j], scales[j], mins[j], acc + j, low + j);
-    for (int j = 0; j < WROWS; j++) {
-        sums[j] = acc[j];
-        lows[j] = low[j];
-    }
+            step_512(kind, xq, t0, 1, K, g, last, rows[j], scales[j], acc + j);
+    for (int j = 0; j < WROWS; j++) sums[j] = acc[j];
 }
 
-/* The totals of 4 sums (16 lanes each) and their 4 lows (4 lanes each): four horizontal
- * reductions done together, a third of the instructions of four done one by one. Lane j is
- * a function of v[j] and low[j] alone: padding the others with zeros changes nothing. */
-static inline __m128 reduce4(const __m512 *v, const __m128 *low) {
-    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
-    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
-    /* each 128-bit lane: partial sums of v[0], v[1], v[2], v[3] */
-    __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
-    __m128 total = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    __m128 l01 = _mm_add_ps(_mm_unpacklo_ps(low[0], low[1]), _mm_unpackhi_ps(low[0], low[1]));
-    __m128 l23 = _mm_add_ps(_mm_unpacklo_ps(low[2], low[3]), _mm_unpackhi_ps(low[2], low[3]));
-    return _mm_add_ps(total, _mm_add_ps(_mm_movelh_ps(l01, l23), _mm_movehl_ps(l23, l01)));
+/* q4's min term of W's row (its mins) and row t of x: sum_b mw_b dx_b sum(xq_b), 16 blocks
+ * per multiply-add in column order (the last ones masked), as 16 lanes. */
+static inline __m512 min_term(const QuantX *xq, long t, long blocks, const f16 *min) {
+    __m512 acc = _mm512_setzero_ps();
+    for (long b = 0; b < blocks; b += 16) {
+        __mmask16 m = blocks - b >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
+        __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, min + b));
+        acc = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(m, xq->sum + t * blocks + b), acc);
+    }
+    return acc;
 }
 
 /* y[t0 + r, n] for r < rows and n in [n0, n1): WROWS rows of W at a time, met by `rows` rows
@@ -605,38 +584,35 @@ static inline __attribute__((always_inline)) void span_512(int kind, int rows, c
     long groups = K / 32, row_bytes = kind == 4 ? K / 2 : K;
     for (long n = n0; n < n1; n += WROWS) {
         int ws = n1 - n < WROWS ? (int)(n1 - n) : WROWS;
-        __m512 sums[WROWS][ROWS_512];
-        __m128 lows[WROWS][ROWS_512]; /* q4's min terms; zeros for q8 */
+        v16f sums[ROWS_512][WROWS], lows[ROWS_512][WROWS]; /* lows: q4's min terms */
         const uint8_t *w[WROWS];
-        const f16 *s[WROWS], *m[WROWS];
+        const f16 *s[WROWS];
         for (int j = 0; j < WROWS; j++) {
             long at = n + (j < ws ? j : 0);
             w[j] = qs + at * row_bytes;
             s[j] = scale + at * groups;
-            m[j] = kind == 4 ? min + at * groups : 0;
-            for (int r = 0; r < ROWS_512; r++) {
-                sums[j][r] = _mm512_setzero_ps();
-                lows[j][r] = _mm_setzero_ps();
-            }
+            for (int r = 0; r < ROWS_512; r++) sums[r][j] = lows[r][j] = splat(0.f);
         }
         if (rows == 1 && ws == WROWS) {
             __m512 v[WROWS];
-            __m128 l[WROWS];
-            dot_wrows_512(kind, xq, t0, K, w, s, m, v, l);
-            for (int j = 0; j < WROWS; j++) {
-                sums[j][0] = v[j];
-                lows[j][0] = l[j];
-            }
+            dot_wrows_512(kind, xq, t0, K, w, s, v);
+            for (int j = 0; j < WROWS; j++) sums[0][j] = (v16f)v[j];
         } else {
-            for (int j = 0; j < ws; j++)
-                dot_rows_512(kind, xq, t0, rows, K, w[j], s[j], m[j], sums[j], lows[j]);
+            for (int j = 0; j < ws; j++) {
+                __m512 v[ROWS_512];
+                dot_rows_512(kind, xq, t0, rows, K, w[j], s[j], v);
+                for (int r = 0; r < rows; r++) sums[r][j] = (v16f)v[r];
+            }
         }
+        if (kind == 4)
+            for (int j = 0; j < ws; j++)
+                for (int r = 0; r < rows; r++)
+                    lows[r][j] = (v16f)min_term(xq, t0 + r, groups, min + (n + j) * groups);
         for (int r = 0; r < rows; r++) {
-            __m512 v[WROWS] = {sums[0][r], sums[1][r], sums[2][r], sums[3][r]};
-            __m128 l[WROWS] = {lows[0][r], lows[1][r], lows[2][r], lows[3][r]};
-            float out[WROWS];
-            _mm_storeu_ps(out, reduce4(v, l));
-            for (int j = 0; j < ws; j++) store(y, y_bf16, (t0 + r) * N + n + j, out[j]);
+            float total[WROWS], low[WROWS];
+            reduce16x4(sums[r], total);
+            reduce16x4(lows[r], low);
+            for (int j = 0; j < ws; j++) store(y, y_bf16, (t0 + r) * N + n + j, total[j] + low[j]);
         }
     }
 }
