@@ -295,6 +295,42 @@ def sampling_check(url: str) -> str:
     return verdict
 
 
+def invariance_check(model_dir: Path, out: Path, device: str) -> str:
+    """`--batch-invariant true` (the triton backend and kernels on a GPU): a greedy and a
+    seeded request alone, then among 15 concurrent others of random lengths, one of them a
+    long prompt; every token id and logprob must be the same bits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    process, url = start_server(model_dir, out, device, ("--batch-invariant", "true"))
+
+    def ask(prompt: str, seeded: bool) -> list:
+        parameters = {"max_new_tokens": 16, "details": True, "decoder_input_details": False}
+        if seeded:
+            parameters.update(do_sample=True, seed=7, temperature=0.8, top_p=0.9)
+        body = {"inputs": prompt, "parameters": parameters}
+        response = requests.post(f"{url}/generate", json=body, timeout=300)
+        response.raise_for_status()
+        return [(t["id"], t["logprob"]) for t in response.json()["details"]["tokens"]]
+
+    try:
+        target = "Request: tell me about invariance. " * 8
+        alone = [ask(target, False), ask(target, True)]
+        others = [f"Other {i}: " + "words " * (7 * i) for i in range(15)]
+        others[3] = "A long one. " * 120  # within --max-total-tokens 1024
+        with ThreadPoolExecutor(17) as pool:
+            crowd = [pool.submit(ask, text, i % 2 == 0) for i, text in enumerate(others)]
+            crowded = [pool.submit(ask, target, False), pool.submit(ask, target, True)]
+            [c.result() for c in crowd]
+            same = [c.result() for c in crowded] == alone
+    finally:
+        stop_server(process)
+    verdict = "same bits alone and among 15 others" if same else "OUTPUTS DIFFER WITH THE BATCH"
+    log(f"batch invariance: {verdict}")
+    return verdict
+
+
 def transformers_generate(model_dir: Path, batch: int, prompt_ids: list[int], plan: Plan) -> float:
     """tok/s of transformers' generate() with a static cache, bfloat16, greedy, EOS ignored."""
     import transformers
@@ -359,6 +395,9 @@ def report(results: dict, out: Path, plan: Plan) -> str:
     lines += [
         "",
         f"Sampling (8 concurrent seeded requests, every warper): {results.get('sampling')}.",
+        "",
+        f"Batch invariance (`--batch-invariant true`, {results.get('invariance_model')}): "
+        f"{results.get('invariance')}.",
     ]
     lines += ["", "| transformers generate(), static cache | tok/s |", "|---|---|"]
     for batch, tps in results["transformers"].items():
@@ -429,6 +468,10 @@ def run(folder: Path, out: Path, plan: Plan) -> None:
     results["weight_bytes"] = weight_bytes(large)
     results["roofline"] = H200_BANDWIDTH / results["weight_bytes"]
     serve_and_load(results, large, out, plan)
+    results["invariance_model"] = small.name
+    results["invariance"] = attempt(
+        results, "invariance", invariance_check, small, out, plan.device
+    )
     vocab = json.loads((large / "config.json").read_text())["vocab_size"]
     prompt_ids = prompts(vocab, 1, 24)[0]
     for batch in plan.batches:

@@ -79,10 +79,10 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
         quantize = "none"  # the converted checkpoint holds dense weights too
     if quantize != "none" and device.type != "cpu":
         raise QuantizationError(f"--quantize {quantize} runs on the CPU only, not {device}")
-    if config.batch_invariant and device.type != "cpu":
+    if config.batch_invariant and device.type != "cpu" and config.attention != "triton":
         raise ValueError(
-            f"--batch-invariant true is implemented on the CPU only, not on {device}: "
-            "run with --batch-invariant false"
+            f"--batch-invariant true on {device} needs --attention triton, not "
+            f"{config.attention} (its kernels change their work split with the batch)"
         )
     numerics.configure(batch_invariant=config.batch_invariant)
     # Quantization the user did not ask for (a GGUF model's own) keeps dense copies as well

@@ -9,7 +9,8 @@ None: ours to choose) and the machine:
 - KV cache budget: 30% of the memory free after warmup on the CPU (the OS and the router share
   it), 90% on a GPU (TGI's wiggle room), within `--cuda-memory-fraction` of the GPU;
 - batch invariance (shard/numerics.py): on for the CPU, where our own kernels give it at
-  little cost; off for a GPU unless asked (`--batch-invariant true`, as vLLM's opt-in mode).
+  little cost; off for a GPU unless asked (`--batch-invariant true`, as vLLM's opt-in mode),
+  which then takes the triton attention backend.
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def resolve_placement(
     if cuda_count is None:
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = resolve_device(config.device, config.rank, cuda_count)
-    backend = resolve_backend_name(config.attention, device, config.block_size)
+    invariant = device.type == "cpu" if config.batch_invariant is None else config.batch_invariant
+    attention = config.attention
+    if invariant and device.type == "cuda" and attention == "auto":
+        attention = "triton"  # the invariant backend there (flash-attn's split work varies)
+    backend = resolve_backend_name(attention, device, config.block_size)
     return replace(
         config,
         device=str(device),
@@ -70,7 +75,5 @@ def resolve_placement(
         attention=backend,
         block_size=config.block_size or default_block_size(backend),
         kv_cache_memory=config.kv_cache_memory or default_kv_budget(device),
-        batch_invariant=(
-            device.type == "cpu" if config.batch_invariant is None else config.batch_invariant
-        ),
+        batch_invariant=invariant,
     )

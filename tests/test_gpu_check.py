@@ -33,5 +33,6 @@ def test_gpu_check_smoke_run(tmp_path) -> None:
     assert "| llama-1b | float32 | 100.0% |" in report
     assert "| 1 |" in report and "| 4 |" in report and "| batch 4 |" in report
     assert "seeded draws reproduce" in report
+    assert "same bits alone and among 15 others" in report
     rows = [line for line in report.splitlines() if line.startswith("| 1 |")]
     assert rows and rows[0].split("|")[5].strip() == "0"  # no errors at 1 stream

@@ -27,9 +27,11 @@ import os
 
 import torch
 
+from shard.attention.paged_decode import token_layout
 from shard.attention.sdpa import SdpaPagedAttention
 from shard.forward_context import AttentionMetadata
 from shard.kv_cache import LayerKV
+from shard.numerics import batch_invariant
 
 MIN_DOT = 16  # tl.dot's smallest M, N and K
 
@@ -95,11 +97,12 @@ def paged_decode(
 
 
 def supports(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata) -> bool:
-    """A decode step the kernel takes: on CUDA (or interpreted), pages of >= 16 keys in a
-    power of two, contiguous head dims, the cache in q's dtype."""
+    """A step the kernel takes (a decode step, or any in batch-invariant mode): on CUDA (or
+    interpreted), pages of >= 16 keys in a power of two, contiguous head dims, the cache in
+    q's dtype."""
     block_size = cache.key.shape[1]
     return (
-        meta.is_decode_only
+        (meta.is_decode_only or batch_invariant())
         and (q.is_cuda or interpreting())
         and block_size >= MIN_DOT
         and block_size & (block_size - 1) == 0
@@ -110,8 +113,22 @@ def supports(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata) -> bool:
     )
 
 
+def per_token(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query token as a sequence of its own for the kernel: its sequence's block table
+    and its position + 1 ([T, max_blocks], [T] int32, on the step's device), built once per
+    step. A prompt token is then attended exactly as a decode token at its position."""
+    layout = meta.prepared.get("triton_tokens")
+    if layout is None:
+        seqs, lens = token_layout(meta)
+        device = meta.block_tables.device
+        tables = meta.block_tables.index_select(0, seqs.to(device, torch.int64))
+        layout = meta.prepared["triton_tokens"] = (tables, lens.to(device))
+    return layout
+
+
 class TritonPagedAttention:
-    """Decode steps through the Triton kernel, everything else through SDPA."""
+    """Decode steps through the Triton kernel, everything else through SDPA; in batch-invariant
+    mode every step through the kernel, one query token at a time (no SDPA)."""
 
     name = "triton"
 
@@ -119,12 +136,15 @@ class TritonPagedAttention:
         self.sdpa = SdpaPagedAttention()
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        if not meta.is_decode_only:
+        if not meta.is_decode_only and not batch_invariant():
             self.sdpa.prepare(meta)
 
     def forward(
         self, q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         if supports(q, cache, meta):
-            return paged_decode(q, cache, meta.block_tables, meta.seq_lens, scale)
+            if meta.is_decode_only:  # a token per sequence already (and what graphs replay)
+                return paged_decode(q, cache, meta.block_tables, meta.seq_lens, scale)
+            tables, lens = per_token(meta)
+            return paged_decode(q, cache, tables, lens, scale)
         return self.sdpa.forward(q, cache, meta, scale)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shard.layers import triton_invariant
 from shard.layers.fused import fused_ops
+from shard.numerics import batch_invariant
 from shard.weights import Weights
 
 
@@ -20,6 +22,8 @@ class RMSNorm(nn.Module):
         return cls(weights.get(f"{prefix}.weight"), eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        if x.is_cuda and x.dim() == 2 and batch_invariant():
+            return triton_invariant.rms_norm(x, self.weight, self.eps)
         ops = fused_ops() if x.device.type == "cpu" else None
         if ops is not None and x.dim() == 2 and ops.supports(x, self.weight):
             return ops.rms_norm(x, self.weight, self.eps)

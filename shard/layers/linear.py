@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from shard.distributed import Dist
+from shard.layers import triton_invariant
 from shard.layers.dense import dense_kernel
 from shard.numerics import batch_invariant
 from shard.quant.kernels import get_kernels
@@ -34,6 +35,9 @@ def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) ->
         if kernel is not None and kernel.supports(x, weight):
             out = kernel.matmul(x, weight)
             return out if bias is None else out + bias
+    if x.is_cuda and batch_invariant():
+        out = triton_invariant.matmul(x, weight)  # cuBLAS's choice of kernel follows the rows
+        return out if bias is None else out + bias
     if x.shape[0] == 1 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         out = torch.mv(weight, x[0]).unsqueeze(0)
         return out if bias is None else out + bias

@@ -123,3 +123,10 @@ def test_batch_invariant_switch(text, expected) -> None:
     assert parse_switch("--batch-invariant", text) is expected
     with pytest.raises(ValueError, match="true or false"):
         parse_switch("--batch-invariant", "maybe")
+
+
+def test_batch_invariance_on_a_gpu_takes_the_triton_backend() -> None:
+    asked = ShardConfig(model_dir="/m", model_id="m", batch_invariant=True)
+    resolved = resolve_placement(asked, "bfloat16", 1)
+    assert resolved.batch_invariant and resolved.attention == "triton"
+    assert resolved.block_size == 16
