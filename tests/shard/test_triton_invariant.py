@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
