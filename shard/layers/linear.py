@@ -10,6 +10,9 @@ quantized kernels; the layers do not otherwise care which.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from torch import nn
 
@@ -20,6 +23,8 @@ from shard.numerics import batch_invariant
 from shard.quant.kernels import get_kernels
 from shard.quant.weight import QuantizedWeight
 from shard.weights import Matrix, Weights
+
+log = logging.getLogger(__name__)
 
 
 def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,6 +40,7 @@ def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) ->
         if kernel is not None and kernel.supports(x, weight):
             out = kernel.matmul(x, weight)
             return out if bias is None else out + bias
+        _not_invariant(f"{x.dtype} x {weight.dtype} products" if kernel else "no dense kernel")
     if x.is_cuda and batch_invariant():
         out = triton_invariant.matmul(x, weight)  # cuBLAS's choice of kernel follows the rows
         return out if bias is None else out + bias
@@ -44,10 +50,17 @@ def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) ->
     return nn.functional.linear(x, weight, bias)
 
 
+@functools.cache
+def _not_invariant(reason: str) -> None:
+    log.warning("batch invariance is not kept for %s: they run torch's GEMM", reason)
+
+
 def as_weight(weight: Matrix) -> nn.Parameter | QuantizedWeight:
+    """A layer's weight, dense ones contiguous: a row-parallel rank's columns are a strided
+    slice of the checkpoint's matrix, which the fixed-order kernel does not take."""
     if isinstance(weight, QuantizedWeight):
         return weight
-    return nn.Parameter(weight, requires_grad=False)
+    return nn.Parameter(weight.contiguous(), requires_grad=False)
 
 
 def cat_rows(parts: list[Matrix]) -> Matrix:

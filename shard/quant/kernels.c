@@ -560,16 +560,21 @@ static inline __attribute__((always_inline)) void dot_wrows_512(int kind, const 
     for (int j = 0; j < WROWS; j++) sums[j] = acc[j];
 }
 
-/* q4's min term of W's row (its mins) and row t of x: sum_b mw_b dx_b sum(xq_b), 16 blocks
- * per multiply-add in column order (the last ones masked), as 16 lanes. */
-static inline __m512 min_term(const QuantX *xq, long t, long blocks, const f16 *min) {
-    __m512 acc = _mm512_setzero_ps();
+/* q4's min terms of W's row (its mins) and rows t0..t0 + rows - 1 of x: for each row,
+ * sum_b mw_b dx_b sum(xq_b), 16 blocks per multiply-add in column order (the last ones
+ * masked), as 16 lanes (lows[r]); each 16 of W's mins are converted once for all rows. */
+static inline __attribute__((always_inline)) void min_terms(const QuantX *xq, long t0, int rows,
+                                                            long blocks, const f16 *min,
+                                                            __m512 *lows) {
+    for (int r = 0; r < rows; r++) lows[r] = _mm512_setzero_ps();
     for (long b = 0; b < blocks; b += 16) {
         __mmask16 m = blocks - b >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
         __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, min + b));
-        acc = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(m, xq->sum + t * blocks + b), acc);
+        for (int r = 0; r < rows; r++) {
+            __m512 sx = _mm512_maskz_loadu_ps(m, xq->sum + (t0 + r) * blocks + b);
+            lows[r] = _mm512_fmadd_ps(mw, sx, lows[r]);
+        }
     }
-    return acc;
 }
 
 /* y[t0 + r, n] for r < rows and n in [n0, n1): WROWS rows of W at a time, met by `rows` rows
@@ -591,8 +596,12 @@ static inline __attribute__((always_inline)) void span_512(int kind, int rows, c
             long at = n + (j < ws ? j : 0);
             w[j] = qs + at * row_bytes;
             s[j] = scale + at * groups;
-            for (int r = 0; r < ROWS_512; r++) sums[r][j] = lows[r][j] = splat(0.f);
         }
+        for (int r = 0; r < rows; r++)
+            for (int j = ws; j < WROWS; j++) sums[r][j] = lows[r][j] = splat(0.f); /* padding */
+        if (kind != 4)
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < ws; j++) lows[r][j] = splat(0.f);
         if (rows == 1 && ws == WROWS) {
             __m512 v[WROWS];
             dot_wrows_512(kind, xq, t0, K, w, s, v);
@@ -605,9 +614,11 @@ static inline __attribute__((always_inline)) void span_512(int kind, int rows, c
             }
         }
         if (kind == 4)
-            for (int j = 0; j < ws; j++)
-                for (int r = 0; r < rows; r++)
-                    lows[r][j] = (v16f)min_term(xq, t0 + r, groups, min + (n + j) * groups);
+            for (int j = 0; j < ws; j++) {
+                __m512 v[ROWS_512];
+                min_terms(xq, t0, rows, groups, min + (n + j) * groups, v);
+                for (int r = 0; r < rows; r++) lows[r][j] = (v16f)v[r];
+            }
         for (int r = 0; r < rows; r++) {
             float total[WROWS], low[WROWS];
             reduce16x4(sums[r], total);

@@ -1,5 +1,7 @@
 """Megatron-style tensor parallelism on the CPU with gloo: a tiny model split over 2 and 3
-ranks computes the same logits as on one (float32, 1e-5), with KV heads split or replicated."""
+ranks computes the same logits as on one (float32, 1e-5), with KV heads split or replicated,
+and, for its world size, a sequence's logits are the same bits alone as beside others (the
+all-reduce adds the ranks' parts in rank order)."""
 
 from __future__ import annotations
 
@@ -44,8 +46,13 @@ def test_split_model_matches_one_rank(tmp_path, world_size, kv_heads):
         start_method="spawn",
         join=True,
     )
+    first, total = len(PROMPTS[0]), sum(len(p) for p in PROMPTS)
+    rows = [*range(first), total, total + len(PROMPTS)]  # the first prompt's rows of 3 steps
     for rank in range(world_size):
-        torch.testing.assert_close(torch.load(f"{out}.{rank}"), expected, atol=1e-5, rtol=0)
+        logits = torch.load(f"{out}.{rank}")
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+        # batch invariance holds for a given world size: the first prompt alone, same bits
+        assert torch.equal(torch.load(f"{out}.{rank}.alone"), logits[rows])
 
 
 def test_each_rank_loads_only_its_slice(tmp_path):

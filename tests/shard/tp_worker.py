@@ -56,5 +56,6 @@ def worker(rank: int, world_size: int, port: int, model_dir: str, prompts, out_p
     model = load_model(model_dir, torch.float32, "cpu", dist)
     logits = run_steps(model, prompts)
     torch.save(logits, f"{out_path}.{rank}")
+    torch.save(run_steps(model, prompts[:1]), f"{out_path}.{rank}.alone")  # batch invariance
     torch.distributed.barrier()
     dist.close()
