@@ -445,7 +445,7 @@ static inline void dot_rows(int kind, const QuantX *xq, long x0, int rows, int K
 
 #ifdef HAVE_VNNI_512
 #define ROWS_512 4 /* rows of x that share one unpacked quad of W */
-#define WROWS 4    /* rows of W whose sums are reduced together (reduce4) */
+#define WROWS 4    /* rows of W whose sums are reduced together (reduce16x4) */
 
 /* Batch invariance: whatever the step's rows and however they are tiled, output (t, n) is
  * computed by the same operations in the same order: one accumulator per (row of x, row of

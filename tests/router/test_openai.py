@@ -762,3 +762,20 @@ def test_routes_registered_once(tokenizer):
         ("GET", "/v1/models"),
     ]:
         assert paths.count(route) == 1
+
+
+def test_the_system_fingerprint_follows_what_decides_the_numbers():
+    """OpenAI's system_fingerprint changes exactly when a request's numbers could: with the
+    model, dtype, device, quantization, batch invariance and the shards' kernel build."""
+    from router.config import RouterConfig
+
+    base = ("float32", "cpu", "gguf", True, "k1")
+    config = RouterConfig(model_id="m")
+    first = config.with_model(*base).system_fingerprint
+    assert first == config.with_model(*base).system_fingerprint
+    assert first.startswith("fp_") and len(first) == 13
+    for i, other in enumerate(("bfloat16", "cuda", "none", False, "k2")):
+        changed = list(base)
+        changed[i] = other
+        assert config.with_model(*changed).system_fingerprint != first
+    assert RouterConfig(model_id="other").with_model(*base).system_fingerprint != first
