@@ -53,105 +53,132 @@ static inline v16f dot_lanes(const float *q, const void *key, long at, int D, in
 }
 
 #define GROUP_MAX 8 /* query heads attended together (a KV head's group, 8 at a time) */
+#define RUN_MAX 4   /* tokens of one sequence attended together (a prompt chunk's) */
 
-/* out [g, D] = softmax(q[g] . K^T * scale) V over the token_len[t] first cached positions of
- * token t's sequence, for the `heads` (<= GROUP_MAX) query heads q [heads, D] that read KV head
- * kv_head: they share each load of K and V. scores: heads * (token_len[t] + 16) floats of
- * scratch. Positions are walked block by block through the block table; a head's score for a
- * position is its dot_lanes reduced by reduce16x4 (4 positions at a time, each lane on its
- * own: the same bits in any group), its softmax and weighted sum run in position order: each
- * head's numbers are those it would get alone, whatever its token's step holds. */
+/* For the `tokens` (<= RUN_MAX) tokens t[i] of one sequence and the `heads` (<= GROUP_MAX)
+ * query heads that read KV head kv_head: out[i] [heads, D] = softmax(q[i] . K^T * scale) V over
+ * the token_len[t[i]] first cached positions, q[i] [heads, D]. They share each load of K and V.
+ * scores: tokens * heads * (the longest token_len + 16) floats of scratch.
+ *
+ * Batch invariance: positions are walked block by block through the block table; a (token,
+ * head)'s score for a position is its dot_lanes reduced by reduce16x4 (positions by 4 from each
+ * block's start, each lane on its own: the same bits in any group), its softmax and weighted
+ * sum run in position order. So each (token, head) gets the numbers it would get alone,
+ * whatever runs beside it: a prompt token those of a decode token at its position. */
 static inline __attribute__((always_inline)) void attend_d(const PagedKV *s, int D,
                                                            const void *key, const void *value,
-                                                           int t, int kv_head, int heads,
-                                                           const float *q, float *out,
-                                                           float *scores) {
-    int n = s->token_len[t], bf16 = s->kv_bf16, size = s->block_size;
-    const int32_t *table = s->block_tables + (long)s->token_seq[t] * s->max_blocks;
+                                                           const int *t, int tokens,
+                                                           int kv_head, int heads,
+                                                           const float *const *q,
+                                                           float *const *out, float *scores) {
+    int bf16 = s->kv_bf16, size = s->block_size, n[RUN_MAX], longest = 0;
+    for (int i = 0; i < tokens; i++) {
+        n[i] = s->token_len[t[i]];
+        longest = n[i] > longest ? n[i] : longest;
+    }
+    const int32_t *table = s->block_tables + (long)s->token_seq[t[0]] * s->max_blocks;
     long stride = (long)s->kv_heads * D; /* from one slot to the next */
-    long width = n + 16;                 /* one head's scores */
-    float top[GROUP_MAX];
-    for (int h = 0; h < heads; h++) top[h] = -INFINITY;
-    for (int p0 = 0, b = 0; p0 < n; p0 += size, b++) {
+    long width = longest + 16;           /* one (token, head)'s scores */
+    float top[RUN_MAX][GROUP_MAX];
+    for (int i = 0; i < tokens; i++)
+        for (int h = 0; h < heads; h++) top[i][h] = -INFINITY;
+    for (int p0 = 0, b = 0; p0 < longest; p0 += size, b++) {
         long at = (long)table[b] * size * stride + (long)kv_head * D;
-        int end = n < p0 + size ? n : p0 + size;
-        for (int p = p0; p < end; p += 4, at += 4 * stride) {
-            int count = end - p < 4 ? end - p : 4;
-            for (int h = 0; h < heads; h++) {
-                v16f lanes[4] = {splat(0.f), splat(0.f), splat(0.f), splat(0.f)};
-                for (int j = 0; j < count; j++)
-                    lanes[j] = dot_lanes(q + h * D, key, at + j * stride, D, bf16);
-                float four[4];
-                reduce16x4(lanes, four);
-                float *row = scores + h * width;
-                for (int j = 0; j < count; j++) {
-                    row[p + j] = four[j] * s->scale;
-                    top[h] = row[p + j] > top[h] ? row[p + j] : top[h];
+        for (int p = p0; p < longest && p < p0 + size; p += 4, at += 4 * stride) {
+            for (int i = 0; i < tokens; i++) {
+                int end = n[i] < p0 + size ? n[i] : p0 + size;
+                if (p >= end) continue;
+                int count = end - p < 4 ? end - p : 4;
+                for (int h = 0; h < heads; h++) {
+                    v16f lanes[4] = {splat(0.f), splat(0.f), splat(0.f), splat(0.f)};
+                    for (int j = 0; j < count; j++)
+                        lanes[j] = dot_lanes(q[i] + h * D, key, at + j * stride, D, bf16);
+                    float four[4];
+                    reduce16x4(lanes, four);
+                    float *row = scores + (i * heads + h) * width;
+                    for (int j = 0; j < count; j++) {
+                        row[p + j] = four[j] * s->scale;
+                        top[i][h] = row[p + j] > top[i][h] ? row[p + j] : top[i][h];
+                    }
                 }
             }
         }
     }
-    for (int h = 0; h < heads; h++) {
-        float *row = scores + h * width;
-        for (int p = n; p < n + 16; p++) row[p] = -INFINITY; /* a whole last vector */
-        v16f sums = splat(0.f);
-        for (int p = 0; p < n; p += 16) {
-            v16f e = exp16(load16(row + p) - splat(top[h]));
-            for (int i = n - p; i < 16; i++) e[i] = 0.f; /* past the sequence */
-            memcpy(row + p, &e, sizeof e);
-            sums += e;
-        }
-        float total = hsum(sums);
-        for (int p = 0; p < n; p++) row[p] /= total; /* each position's weight */
-    }
-    /* Block by block, each head's sum in registers over the block's positions (the block's V
-     * stays in the L1 cache for the group's other heads). */
-    for (int h = 0; h < heads; h++) memset(out + h * D, 0, sizeof(float) * D);
-    for (int p0 = 0, b = 0; p0 < n; p0 += size, b++) {
-        long first = (long)table[b] * size * stride + (long)kv_head * D;
-        int end = n < p0 + size ? n : p0 + size;
+    for (int i = 0; i < tokens; i++)
         for (int h = 0; h < heads; h++) {
-            v16f acc[D / 16];
-            for (int i = 0; i < D / 16; i++) acc[i] = load16(out + h * D + i * 16);
-            const float *weights = scores + h * width;
-            long at = first;
-            for (int p = p0; p < end; p++, at += stride) {
-                v16f w = splat(weights[p]);
-                for (int i = 0; i < D / 16; i++)
-                    acc[i] = fma16(w, load16_kv(value, at + i * 16, bf16), acc[i]);
+            float *row = scores + (i * heads + h) * width;
+            for (int p = n[i]; p < n[i] + 16; p++) row[p] = -INFINITY; /* a whole last vector */
+            v16f sums = splat(0.f);
+            for (int p = 0; p < n[i]; p += 16) {
+                v16f e = exp16(load16(row + p) - splat(top[i][h]));
+                for (int k = n[i] - p; k < 16; k++) e[k] = 0.f; /* past the sequence */
+                memcpy(row + p, &e, sizeof e);
+                sums += e;
             }
-            memcpy(out + h * D, acc, sizeof acc);
+            float total = hsum(sums);
+            for (int p = 0; p < n[i]; p++) row[p] /= total; /* each position's weight */
+            memset(out[i] + h * D, 0, sizeof(float) * D);
+        }
+    /* Block by block, each (token, head)'s sum in registers over the block's positions (the
+     * block's V stays in the L1 cache for the others). */
+    for (int p0 = 0, b = 0; p0 < longest; p0 += size, b++) {
+        long first = (long)table[b] * size * stride + (long)kv_head * D;
+        for (int i = 0; i < tokens; i++) {
+            int end = n[i] < p0 + size ? n[i] : p0 + size;
+            for (int h = 0; h < heads; h += 2) { /* two heads' sums interleave their latency */
+                int pair = heads - h < 2 ? 1 : 2;
+                float *o0 = out[i] + h * D, *o1 = out[i] + (h + pair - 1) * D;
+                v16f acc0[D / 16], acc1[D / 16];
+                for (int k = 0; k < D / 16; k++) {
+                    acc0[k] = load16(o0 + k * 16);
+                    acc1[k] = load16(o1 + k * 16);
+                }
+                const float *w0 = scores + (i * heads + h) * width;
+                const float *w1 = scores + (i * heads + h + pair - 1) * width;
+                long at = first;
+                for (int p = p0; p < end; p++, at += stride) {
+                    v16f a = splat(w0[p]), b = splat(w1[p]);
+                    for (int k = 0; k < D / 16; k++) {
+                        v16f v = load16_kv(value, at + k * 16, bf16);
+                        acc0[k] = fma16(a, v, acc0[k]);
+                        acc1[k] = fma16(b, v, acc1[k]);
+                    }
+                }
+                memcpy(o1, acc1, sizeof acc1); /* the same head twice when alone: acc0 wins */
+                memcpy(o0, acc0, sizeof acc0);
+            }
         }
     }
 }
 
 /* attend_d for the common head sizes as constants (their loops unrolled), else any size. */
 static __attribute__((noinline)) void attend_64(const PagedKV *s, const void *key,
-                                                const void *value, int t, int kv_head,
-                                                int heads, const float *q, float *out,
-                                                float *scores) {
-    attend_d(s, 64, key, value, t, kv_head, heads, q, out, scores);
+                                                const void *value, const int *t, int tokens,
+                                                int kv_head, int heads, const float *const *q,
+                                                float *const *out, float *scores) {
+    attend_d(s, 64, key, value, t, tokens, kv_head, heads, q, out, scores);
 }
 
 static __attribute__((noinline)) void attend_128(const PagedKV *s, const void *key,
-                                                 const void *value, int t, int kv_head,
-                                                 int heads, const float *q, float *out,
-                                                 float *scores) {
-    attend_d(s, 128, key, value, t, kv_head, heads, q, out, scores);
+                                                 const void *value, const int *t, int tokens,
+                                                 int kv_head, int heads, const float *const *q,
+                                                 float *const *out, float *scores) {
+    attend_d(s, 128, key, value, t, tokens, kv_head, heads, q, out, scores);
 }
 
-static void attend(const PagedKV *s, const void *key, const void *value, int t, int kv_head,
-                   int heads, const float *q, float *out, float *scores) {
+static void attend(const PagedKV *s, const void *key, const void *value, const int *t,
+                   int tokens, int kv_head, int heads, const float *const *q, float *const *out,
+                   float *scores) {
     if (s->head_dim == 64)
-        attend_64(s, key, value, t, kv_head, heads, q, out, scores);
+        attend_64(s, key, value, t, tokens, kv_head, heads, q, out, scores);
     else if (s->head_dim == 128)
-        attend_128(s, key, value, t, kv_head, heads, q, out, scores);
+        attend_128(s, key, value, t, tokens, kv_head, heads, q, out, scores);
     else
-        attend_d(s, s->head_dim, key, value, t, kv_head, heads, q, out, scores);
+        attend_d(s, s->head_dim, key, value, t, tokens, kv_head, heads, q, out, scores);
 }
 
-/* The query heads of the (token, KV head) pairs, GROUP_MAX at a time: how many attend calls a
- * step makes (`units`), and the heads of unit u (first head, count). */
+/* The query heads of a KV head, GROUP_MAX at a time: how many units a token's heads make, and
+ * the heads of unit u (its KV head, first head, count). */
 static inline int group_units(const PagedKV *s) {
     int group = s->heads / s->kv_heads;
     return s->kv_heads * ((group + GROUP_MAX - 1) / GROUP_MAX);
@@ -163,6 +190,17 @@ static inline void unit_heads(const PagedKV *s, int u, int *kv_head, int *first,
     int start = (u % per) * GROUP_MAX;
     *first = *kv_head * group + start;
     *count = group - start < GROUP_MAX ? group - start : GROUP_MAX;
+}
+
+/* The step's runs: up to RUN_MAX consecutive tokens of one sequence (a decode step's tokens
+ * are runs of one). starts[k] is run k's first token, starts[runs] == T; returns runs. */
+static int token_runs(const PagedKV *s, int T, int *starts) {
+    int runs = 0;
+    for (int t = 0; t < T; t++)
+        if (t == 0 || s->token_seq[t] != s->token_seq[t - 1] || t - starts[runs - 1] == RUN_MAX)
+            starts[runs++] = t;
+    starts[runs] = T;
+    return runs;
 }
 
 static int longest_sequence(const PagedKV *s, int T) {
@@ -181,23 +219,37 @@ static inline float load_value(const void *p, int bf16, long i) {
 void paged_decode_attention(const PagedKV *s, int T, const void *q, void *out, int x_bf16,
                             const void *key, const void *value) {
     int D = s->head_dim, longest = longest_sequence(s, T), units = group_units(s);
+    int *starts = malloc(sizeof(int) * (T + 1)), runs = token_runs(s, T, starts);
 #pragma omp parallel if (T * s->heads > 1)
     {
-        float *scores = malloc(sizeof(float) * GROUP_MAX * (longest + 16));
-        float *qf = malloc(sizeof(float) * GROUP_MAX * D), *of = malloc(sizeof(float) * GROUP_MAX * D);
+        float *scores = malloc(sizeof(float) * RUN_MAX * GROUP_MAX * (longest + 16));
+        float *qf = malloc(sizeof(float) * RUN_MAX * GROUP_MAX * D);
+        float *of = malloc(sizeof(float) * RUN_MAX * GROUP_MAX * D);
 #pragma omp for collapse(2) schedule(static, 1) /* prompt tokens' lengths grow: interleave */
-        for (int t = 0; t < T; t++) {
+        for (int k = 0; k < runs; k++) {
             for (int u = 0; u < units; u++) {
-                int kv_head, first, count;
+                int kv_head, first, count, tokens = starts[k + 1] - starts[k], t[RUN_MAX];
+                const float *qs[RUN_MAX];
+                float *outs[RUN_MAX];
                 unit_heads(s, u, &kv_head, &first, &count);
-                long row = ((long)t * s->heads + first) * D;
-                for (int i = 0; i < count * D; i++) qf[i] = load_value(q, x_bf16, row + i);
-                attend(s, key, value, t, kv_head, count, qf, of, scores);
-                for (int i = 0; i < count * D; i++) {
-                    if (x_bf16)
-                        ((uint16_t *)out)[row + i] = f32_to_bf16(of[i]);
-                    else
-                        ((float *)out)[row + i] = of[i];
+                for (int i = 0; i < tokens; i++) {
+                    t[i] = starts[k] + i;
+                    long row = ((long)t[i] * s->heads + first) * D;
+                    for (int j = 0; j < count * D; j++)
+                        qf[i * GROUP_MAX * D + j] = load_value(q, x_bf16, row + j);
+                    qs[i] = qf + i * GROUP_MAX * D;
+                    outs[i] = of + i * GROUP_MAX * D;
+                }
+                attend(s, key, value, t, tokens, kv_head, count, qs, outs, scores);
+                for (int i = 0; i < tokens; i++) {
+                    long row = ((long)t[i] * s->heads + first) * D;
+                    for (int j = 0; j < count * D; j++) {
+                        float v = outs[i][j];
+                        if (x_bf16)
+                            ((uint16_t *)out)[row + j] = f32_to_bf16(v);
+                        else
+                            ((float *)out)[row + j] = v;
+                    }
                 }
             }
         }
@@ -205,4 +257,5 @@ void paged_decode_attention(const PagedKV *s, int T, const void *q, void *out, i
         free(qf);
         free(of);
     }
+    free(starts);
 }

@@ -146,6 +146,8 @@ typedef struct {
     float *gate_up;  /* [T, 2 intermediate] */
     float *out;      /* [T, hidden]: o_proj's, then down_proj's output */
     QuantX xq;       /* the next product's input, quantized */
+    int *starts;     /* [runs + 1] the first token of each run attended together */
+    int runs;
 } Scratch;
 
 /* The residual stream as every thread holds it: x, and the output of the last product (delta)
@@ -185,15 +187,21 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
         store_kv(s->keys[layer], at, k, kv_width, paged->kv_bf16);
         store_kv(s->values[layer], at, v, kv_width, paged->kv_bf16);
     }
-    int units = group_units(paged);
+    int units = group_units(paged), runs = m->runs;
 #pragma omp for collapse(2) schedule(static, 1) /* prompt tokens' lengths grow: interleave */
-    for (int t = 0; t < T; t++)
+    for (int k = 0; k < runs; k++)
         for (int u = 0; u < units; u++) {
-            int kv_head, first, count;
+            int kv_head, first, count, tokens = m->starts[k + 1] - m->starts[k], t[RUN_MAX];
+            const float *qs[RUN_MAX];
+            float *outs[RUN_MAX];
             unit_heads(paged, u, &kv_head, &first, &count);
-            attend(paged, s->keys[layer], s->values[layer], t, kv_head, count,
-                   m->qkv + (long)t * width + (long)first * D,
-                   m->attn + (long)t * q_width + (long)first * D, scores);
+            for (int i = 0; i < tokens; i++) {
+                t[i] = m->starts[k] + i;
+                qs[i] = m->qkv + (long)t[i] * width + (long)first * D;
+                outs[i] = m->attn + (long)t[i] * q_width + (long)first * D;
+            }
+            attend(paged, s->keys[layer], s->values[layer], t, tokens, kv_head, count, qs, outs,
+                   scores);
         }
     quantize_x(w->o.kind, m->attn, T, q_width, &m->xq);
     product(&w->o, &m->xq, T, m->out);
@@ -237,11 +245,14 @@ void llama_decode(const DecoderLayer *layers, int num_layers, const DecodeStep *
         .gate_up = malloc(sizeof(float) * T * 2 * I),
         .out = malloc(sizeof(float) * T * s->hidden),
         .xq = quantx_new(T, width),
+        .starts = malloc(sizeof(int) * (T + 1)),
     };
     int longest = longest_sequence(paged, T);
+    m.runs = token_runs(paged, T, m.starts);
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * GROUP_MAX * (longest + 16)); /* attend's */
+        /* attend's scratch */
+        float *scores = malloc(sizeof(float) * RUN_MAX * GROUP_MAX * (longest + 16));
         Residual r = {x, m.residual, NULL};
         for (int l = 0; l < num_layers; l++) {
             attention(&layers[l], s, l, &m, scores, &r);
@@ -257,4 +268,5 @@ void llama_decode(const DecoderLayer *layers, int num_layers, const DecodeStep *
     free(m.gate_up);
     free(m.out);
     quantx_free(&m.xq);
+    free(m.starts);
 }
