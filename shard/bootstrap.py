@@ -59,6 +59,27 @@ def use_device(config: ShardConfig) -> torch.device:
     return device
 
 
+def serving_quantization(config: ShardConfig, device: torch.device) -> str:
+    """The --quantize method the model loads with on `device` (GGUF blocks: the CPU only)."""
+    quantize = resolve_method(config.quantize, Path(config.model_dir))
+    if quantize == "gguf" and config.quantize is None and device.type != "cpu":
+        log.info("a GGUF file's blocks are served on the CPU only: dense weights on %s", device)
+        quantize = "none"  # the converted checkpoint holds dense weights too
+    if quantize != "none" and device.type != "cpu":
+        raise QuantizationError(f"--quantize {quantize} runs on the CPU only, not {device}")
+    return quantize
+
+
+def set_numerics(config: ShardConfig, device: torch.device) -> None:
+    """The process's numeric mode (shard/numerics.py), before the model loads."""
+    if config.batch_invariant and device.type != "cpu" and config.attention != "triton":
+        raise ValueError(
+            f"--batch-invariant true on {device} needs --attention triton, not "
+            f"{config.attention} (its kernels change their work split with the batch)"
+        )
+    numerics.configure(batch_invariant=config.batch_invariant)
+
+
 def load_generator(config: ShardConfig) -> tuple[Generator, str]:
     """Builds the generator: the model on its device, the backend, the runner."""
     config = placed(config)
@@ -73,18 +94,8 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
         device,
         config.collective_timeout,
     )
-    quantize = resolve_method(config.quantize, Path(config.model_dir))
-    if quantize == "gguf" and config.quantize is None and device.type != "cpu":
-        log.info("a GGUF file's blocks are served on the CPU only: dense weights on %s", device)
-        quantize = "none"  # the converted checkpoint holds dense weights too
-    if quantize != "none" and device.type != "cpu":
-        raise QuantizationError(f"--quantize {quantize} runs on the CPU only, not {device}")
-    if config.batch_invariant and device.type != "cpu" and config.attention != "triton":
-        raise ValueError(
-            f"--batch-invariant true on {device} needs --attention triton, not "
-            f"{config.attention} (its kernels change their work split with the batch)"
-        )
-    numerics.configure(batch_invariant=config.batch_invariant)
+    quantize = serving_quantization(config, device)
+    set_numerics(config, device)
     # Quantization the user did not ask for (a GGUF model's own) keeps dense copies as well
     # where steps of many rows use them (batch invariance off): the fastest setting for both
     # one and many streams; an explicit --quantize saves memory.

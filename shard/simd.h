@@ -55,6 +55,16 @@ static inline v16f exp16(v16f x) {
     return y * (v16f)((n + 127) << 23); /* 2^n from its float bits */
 }
 
+/* acc + a b: one fused multiply-add with AVX-512, else a multiply then an add (GCC contracts
+ * nothing under -std=c11: each build has one rounding, the same wherever it is used). */
+static inline v16f fma16(v16f a, v16f b, v16f acc) {
+#if defined(__AVX512F__)
+    return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#else
+    return acc + a * b;
+#endif
+}
+
 /* silu(x) = x sigmoid(x), 16 at a time, from e = e^-|x| (never overflows): sigmoid is
  * 1 / (1 + e) for x >= 0 and e / (1 + e) below. Each lane is a function of its own x alone. */
 static inline v16f silu16(v16f x) {

@@ -37,14 +37,6 @@ static inline v16f load16_kv(const void *cache, long i, int bf16) {
 #endif
 }
 
-static inline v16f fma16(v16f a, v16f b, v16f acc) {
-#if defined(__AVX512F__)
-    return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
-#else
-    return acc + a * b;
-#endif
-}
-
 /* The 16 lanes of q . k for the key at `at` (D / 16 multiply-adds in order). */
 static inline v16f dot_lanes(const float *q, const void *key, long at, int D, int bf16) {
     v16f acc = splat(0.f);

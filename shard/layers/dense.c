@@ -34,14 +34,6 @@ static inline v16f load_w(const void *w, int bf16, long i, int n) {
     return v;
 }
 
-static inline v16f multiply_add(v16f a, v16f b, v16f acc) {
-#if defined(__AVX512F__)
-    return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
-#else
-    return acc + a * b;
-#endif
-}
-
 /* acc[r][j] += x[r] . w[j] over the 16 columns from k (`count` of them: 16 but in a row's
  * last, partial vector, whose missing columns are zeros). */
 static inline __attribute__((always_inline)) void columns(int rows, const float *const *x,
@@ -52,7 +44,7 @@ static inline __attribute__((always_inline)) void columns(int rows, const float 
     for (int j = 0; j < WROWS; j++) wv[j] = load_w(w[j], w_bf16, k, count);
     for (int r = 0; r < rows; r++) {
         v16f xv = count == 16 ? load16(x[r] + k) : load16_part(x[r] + k, count);
-        for (int j = 0; j < WROWS; j++) acc[r][j] = multiply_add(xv, wv[j], acc[r][j]);
+        for (int j = 0; j < WROWS; j++) acc[r][j] = fma16(xv, wv[j], acc[r][j]);
     }
 }
 
