@@ -78,6 +78,6 @@ class ForwardContext:
     attn: AttentionMetadata
     kv_cache: "KVCache"  # noqa: F821 (shard.kv_cache.KVCache)
     backend: "AttentionBackend"  # noqa: F821 (shard.attention.base.AttentionBackend)
-    # Rotary cos/sin for this step's positions, computed once and shared by every layer.
-    cos: torch.Tensor | None = None  # [T, rotary_dim // 2]
-    sin: torch.Tensor | None = None  # [T, rotary_dim // 2]
+    # Rotary cos/sin [T, rotary_dim // 2] for this step's positions, computed once per table
+    # (shard.layers.rotary.RopeSpec) and shared by every layer that uses it.
+    rotary: dict = field(default_factory=dict)

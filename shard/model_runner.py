@@ -43,12 +43,12 @@ class ModelRunner:
 
     @property
     def num_kv_heads(self) -> int:
-        return self.model.layers[0].self_attn.num_kv_heads
+        return self.model.num_kv_heads
 
     def bytes_per_block(self) -> int:
         c = self.config
         return KVCache.bytes_per_block(
-            c.num_layers, self.block_size, self.num_kv_heads, c.head_dim, self.dtype
+            c.num_layers, self.block_size, self.num_kv_heads, self.model.head_dim, self.dtype
         )
 
     def allocate_cache(self, num_blocks: int) -> None:
@@ -60,7 +60,7 @@ class ModelRunner:
             num_blocks,
             self.block_size,
             self.num_kv_heads,
-            c.head_dim,
+            self.model.head_dim,
             self.dtype,
             self.device,
         )

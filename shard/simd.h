@@ -75,6 +75,17 @@ static inline v16f silu16(v16f x) {
     return x * sigmoid;
 }
 
+/* GELU, tanh approximation (gelu_pytorch_tanh): x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
+ * tanh|u| as (1 - e) / (1 + e), e = exp(-2|u|). */
+static inline v16f gelu_tanh16(v16f x) {
+    v16f u = splat(0.7978845608f) * (x + splat(0.044715f) * x * x * x);
+    v16i negative = u < splat(0.f);
+    v16f magnitude = (v16f)((negative & (v16i)-u) | (~negative & (v16i)u));
+    v16f e = exp16(splat(-2.f) * magnitude), t = (splat(1.f) - e) / (splat(1.f) + e);
+    v16f tanh = (v16f)((negative & (v16i)-t) | (~negative & (v16i)t));
+    return splat(0.5f) * x * (splat(1.f) + tanh);
+}
+
 /* Up to 16 floats from p, zeros past n: a row's last, partial vector. */
 static inline v16f load16_part(const float *p, int n) {
     v16f v = splat(0.f);

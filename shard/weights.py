@@ -130,6 +130,12 @@ class Weights:
             return quantized.rows(rank * block, (rank + 1) * block)
         return quantized.columns(rank * block, (rank + 1) * block)
 
+    def get_whole_matrix(self, prefix: str) -> Matrix:
+        """The whole linear weight `prefix.weight`, quantized if the shard is (a fused
+        checkpoint matrix, such as Phi-3's qkv_proj, that the caller splits by rows)."""
+        quantized = self.quantizer.load(self, prefix) if self.quantizer else None
+        return self.get(f"{prefix}.weight") if quantized is None else quantized
+
     def finish_matrix(self, matrix: Matrix) -> Matrix:
         """A layer's final weight (fused and sharded); quantized ones may keep a dense copy."""
         if isinstance(matrix, QuantizedWeight) and self.quantizer is not None:

@@ -3,7 +3,9 @@
 A step's new tokens have already been written to the cache (LayerKV.write) when a backend
 runs, so each sequence attends to its first `seq_len` cached positions, reached through its
 block table. Query token i of a sequence sits at position `seq_len - query_len + i` and sees
-every position up to and including its own (causal, aligned at the end).
+every position up to and including its own (causal, aligned at the end); in a layer with a
+sliding window of W, only the last W of them (its own included). A soft-capped layer maps each
+score s (after scaling) to cap * tanh(s / cap) before the softmax.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ class AttentionBackend(Protocol):
         """Once per step, before the first layer: precompute what every layer shares."""
 
     def forward(
-        self, q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        cache: LayerKV,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """q: [T, num_heads, head_dim] -> [T, num_heads, head_dim]."""

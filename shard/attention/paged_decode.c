@@ -23,6 +23,8 @@ typedef struct {
     const int32_t *block_tables; /* [B, max_blocks]: each sequence's blocks */
     const int32_t *token_seq;    /* [T] the sequence (row of block_tables) of each query token */
     const int32_t *token_len;    /* [T] the positions token t sees: its own position + 1 */
+    int window;                  /* > 0: a token sees only its last `window` positions */
+    float softcap;               /* > 0: scores -> softcap * tanh(score / softcap) */
 } PagedKV;
 
 static inline v16f load16_kv(const void *cache, long i, int bf16) {
@@ -63,23 +65,27 @@ static inline __attribute__((always_inline)) void attend_d(const PagedKV *s, int
                                                            int kv_head, int heads,
                                                            const float *const *q,
                                                            float *const *out, float *scores) {
-    int bf16 = s->kv_bf16, size = s->block_size, n[RUN_MAX], longest = 0;
+    int bf16 = s->kv_bf16, size = s->block_size, n[RUN_MAX], st[RUN_MAX], longest = 0;
+    int earliest = 1 << 30;
     for (int i = 0; i < tokens; i++) {
         n[i] = s->token_len[t[i]];
+        st[i] = s->window > 0 && n[i] > s->window ? n[i] - s->window : 0; /* its first */
         longest = n[i] > longest ? n[i] : longest;
+        earliest = st[i] < earliest ? st[i] : earliest;
     }
+    int first_block = earliest / size;
     const int32_t *table = s->block_tables + (long)s->token_seq[t[0]] * s->max_blocks;
     long stride = (long)s->kv_heads * D; /* from one slot to the next */
     long width = longest + 16;           /* one (token, head)'s scores */
     float top[RUN_MAX][GROUP_MAX];
     for (int i = 0; i < tokens; i++)
         for (int h = 0; h < heads; h++) top[i][h] = -INFINITY;
-    for (int p0 = 0, b = 0; p0 < longest; p0 += size, b++) {
+    for (int b = first_block, p0 = b * size; p0 < longest; p0 += size, b++) {
         long at = (long)table[b] * size * stride + (long)kv_head * D;
         for (int p = p0; p < longest && p < p0 + size; p += 4, at += 4 * stride) {
             for (int i = 0; i < tokens; i++) {
                 int end = n[i] < p0 + size ? n[i] : p0 + size;
-                if (p >= end) continue;
+                if (p >= end || p + 4 <= st[i]) continue;
                 int count = end - p < 4 ? end - p : 4;
                 for (int h = 0; h < heads; h++) {
                     v16f lanes[4] = {splat(0.f), splat(0.f), splat(0.f), splat(0.f)};
@@ -89,8 +95,11 @@ static inline __attribute__((always_inline)) void attend_d(const PagedKV *s, int
                     reduce16x4(lanes, four);
                     float *row = scores + (i * heads + h) * width;
                     for (int j = 0; j < count; j++) {
-                        row[p + j] = four[j] * s->scale;
-                        top[i][h] = row[p + j] > top[i][h] ? row[p + j] : top[i][h];
+                        float score = four[j] * s->scale;
+                        if (s->softcap > 0.f) score = s->softcap * tanhf(score / s->softcap);
+                        if (p + j < st[i]) score = -INFINITY; /* before the window */
+                        row[p + j] = score;
+                        top[i][h] = score > top[i][h] ? score : top[i][h];
                     }
                 }
             }
@@ -99,24 +108,26 @@ static inline __attribute__((always_inline)) void attend_d(const PagedKV *s, int
     for (int i = 0; i < tokens; i++)
         for (int h = 0; h < heads; h++) {
             float *row = scores + (i * heads + h) * width;
+            int from = st[i] & ~15; /* the window's first position, its vector's start */
+            for (int p = from; p < st[i]; p++) row[p] = -INFINITY;
             for (int p = n[i]; p < n[i] + 16; p++) row[p] = -INFINITY; /* a whole last vector */
             v16f sums = splat(0.f);
-            for (int p = 0; p < n[i]; p += 16) {
+            for (int p = from; p < n[i]; p += 16) {
                 v16f e = exp16(load16(row + p) - splat(top[i][h]));
                 for (int k = n[i] - p; k < 16; k++) e[k] = 0.f; /* past the sequence */
                 memcpy(row + p, &e, sizeof e);
                 sums += e;
             }
             float total = hsum(sums);
-            for (int p = 0; p < n[i]; p++) row[p] /= total; /* each position's weight */
+            for (int p = st[i]; p < n[i]; p++) row[p] /= total; /* each position's weight */
             memset(out[i] + h * D, 0, sizeof(float) * D);
         }
     /* Block by block, each (token, head)'s sum in registers over the block's positions (the
      * block's V stays in the L1 cache for the others). */
-    for (int p0 = 0, b = 0; p0 < longest; p0 += size, b++) {
+    for (int b = first_block, p0 = b * size; p0 < longest; p0 += size, b++) {
         long first = (long)table[b] * size * stride + (long)kv_head * D;
         for (int i = 0; i < tokens; i++) {
-            int end = n[i] < p0 + size ? n[i] : p0 + size;
+            int end = n[i] < p0 + size ? n[i] : p0 + size, begin = st[i] > p0 ? st[i] : p0;
             for (int h = 0; h < heads; h += 2) { /* two heads' sums interleave their latency */
                 int pair = heads - h < 2 ? 1 : 2;
                 float *o0 = out[i] + h * D, *o1 = out[i] + (h + pair - 1) * D;
@@ -127,8 +138,8 @@ static inline __attribute__((always_inline)) void attend_d(const PagedKV *s, int
                 }
                 const float *w0 = scores + (i * heads + h) * width;
                 const float *w1 = scores + (i * heads + h + pair - 1) * width;
-                long at = first;
-                for (int p = p0; p < end; p++, at += stride) {
+                long at = first + (long)(begin - p0) * stride;
+                for (int p = begin; p < end; p++, at += stride) {
                     v16f a = splat(w0[p]), b = splat(w1[p]);
                     for (int k = 0; k < D / 16; k++) {
                         v16f v = load16_kv(value, at + k * 16, bf16);

@@ -30,6 +30,7 @@ class PagedKV(ctypes.Structure):  # paged_decode.c's PagedKV
         ("heads", _int), ("kv_heads", _int), ("head_dim", _int), ("block_size", _int),
         ("max_blocks", _int), ("kv_bf16", _int), ("scale", _float),
         ("block_tables", _ptr), ("token_seq", _ptr), ("token_len", _ptr),
+        ("window", _int), ("softcap", _float),
     ]  # fmt: skip
 
 
@@ -49,14 +50,22 @@ def token_layout(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def paged_kv(
-    meta: AttentionMetadata, cache: LayerKV, heads: int, kv_heads: int, head_dim: int, scale: float
+    meta: AttentionMetadata,
+    cache: LayerKV,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> PagedKV:
-    """Where the step's tokens and sequences are; valid while `meta` lives."""
+    """Where the step's tokens and sequences are; valid while `meta` lives. window 0 and
+    softcap 0 mean none."""
     seqs, lens = token_layout(meta)
     return PagedKV(
         heads, kv_heads, head_dim, meta.block_size, meta.block_tables.shape[1],
         int(cache.key.dtype is torch.bfloat16), scale, meta.block_tables.data_ptr(),
-        seqs.data_ptr(), lens.data_ptr(),
+        seqs.data_ptr(), lens.data_ptr(), window or 0, softcap or 0.0,
     )  # fmt: skip
 
 
@@ -67,11 +76,13 @@ class PagedDecodeKernel:
         self._run.argtypes = [_ptr, _int, _ptr, _ptr, _int, _ptr, _ptr]
 
     @staticmethod
-    def supports(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata) -> bool:
-        """A step on the CPU (any step in batch-invariant mode, else a decode step), q and the
-        cache in one of DTYPES, heads of 16k floats."""
+    def supports(
+        q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, any_step: bool = False
+    ) -> bool:
+        """A step on the CPU (any step in batch-invariant mode or with any_step, else a decode
+        step), q and the cache in one of DTYPES, heads of 16k floats."""
         return (
-            (meta.is_decode_only or batch_invariant())
+            (meta.is_decode_only or batch_invariant() or any_step)
             and q.is_cpu
             and q.dtype in DTYPES
             and cache.key.dtype is q.dtype
@@ -80,14 +91,22 @@ class PagedDecodeKernel:
         )
 
     def forward(
-        self, q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        cache: LayerKV,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
-        """q [T, heads, D] -> [T, heads, D]; the step's PagedKV is built at its first layer."""
-        paged = meta.prepared.get("paged_decode")
+        """q [T, heads, D] -> [T, heads, D]; the step's PagedKV is built once per kind of layer
+        (its window and soft-capping) at its first layer."""
+        key = "paged_decode" if window is None and softcap is None else (window, softcap)
+        paged = meta.prepared.get(key)
         if paged is None:
             kv_heads = cache.key.shape[2]
-            paged = meta.prepared["paged_decode"] = paged_kv(
-                meta, cache, q.shape[1], kv_heads, q.shape[2], scale
+            paged = meta.prepared[key] = paged_kv(
+                meta, cache, q.shape[1], kv_heads, q.shape[2], scale, window, softcap
             )
         q = q.contiguous()
         out = torch.empty_like(q)

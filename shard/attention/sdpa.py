@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from shard.attention.paged_decode import paged_decode_kernel
+from shard.attention.torch_ref import TorchReferenceAttention
 from shard.forward_context import AttentionMetadata
 from shard.kv_cache import LayerKV
 from shard.numerics import batch_invariant
@@ -233,11 +234,22 @@ class SdpaPagedAttention:
         meta.prepared["sdpa"] = build_step(meta)
 
     def forward(
-        self, q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        cache: LayerKV,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
-        kernel = paged_decode_kernel() if _paged(meta) else None
-        if kernel is not None and kernel.supports(q, cache, meta):
-            return kernel.forward(q, cache, meta, scale)
+        """Layers with a window or soft-capping take the paged kernel for every step (SDPA
+        has no soft-capping), else the torch reference."""
+        special = window is not None or softcap is not None
+        kernel = paged_decode_kernel() if special or _paged(meta) else None
+        if kernel is not None and kernel.supports(q, cache, meta, any_step=special):
+            return kernel.forward(q, cache, meta, scale, window, softcap)
+        if special:
+            return TorchReferenceAttention().forward(q, cache, meta, scale, window, softcap)
         step = meta.prepared.get("sdpa")
         if step is None:  # prepare was skipped: build it now, once, for every later layer
             self.prepare(meta)

@@ -21,17 +21,30 @@ def gather_context(cache: LayerKV, block_table: torch.Tensor, seq_len: int):
     return k, v
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention aligned at the end. q: [n, H, d]; k, v: [L, KV, d] with L >= n."""
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention aligned at the end. q: [n, H, d]; k, v: [L, KV, d] with L >= n. With a
+    window, query position p sees keys (p - window, p]; softcap: scores -> cap tanh(s / cap)."""
     n, num_heads, _ = q.shape
     seq_len, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
     k = k.repeat_interleave(group, dim=1).float()  # [L, H, d]
     v = v.repeat_interleave(group, dim=1).float()
     scores = torch.einsum("nhd,lhd->hnl", q.float(), k) * scale  # [H, n, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     query_pos = torch.arange(seq_len - n, seq_len).unsqueeze(1)  # [n, 1]
     key_pos = torch.arange(seq_len).unsqueeze(0)  # [1, L]
-    scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+    hidden = key_pos > query_pos
+    if window is not None:
+        hidden = hidden | (key_pos <= query_pos - window)
+    scores = scores.masked_fill(hidden, float("-inf"))
     probs = scores.softmax(dim=-1)
     return torch.einsum("hnl,lhd->nhd", probs, v).to(q.dtype)  # [n, H, d]
 
@@ -43,12 +56,18 @@ class TorchReferenceAttention:
         pass
 
     def forward(
-        self, q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        cache: LayerKV,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         start = 0
         for i, (n, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
             k, v = gather_context(cache, meta.block_tables[i], seq_len)
-            out[start : start + n] = attend(q[start : start + n], k, v, scale)
+            out[start : start + n] = attend(q[start : start + n], k, v, scale, window, softcap)
             start += n
         return out

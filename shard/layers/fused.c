@@ -88,11 +88,12 @@ void fused_rotary(const void *x, long x_stride, const void *cos, const void *sin
     }
 }
 
-/* y [T, I] = silu(gate) * up of x [T, 2 I] = [gate | up] (Llama's MLP), each value a function of
+/* y [T, I] = act(gate) * up of x [T, 2 I] = [gate | up] (Llama's MLP: silu; Gemma's: gelu with
+ * the tanh approximation when `gelu`), each value a function of
  * its own gate and up alone (silu16: the same vector code for every lane, a row's last vector
  * padded), so a row's values never depend on the other rows (batch invariance). Rounded to
  * the dtype once, at the end. */
-void fused_silu_mul(const void *x, void *y, int T, int I, int bf16) {
+void fused_gated_mul(const void *x, void *y, int T, int I, int bf16, int gelu) {
 #pragma omp parallel for schedule(static) if (T >= PARALLEL_ROWS)
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < I; i += 16) {
@@ -102,7 +103,7 @@ void fused_silu_mul(const void *x, void *y, int T, int I, int bf16) {
                 gate[j] = load(x, bf16, (long)t * 2 * I + i + j);
                 up[j] = load(x, bf16, (long)t * 2 * I + I + i + j);
             }
-            v16f out = silu16(gate) * up;
+            v16f out = (gelu ? gelu_tanh16(gate) : silu16(gate)) * up;
             for (int j = 0; j < n; j++) save_rounded(y, bf16, (long)t * I + i + j, round_to(bf16, out[j]));
         }
     }

@@ -32,9 +32,9 @@ class FusedOps:
         self._rms_norm.argtypes = [_ptr, _long, _ptr, _ptr, _int, _int, _float, _int]
         self._rotary = lib.fused_rotary
         self._rotary.argtypes = [_ptr, _long, _ptr, _ptr, _ptr, _int, _int, _int, _int]
-        self._silu_mul = lib.fused_silu_mul
-        self._silu_mul.argtypes = [_ptr, _ptr, _int, _int, _int]
-        for fn in (self._rms_norm, self._rotary, self._silu_mul):
+        self._gated_mul = lib.fused_gated_mul
+        self._gated_mul.argtypes = [_ptr, _ptr, _int, _int, _int, _int]
+        for fn in (self._rms_norm, self._rotary, self._gated_mul):
             fn.restype = None
 
     @staticmethod
@@ -66,14 +66,15 @@ class FusedOps:
         )  # fmt: skip
         return x
 
-    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, 2 I] = [gate | up], contiguous -> silu(gate) * up [T, I]."""
+    def gated_mul(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """x [T, 2 I] = [gate | up] -> act(gate) * up [T, I]: silu, or gelu (tanh approximation)."""
         x = x.contiguous()
         tokens, width = x.shape
         y = torch.empty(tokens, width // 2, dtype=x.dtype)
-        self._silu_mul(
-            x.data_ptr(), y.data_ptr(), tokens, width // 2, int(x.dtype is torch.bfloat16)
-        )
+        self._gated_mul(
+            x.data_ptr(), y.data_ptr(), tokens, width // 2, int(x.dtype is torch.bfloat16),
+            int(gelu),
+        )  # fmt: skip
         return y
 
 

@@ -1,4 +1,5 @@
-"""RMSNorm (Zhang & Sennrich, 2019), computed in float32 as Llama does."""
+"""RMSNorm (Zhang & Sennrich, 2019), computed in float32 as Llama does. Gemma's norms scale
+by (1 + weight): the offset is added to the weight once, in float32, at load."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     @classmethod
-    def load(cls, weights: Weights, prefix: str, eps: float) -> "RMSNorm":
-        return cls(weights.get(f"{prefix}.weight"), eps)
+    def load(cls, weights: Weights, prefix: str, eps: float, offset: float = 0.0) -> "RMSNorm":
+        weight = weights.get(f"{prefix}.weight")
+        if offset:
+            weight = (weights.get_full(f"{prefix}.weight", torch.float32) + offset).to(weight)
+        return cls(weight, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         if x.is_cuda and x.dim() == 2 and batch_invariant():

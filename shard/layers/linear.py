@@ -63,6 +63,20 @@ def as_weight(weight: Matrix) -> nn.Parameter | QuantizedWeight:
     return nn.Parameter(weight.contiguous(), requires_grad=False)
 
 
+def take_rows(matrix: Matrix, start: int, end: int) -> Matrix:
+    if isinstance(matrix, QuantizedWeight):
+        return matrix.rows(start, end)
+    return matrix[start:end]
+
+
+def rank_rows(size: int, dist: Dist) -> tuple[int, int]:
+    """This rank's even part of `size` rows."""
+    if size % dist.world_size:
+        raise ValueError(f"{size} rows cannot be split in {dist.world_size}")
+    block = size // dist.world_size
+    return dist.rank * block, (dist.rank + 1) * block
+
+
 def cat_rows(parts: list[Matrix]) -> Matrix:
     """Fuses matrices along their output rows."""
     if isinstance(parts[0], QuantizedWeight):
@@ -93,6 +107,34 @@ class ColumnParallelLinear(nn.Module):
         return cls(weights.finish_matrix(cat_rows(parts)), b)
 
     @classmethod
+    def load_fused_qkv(
+        cls, weights: Weights, prefix: str, num_heads: int, num_kv_heads: int, head_dim: int
+    ) -> "ColumnParallelLinear":
+        """A checkpoint's fused [q | k | v] rows (Phi-3's qkv_proj), split as load_qkv does."""
+        whole, dist = weights.get_whole_matrix(prefix), weights.dist
+        q_start, q_end = rank_rows(num_heads * head_dim, dist)
+        parts = [take_rows(whole, q_start, q_end)]
+        for base in (num_heads * head_dim, (num_heads + num_kv_heads) * head_dim):
+            if num_kv_heads >= dist.world_size:
+                start, end = rank_rows(num_kv_heads * head_dim, dist)
+            else:  # this rank's group reads one replicated KV head
+                head = dist.rank // (dist.world_size // num_kv_heads)
+                start, end = head * head_dim, (head + 1) * head_dim
+            parts.append(take_rows(whole, base + start, base + end))
+        return cls(weights.finish_matrix(cat_rows(parts)), None)
+
+    @classmethod
+    def load_fused(cls, weights: Weights, prefix: str, sizes: list[int]) -> "ColumnParallelLinear":
+        """A checkpoint matrix that fuses parts of `sizes` rows (Phi-3's gate_up_proj): each
+        part split across the ranks, this rank's parts fused again."""
+        whole, parts, base = weights.get_whole_matrix(prefix), [], 0
+        for size in sizes:
+            start, end = rank_rows(size, weights.dist)
+            parts.append(take_rows(whole, base + start, base + end))
+            base += size
+        return cls(weights.finish_matrix(cat_rows(parts)), None)
+
+    @classmethod
     def load(
         cls, weights: Weights, prefixes: list[str], bias: bool = False
     ) -> "ColumnParallelLinear":
@@ -118,7 +160,10 @@ class RowParallelLinear(nn.Module):
         b = weights.get(f"{prefix}.bias") if bias else None
         return cls(weight, b, weights.dist)
 
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, in / world] -> [T, out]: this rank's partial sum (without the bias)."""
+        return linear(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)  # [T, in / world] -> [T, out], partial sum
-        out = self.dist.all_reduce(out)
+        out = self.dist.all_reduce(self.partial(x))
         return out if self.bias is None else out + self.bias

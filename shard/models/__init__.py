@@ -1,4 +1,6 @@
-"""One registry from the Hugging Face `architectures` name to our model class."""
+"""One registry from the Hugging Face `architectures` name to the family that serves it
+natively; every other causal LM the installed transformers knows runs through the
+transformers backend (shard/models/transformers_backend.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +10,47 @@ from pathlib import Path
 import torch
 
 from shard.distributed import SINGLE, Dist, check_divisible
+from shard.models import gemma, granite, llama, mixtral, olmo2, phi3, qwen3, smollm3
 from shard.models.config import ModelConfig
-from shard.models.llama import LlamaForCausalLM
+from shard.models.decoder import DecoderForCausalLM, DecoderSpec
+from shard.models.errors import UnsupportedModel
+from shard.models.llama_decode import attach_compiled_decoder
 from shard.quant.loaders import Quantizer
 from shard.weights import Weights
 
-MODEL_CLASSES = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-}
+FAMILIES = (llama, qwen3, mixtral, gemma, phi3, olmo2, granite, smollm3)
+NATIVE = {arch: family for family in FAMILIES for arch in family.ARCHITECTURES}
+IMPLEMENTATIONS = ("auto", "native", "transformers")
+
+
+def implementation_for(config: ModelConfig, requested: str = "auto") -> str:
+    """ "native" or "transformers": which implementation serves `config`'s architecture."""
+    if requested not in IMPLEMENTATIONS:
+        raise UnsupportedModel(f"unknown model implementation {requested!r}")
+    if requested == "native" and config.architecture not in NATIVE:
+        native = ", ".join(sorted(NATIVE))
+        raise UnsupportedModel(
+            f"architecture {config.architecture} has no native implementation ({native}); "
+            "leave --model-impl at auto to serve it through the transformers backend"
+        )
+    if requested == "transformers" or config.architecture not in NATIVE:
+        return "transformers"
+    return "native"
+
+
+def check_tensor_parallel(spec: DecoderSpec, config: ModelConfig, dist: Dist) -> None:
+    if dist.world_size == 1:
+        return
+    if spec.no_tensor_parallel:
+        raise UnsupportedModel(
+            f"{config.architecture} cannot be split across {dist.world_size} shards: "
+            f"{spec.no_tensor_parallel}; run it with --num-shard 1"
+        )
+    intermediate = spec.moe.expert.intermediate_size if spec.moe else spec.mlp.intermediate_size
+    try:
+        check_divisible(config.num_heads, config.num_kv_heads, intermediate, dist.world_size)
+    except ValueError as e:
+        raise UnsupportedModel(str(e)) from None
 
 
 def load_model(
@@ -28,6 +61,7 @@ def load_model(
     quantize: str = "none",
     keep_dense: bool = False,
     rope_scaling: dict | None = None,
+    implementation: str = "auto",
 ):
     """Builds the model for `model_dir`'s architecture and loads this rank's weights;
     `quantize` is a resolved method (shard.quant.loaders.resolve_method); keep_dense: see
@@ -35,16 +69,20 @@ def load_model(
     config = ModelConfig.from_dir(Path(model_dir))
     if rope_scaling is not None:
         config = replace(config, rope_scaling=rope_scaling)
-    model_class = MODEL_CLASSES.get(config.architecture)
-    if model_class is None:
-        supported = ", ".join(sorted(MODEL_CLASSES))
-        raise ValueError(f"architecture {config.architecture!r} is not supported ({supported})")
-    check_divisible(
-        config.num_heads, config.num_kv_heads, config.intermediate_size, dist.world_size
-    )
+    if implementation_for(config, implementation) == "transformers":
+        from shard.models.transformers_backend import load_transformers_model
+
+        return load_transformers_model(Path(model_dir), config, dtype, device, dist, quantize)
+    family = NATIVE[config.architecture]
+    try:
+        spec = family.decoder_spec(config)
+    except (KeyError, ValueError) as e:
+        raise UnsupportedModel(f"{config.architecture}: config.json cannot be served: {e}") from e
+    check_tensor_parallel(spec, config, dist)
     quantizer = None if quantize == "none" else Quantizer(quantize, Path(model_dir), keep_dense)
     weights = Weights(Path(model_dir), dtype, device, dist, quantizer)
     with torch.device(device):
-        model = model_class(config, weights)
+        model = DecoderForCausalLM(config, spec, weights)
     weights.close()
+    attach_compiled_decoder(model)
     return model.eval()

@@ -1,7 +1,10 @@
 """The model hyper-parameters the shard needs, read from a Hugging Face `config.json`.
 
 Both config styles are understood: transformers < 5 (`rope_theta`, `rope_scaling`) and
-transformers >= 5 (`rope_parameters` holding `rope_theta` and the scaling fields).
+transformers >= 5 (`rope_parameters` holding `rope_theta` and the scaling fields, or one such
+dict per layer type, as Gemma 3's). The fields every family shares are typed here; a family's
+own fields (soft-capping, multipliers, experts) are read from `raw` by its file in
+shard/models/.
 """
 
 from __future__ import annotations
@@ -32,13 +35,19 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     torch_dtype: str | None = None
+    hidden_act: str = "silu"
+    mlp_bias: bool = False
+    partial_rotary_factor: float = 1.0
+    layer_types: tuple[str, ...] = ()  # "full_attention" / "sliding_attention" per layer
+    raw: dict = field(default_factory=dict, compare=False, repr=False)  # config.json itself
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
         architectures = raw.get("architectures") or ["LlamaForCausalLM"]
         num_heads = raw["num_attention_heads"]
-        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-        rope_theta = rope.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
+        rope = rope_parameters(raw, "full_attention")
+        rope_theta = rope.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0
+        partial = rope.pop("partial_rotary_factor", None) or raw.get("partial_rotary_factor", 1.0)
         if rope.get("rope_type", rope.get("type", "default")) == "default":
             rope = {}
         eos = raw.get("eos_token_id")
@@ -65,11 +74,16 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            hidden_act=raw.get("hidden_act") or raw.get("hidden_activation") or "silu",
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            partial_rotary_factor=float(partial),
+            layer_types=tuple(raw.get("layer_types") or ()),
+            raw=raw,
         )
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "ModelConfig":
-        config = cls.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+        config = cls.from_dict(normalized_config(Path(model_dir)))
         return config.with_generation_eos(Path(model_dir) / "generation_config.json")
 
     def with_generation_eos(self, path: Path) -> "ModelConfig":
@@ -80,3 +94,34 @@ class ModelConfig:
         extra = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         merged = tuple(dict.fromkeys(self.eos_token_ids + extra))
         return ModelConfig(**{**self.__dict__, "eos_token_ids": merged})
+
+    def layer_type(self, index: int) -> str:
+        """ "sliding_attention" or "full_attention": config.json's layer_types where it has
+        them, else every layer windowed when the model has a sliding window."""
+        if self.layer_types:
+            return self.layer_types[index]
+        return "sliding_attention" if self.sliding_window else "full_attention"
+
+
+def normalized_config(model_dir: Path) -> dict:
+    """config.json as transformers reads it, defaults filled in (layer_types, rope_parameters,
+    SmolLM3's no_rope_layers, ...) whatever version wrote it; config.json itself where the
+    installed transformers does not know the model type."""
+    raw = json.loads((model_dir / "config.json").read_text())
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, KeyError, OSError, TypeError):
+        return raw
+    return {**raw, **{k: v for k, v in config.to_dict().items() if v is not None}}
+
+
+def rope_parameters(raw: dict, layer_type: str) -> dict:
+    """The rotary fields of `layer_type`'s layers (rope_theta, rope_type, scaling fields)."""
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    if isinstance(rope.get(layer_type), dict):  # one dict per layer type
+        rope = dict(rope[layer_type])
+    elif any(isinstance(v, dict) for v in rope.values()):
+        rope = dict(next(v for v in rope.values() if isinstance(v, dict)))
+    return rope

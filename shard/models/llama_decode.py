@@ -74,9 +74,29 @@ def _qmatrix(w: QuantizedWeight, bias: torch.Tensor | None, keep: list[torch.Ten
     )  # fmt: skip
 
 
+def unsupported_block(spec) -> str | None:
+    """What in a DecoderSpec the C decoder does not implement (it runs Llama's blocks)."""
+    a = spec.attention
+    ropes = {layer.attention.rope for layer in spec.layers}
+    checks = [
+        (spec.norm_layout != "pre" or spec.norm_offset, "its norm layout"),
+        (a.qk_norm is not None or a.softcap is not None, "q/k norms or soft-capping"),
+        (spec.mlp.activation not in ("silu", "swish"), f"activation {spec.mlp.activation}"),
+        (spec.moe is not None, "experts"),
+        (spec.residual_scale != 1.0, "a residual multiplier"),
+        (any(layer.attention.window for layer in spec.layers), "sliding windows"),
+        (len(ropes) != 1 or None in ropes, "layers without or with other rotary tables"),
+        (next(iter(ropes)).rotary_dim != a.head_dim, "partial rotary"),
+    ]
+    return next((reason for failed, reason in checks if failed), None)
+
+
 def unsupported_reason(model) -> str | None:
-    """Why the compiled decoder cannot run `model` (a LlamaForCausalLM), or None."""
+    """Why the compiled decoder cannot run `model` (a DecoderForCausalLM), or None."""
     c, attn = model.config, model.layers[0].self_attn
+    block = unsupported_block(model.spec)
+    if block is not None:
+        return block
     if model.embed_tokens.weight.device.type != "cpu":
         return "not on the CPU"
     if model.embed_tokens.weight.dtype not in DTYPES:
@@ -110,17 +130,19 @@ class CompiledDecoder:
         self._layers = (DecoderLayer * len(layers))(*layers)
         c, attn = model.config, model.layers[0].self_attn
         self._dims = dict(
-            hidden=c.hidden_size, intermediate=c.intermediate_size, eps=c.rms_norm_eps
-        )
-        self._heads = (attn.num_heads, attn.num_kv_heads, c.head_dim, attn.scale)
+            hidden=c.hidden_size, intermediate=model.spec.mlp.intermediate_size,
+            eps=model.spec.norm_eps,
+        )  # fmt: skip
+        self._heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
+        self._rotary = model.rotary
         self._cache = None  # the KV cache whose layer addresses _keys/_values hold
         self._keys = self._values = None
 
     def _layer(self, layer) -> DecoderLayer:
         attn, mlp, keep = layer.self_attn, layer.mlp, self._keep
         return DecoderLayer(
-            _float32(layer.input_layernorm.weight, keep),
-            _float32(layer.post_attention_layernorm.weight, keep),
+            _float32(layer.norms[0].weight, keep),
+            _float32(layer.norms[1].weight, keep),
             _qmatrix(attn.qkv_proj.weight, attn.qkv_proj.bias, keep),
             _qmatrix(attn.o_proj.weight, attn.o_proj.bias, keep),
             _qmatrix(mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, keep),
@@ -144,10 +166,11 @@ class CompiledDecoder:
             self._cache = kv_cache
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+        self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        """x [T, hidden] embeddings; cos, sin [T, head_dim / 2] float32 -> [T, hidden] float32,
-        the last layer's output (before the final norm)."""
+        """x [T, hidden] embeddings, positions [T] -> [T, hidden] float32, the last layer's
+        output (before the final norm)."""
+        cos, sin = self._rotary.cos_sin(positions, torch.float32)  # [T, head_dim / 2]
         x = x.to(torch.float32, copy=True)  # updated in place, layer by layer
         meta = ctx.attn
         self._cache_addresses(ctx.kv_cache)
@@ -159,6 +182,11 @@ class CompiledDecoder:
         )  # fmt: skip
         self._run(self._layers, len(self._layers), ctypes.byref(step), x.data_ptr())
         return x
+
+
+def attach_compiled_decoder(model) -> None:
+    """Gives `model` (a DecoderForCausalLM) its compiled decoder where one can run it."""
+    model.decoder = compiled_decoder(model)
 
 
 def compiled_decoder(model) -> CompiledDecoder | None:
