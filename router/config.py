@@ -47,6 +47,7 @@ class RouterConfig:
     model_device_type: str = ""
     quantize: str = ""
     batch_invariant: bool = False
+    model_implementation: str = ""  # Info's: "native" or "transformers"
     system_fingerprint: str = ""  # OpenAI's: changes with what changes the numbers
 
     def __post_init__(self):
@@ -86,10 +87,12 @@ class RouterConfig:
         quantize: str,
         batch_invariant: bool = False,
         kernel_build: str = "",
+        model_implementation: str = "",
     ) -> RouterConfig:
         """The config once Info has told what the shards serve."""
         return replace(
             self,
+            model_implementation=model_implementation,
             model_dtype=dtype,
             model_device_type=device_type,
             quantize=quantize,

@@ -59,8 +59,14 @@ async def connect_shards(config: RouterConfig) -> tuple[ShardClient, RouterConfi
         log.warning("--max-batch-total-tokens is ignored: the KV cache size comes from warmup")
     config = config.with_limits(answer.max_input_tokens, answer.max_total_tokens, usable)
     config = config.with_model(
-        info.dtype, info.device_type, info.quantize, info.batch_invariant, info.kernel_build
+        info.dtype,
+        info.device_type,
+        info.quantize,
+        info.batch_invariant,
+        info.kernel_build,
+        info.model_implementation,
     )
+    log.info("the model runs its %s implementation", info.model_implementation or "native")
     log.info("serving %s weights in %s on %s", info.quantize, info.dtype, info.device_type)
     log.info("prefix caching: %s", "on" if info.use_prefix_caching else "off")
     return client, config, info

@@ -42,6 +42,11 @@ class ModelRunner:
         self.allocate_cache(num_blocks=1)  # block 0 only, until Warmup sizes the real cache
 
     @property
+    def window_size(self) -> int | None:
+        """TGI's Info.window_size: the sliding window when every layer has the same one."""
+        return getattr(self.model, "window_size", None)
+
+    @property
     def num_kv_heads(self) -> int:
         return self.model.num_kv_heads
 

@@ -126,6 +126,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             quantize=self.runner.quantize,
             batch_invariant=bool(self.config.batch_invariant),
             kernel_build=kernel_build(self.runner.device),
+            model_implementation=self.runner.model.implementation,
+            window_size=self.runner.window_size,
         )
 
     async def Health(self, request, context):

@@ -64,6 +64,7 @@ class ShardInfo:
     use_prefix_caching: bool = False
     batch_invariant: bool = False  # same bits whatever the batch, prefix cache and chunking
     kernel_build: str = ""  # what the numbers depend on besides the model (shard/native.py)
+    model_implementation: str = ""  # "native" or "transformers" (shard/models/)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ class ShardClient:
             answer.use_prefix_caching,
             answer.batch_invariant,
             answer.kernel_build,
+            answer.model_implementation,
         )
 
     async def health(self, timeout: float = 5.0) -> None:

@@ -126,6 +126,7 @@ async def info(request: web.Request) -> web.Response:
             "model_pipeline_tag": "text-generation",
             "quantize": c.quantize,  # not in TGI: none, eetq, int4, gguf, gptq or awq
             "batch_invariant": c.batch_invariant,  # not in TGI (README: what it covers)
+            "model_implementation": c.model_implementation,  # not in TGI: native/transformers
             "system_fingerprint": c.system_fingerprint,  # not in TGI: OpenAI's, as there
             "max_concurrent_requests": c.max_concurrent_requests,
             "max_best_of": c.max_best_of,

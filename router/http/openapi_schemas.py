@@ -291,6 +291,11 @@ def info() -> Schema:
             "else is in its batch, whatever part of its prompt came from the prefix cache and "
             "however it was chunked."
         ),
+        "model_implementation": string(
+            example="native",
+            description="Not in TGI: the code that serves the model: native (its family's "
+            "implementation) or transformers (transformers' model over the paged KV cache).",
+        ),
         "system_fingerprint": string(
             example="fp_3f2a9c1b7d",
             description="Not in TGI: OpenAI's; changes only with the model, dtype, "

@@ -4,6 +4,7 @@ transformers backend (shard/models/transformers_backend.py)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,17 +24,33 @@ NATIVE = {arch: family for family in FAMILIES for arch in family.ARCHITECTURES}
 IMPLEMENTATIONS = ("auto", "native", "transformers")
 
 
-def implementation_for(config: ModelConfig, requested: str = "auto") -> str:
-    """ "native" or "transformers": which implementation serves `config`'s architecture."""
+def architecture_of(model_dir: Path) -> str:
+    """config.json's first architecture (Llama where it names none and its model type is
+    llama's or absent, as in old checkpoints; else its model type)."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise UnsupportedModel(f"{model_dir} has no config.json: it is not a model checkpoint")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UnsupportedModel(f"{path} is not valid JSON ({e})") from None
+    if raw.get("architectures"):
+        return raw["architectures"][0]
+    model_type = raw.get("model_type", "llama")
+    return "LlamaForCausalLM" if model_type == "llama" else f"model type {model_type}"
+
+
+def implementation_for(architecture: str, requested: str = "auto") -> str:
+    """Which implementation serves `architecture`: "native" or "transformers"."""
     if requested not in IMPLEMENTATIONS:
         raise UnsupportedModel(f"unknown model implementation {requested!r}")
-    if requested == "native" and config.architecture not in NATIVE:
+    if requested == "native" and architecture not in NATIVE:
         native = ", ".join(sorted(NATIVE))
         raise UnsupportedModel(
-            f"architecture {config.architecture} has no native implementation ({native}); "
+            f"architecture {architecture} has no native implementation ({native}); "
             "leave --model-impl at auto to serve it through the transformers backend"
         )
-    if requested == "transformers" or config.architecture not in NATIVE:
+    if requested == "transformers" or architecture not in NATIVE:
         return "transformers"
     return "native"
 
@@ -66,13 +83,14 @@ def load_model(
     """Builds the model for `model_dir`'s architecture and loads this rank's weights;
     `quantize` is a resolved method (shard.quant.loaders.resolve_method); keep_dense: see
     shard.quant.loaders.Quantizer; `rope_scaling` replaces config.json's."""
+    architecture = architecture_of(Path(model_dir))
+    if implementation_for(architecture, implementation) == "transformers":
+        from shard.models.transformers_backend import load_transformers_model
+
+        return load_transformers_model(Path(model_dir), architecture, dtype, device, dist, quantize)
     config = ModelConfig.from_dir(Path(model_dir))
     if rope_scaling is not None:
         config = replace(config, rope_scaling=rope_scaling)
-    if implementation_for(config, implementation) == "transformers":
-        from shard.models.transformers_backend import load_transformers_model
-
-        return load_transformers_model(Path(model_dir), config, dtype, device, dist, quantize)
     family = NATIVE[config.architecture]
     try:
         spec = family.decoder_spec(config)

@@ -120,6 +120,12 @@ class DecoderForCausalLM(nn.Module):
         return next(iter(self.rotaries.values()), None)
 
     @property
+    def window_size(self) -> int | None:
+        """The sliding window when every layer has the same one (Mistral's), else None."""
+        windows = {layer.attention.window for layer in self.spec.layers}
+        return windows.pop() if len(windows) == 1 else None
+
+    @property
     def num_kv_heads(self) -> int:  # this rank's KV heads in every layer's cache
         return self.layers[0].self_attn.num_kv_heads
 
