@@ -60,6 +60,8 @@ def shard_command(config: LauncherConfig, model_dir: str, rank: int) -> Command:
             "--batch-invariant",
             None if config.batch_invariant is None else str(config.batch_invariant).lower(),
         ),
+        "--model-impl",
+        config.model_impl,
         *_optional(
             "--cuda-memory-fraction",
             None if config.cuda_memory_fraction == 1.0 else config.cuda_memory_fraction,

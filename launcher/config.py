@@ -86,6 +86,7 @@ class LauncherConfig:
     cuda_graphs: str | None = None  # None: the shards' default (TGI's 1,2,4,8,16,32)
     cache_dir: str | None = None  # where converted models live
     batch_invariant: bool | None = None  # None: the shards' default (CPU on, GPU off)
+    model_impl: str = "auto"  # auto, native or transformers (shard/models/__init__.py)
     log_level: str = "info"
     prefix_caching: bool = True  # env PREFIX_CACHING, as TGI (no flag)
 

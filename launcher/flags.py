@@ -167,6 +167,10 @@ OUR_FLAGS: tuple[Flag, ...] = (
          "prefix cache hits and prompt chunking", OURS,
          "Default: true on the CPU, false on a GPU (vLLM's VLLM_BATCH_INVARIANT); false takes "
          "each step size's fastest path"),
+    Flag("model-impl", "auto", str,
+         "auto, native or transformers: the code that serves the model", OURS,
+         "auto: the architecture's native family where there is one (shard/models/), else "
+         "transformers' model code over the paged KV cache (vLLM's --model-impl)"),
 )  # fmt: skip
 
 FLAGS: tuple[Flag, ...] = TGI_FLAGS + OUR_FLAGS

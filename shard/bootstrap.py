@@ -108,6 +108,7 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
         quantize,
         keep_dense,
         rope_scaling=config.rope_scaling,
+        implementation=config.model_impl,
     )
     backend = get_backend(config.attention, device, block_size=config.block_size)
     runner = ModelRunner(model, backend, config.block_size, device, config.torch_dtype, quantize)
@@ -121,8 +122,10 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
     )
     generator = Generator(runner, eos, DEFAULT_MAX_PREFILL_TOKENS, watermark, grammars)
     log.info(
-        "loaded %s (%s, quantize %s, %s, attention %s, %d threads, batch invariance %s)",
+        "loaded %s (%s implementation, %s, quantize %s, %s, attention %s, %d threads, "
+        "batch invariance %s)",
         config.model_id,
+        model.implementation,
         config.dtype,
         quantize,
         device,

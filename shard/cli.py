@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +11,9 @@ import typer
 
 from common.logs import setup_logging
 from common.parent import exit_with_parent
+from shard.models.errors import UnsupportedModel
+
+log = logging.getLogger("shard")
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -67,6 +71,9 @@ def serve(
     cuda_graphs: Optional[str] = typer.Option(
         None, envvar="CUDA_GRAPHS", help="Decode batch sizes to capture on a GPU; 0: none"
     ),
+    model_impl: str = typer.Option(
+        "auto", envvar="MODEL_IMPL", help="auto, native or transformers: the code serving the model"
+    ),
     batch_invariant: Optional[str] = typer.Option(
         None,
         envvar="BATCH_INVARIANT",
@@ -110,6 +117,7 @@ def serve(
         cuda_memory_fraction=cuda_memory_fraction,
         cuda_graphs=parse_cuda_graphs(cuda_graphs),
         batch_invariant=parse_switch("--batch-invariant", batch_invariant),
+        model_impl=model_impl,
         num_threads=num_threads,
         master_addr=master_addr,
         master_port=master_port,
@@ -121,7 +129,11 @@ def serve(
         otlp_endpoint=otlp_endpoint,
         otlp_service_name=otlp_service_name,
     )
-    service = build_service(config)
+    try:
+        service = build_service(config)
+    except UnsupportedModel as refused:  # one line, no traceback: what it is and what to do
+        log.error("cannot serve %s: %s", config.model_id, refused)
+        raise typer.Exit(1) from None
     asyncio.run(run_forever(config, service))
 
 
@@ -136,11 +148,18 @@ def prepare(
 ) -> None:
     """Resolves (and converts once, for .gguf) the model; prints its local directory last."""
     setup_logging(json_output, "info", "shard")
+    from shard.convert import GGUFError
     from shard.model_files import resolve_model_dir
-    from shard.weights import list_safetensors
+    from shard.models.check import check_servable
+    from shard.weights import CheckpointError, list_safetensors
 
-    model_dir = resolve_model_dir(model_id, revision, cache_dir)
-    list_safetensors(model_dir)  # refuses pickle-only checkpoints before any shard starts
+    try:
+        model_dir = resolve_model_dir(model_id, revision, cache_dir)
+        list_safetensors(model_dir)  # refuses pickle-only checkpoints before any shard starts
+        check_servable(model_dir)  # and architectures nothing here serves
+    except (CheckpointError, UnsupportedModel, GGUFError) as refused:
+        log.error("cannot serve %s: %s", model_id or "the default model", refused)
+        raise typer.Exit(1) from None
     print(model_dir, flush=True)
 
 

@@ -91,6 +91,7 @@ class ShardConfig:
     cuda_memory_fraction: float = 1.0  # share of the GPU this process may use, as TGI
     cuda_graphs: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # decode batch sizes captured on a GPU
     batch_invariant: bool | None = None  # None: on for the CPU, off for a GPU (placement.py)
+    model_impl: str = "auto"  # auto, native or transformers (shard/models/__init__.py)
     num_threads: int | None = None
     master_addr: str = "localhost"
     master_port: int = 29500

