@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from shard.distributed import check_divisible
 from shard.models import load_model
 from tests.conftest import save_tiny_model
-from tests.shard.tp_worker import run_steps, worker
+from tests.shard.families import TENSOR_PARALLEL, save_family
+from tests.shard.tp_worker import families_worker, run_steps, worker
 
 PROMPTS = [[5, 17, 23, 42, 7, 9, 11], [3, 99, 4], [8, 8, 15, 16, 23, 42, 101, 2, 6, 77, 31]]
 
@@ -77,3 +78,33 @@ def test_a_model_that_cannot_be_split_is_a_clear_error():
         check_divisible(9, 3, 1536, 2)
     check_divisible(9, 3, 1536, 3)  # SmolLM2-135M splits over 3
     check_divisible(9, 3, 1536, 1)
+
+
+def test_every_native_family_split_over_two_ranks_matches_one(tmp_path):
+    """Heads, KV heads, MLPs and experts split; sliding windows, soft-caps, q/k norms and the
+    rotary variants on each rank's heads."""
+    names = TENSOR_PARALLEL
+    paths = [str(save_family(name, tmp_path / name, vocab_size=128)) for name in names]
+    prompts = [[p % 128 for p in prompt] for prompt in PROMPTS]
+    expected = [run_steps(load_model(path, torch.float32), prompts) for path in paths]
+    out = tmp_path / "logits"
+    mp.start_processes(
+        families_worker,
+        args=(2, free_port(), paths, prompts, str(out)),
+        nprocs=2,
+        start_method="spawn",
+        join=True,
+    )
+    for i, name in enumerate(names):
+        for rank in range(2):
+            logits = torch.load(f"{out}.{i}.{rank}")
+            torch.testing.assert_close(logits, expected[i], atol=1e-4, rtol=0, msg=name)
+
+
+def test_a_family_that_cannot_split_says_so(tmp_path):
+    from shard.distributed import Dist
+    from shard.models.errors import UnsupportedModel
+
+    path = save_family("olmo2", tmp_path / "olmo2")
+    with pytest.raises(UnsupportedModel, match="Olmo2ForCausalLM cannot be split.*--num-shard 1"):
+        load_model(path, torch.float32, dist=Dist(0, 2))

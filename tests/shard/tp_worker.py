@@ -16,9 +16,8 @@ BLOCK_SIZE = 4
 
 def run_steps(model, prompts: list[list[int]]) -> torch.Tensor:
     """Prefill every prompt in one step, then two decode steps; logits of every step stacked."""
-    layer = model.layers[0].self_attn
     cache = KVCache(
-        model.config.num_layers, 64, BLOCK_SIZE, layer.num_kv_heads, layer.head_dim, torch.float32
+        model.config.num_layers, 64, BLOCK_SIZE, model.num_kv_heads, model.head_dim, torch.float32
     )
     tables = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(prompts))]
     seqs = [list(p) for p in prompts]
@@ -57,5 +56,17 @@ def worker(rank: int, world_size: int, port: int, model_dir: str, prompts, out_p
     logits = run_steps(model, prompts)
     torch.save(logits, f"{out_path}.{rank}")
     torch.save(run_steps(model, prompts[:1]), f"{out_path}.{rank}.alone")  # batch invariance
+    torch.distributed.barrier()
+    dist.close()
+
+
+def families_worker(rank: int, world_size: int, port: int, paths: list[str], prompts, out: str):
+    """Every family's tiny model split over world_size ranks, in one process group."""
+    torch.set_num_threads(1)
+    dist = init_distributed(rank, world_size, "127.0.0.1", port, torch.device("cpu"), 60)
+    for i, path in enumerate(paths):
+        torch.save(
+            run_steps(load_model(path, torch.float32, "cpu", dist), prompts), f"{out}.{i}.{rank}"
+        )
     torch.distributed.barrier()
     dist.close()
