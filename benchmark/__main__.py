@@ -335,7 +335,7 @@ def main(
     ),
 ) -> None:
     """Runs every server at every concurrency and prints the table."""
-    from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
+    from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted
 
     gguf_path = gguf or str(default_gguf_path())
     model_dir = Path(model_id) if model_id else ensure_converted(gguf_path, default_cache_dir())

@@ -108,7 +108,7 @@ def launcher():
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
+    from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted
 
     return ensure_converted(default_gguf_path(), default_cache_dir())
 

@@ -210,7 +210,7 @@ def test_long_prompt_is_prefilled_in_chunks(launcher, smollm2_dir, tokenizer):
 
 
 def test_watermark_is_detectable(launcher, tokenizer):
-    from shard.watermark import Watermark
+    from shard.sampling.watermark import Watermark
 
     prompt = (
         "<|im_start|>user\nWrite a long story about a dragon.<|im_end|>\n<|im_start|>assistant\n"

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from pb import generate_pb2 as pb  # noqa: E402
 from pb import generate_pb2_grpc as pb_grpc  # noqa: E402
-from shard.model_files import resolve_model_dir  # noqa: E402
+from shard.checkpoint.model_files import resolve_model_dir  # noqa: E402
 
 
 def start_shard(model_dir: Path, dtype: str, socket_prefix: str) -> subprocess.Popen:

@@ -95,7 +95,7 @@ def log(message: str) -> None:
 
 def prepare(folder: Path) -> None:
     """SmolLM2's tokenizer files and config, from the embedded default model."""
-    from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
+    from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted
 
     model_dir = ensure_converted(default_gguf_path(), default_cache_dir())
     target = folder / "smollm2"

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmark.__main__ import LONG_JSON_SCHEMA  # noqa: E402
 from common.grammar import GRAMMAR_JSON, GRAMMAR_REGEX  # noqa: E402
-from shard.convert import default_cache_dir, default_gguf_path, ensure_converted  # noqa: E402
-from shard.grammar import GrammarCompiler  # noqa: E402
+from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted  # noqa: E402
+from shard.sampling.grammar import GrammarCompiler  # noqa: E402
 
 GRAMMARS = {
     "long JSON schema (benchmark)": (GRAMMAR_JSON, json.dumps(LONG_JSON_SCHEMA)),

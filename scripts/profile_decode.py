@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pb import generate_pb2 as pb  # noqa: E402
-from shard.batch import Batch, request_from_pb  # noqa: E402
 from shard.bootstrap import load_generator  # noqa: E402
+from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted  # noqa: E402
 from shard.config import MemoryBudget, ShardConfig  # noqa: E402
-from shard.convert import default_cache_dir, default_gguf_path, ensure_converted  # noqa: E402
+from shard.engine.batch import Batch, request_from_pb  # noqa: E402
 
 
 def requests(batch: int, prompt: int, new: int, block_size: int) -> list[pb.Request]:

@@ -17,7 +17,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 from router.text.tokenizer import Tokenizer
 from router.text.workers import start_workers, warm_up
-from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
+from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted
 
 MAX_INPUT = 8191
 

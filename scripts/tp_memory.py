@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--model-id", default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from shard.model_files import resolve_model_dir
+    from shard.checkpoint.model_files import resolve_model_dir
 
     model_dir = str(resolve_model_dir(args.model_id))
     single = measure(model_dir, 0, 1)

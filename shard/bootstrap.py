@@ -16,15 +16,15 @@ from shard import numerics
 from shard.attention import get_backend
 from shard.config import ShardConfig
 from shard.distributed import init_distributed
-from shard.generator import Generator
-from shard.grammar import GrammarCompiler
-from shard.model_runner import ModelRunner
+from shard.engine.generator import Generator
+from shard.engine.model_runner import ModelRunner
 from shard.models import load_model
 from shard.models.config import ModelConfig
 from shard.placement import resolve_placement
 from shard.quant.loaders import QuantizationError, resolve_method
+from shard.sampling.grammar import GrammarCompiler
+from shard.sampling.watermark import Watermark
 from shard.server import DEFAULT_MAX_PREFILL_TOKENS, TextGenerationService, serve
-from shard.watermark import Watermark
 
 log = logging.getLogger(__name__)
 

@@ -97,9 +97,9 @@ def serve(
     if parent_death_signal:
         exit_with_parent()
     from shard.bootstrap import build_service, run_forever
+    from shard.checkpoint.model_files import resolve_model_dir
     from shard.config import MemoryBudget, ShardConfig, parse_switch, rope_override
-    from shard.cuda_graphs import parse_cuda_graphs
-    from shard.model_files import resolve_model_dir
+    from shard.engine.cuda_graphs import parse_cuda_graphs
 
     model_dir = resolve_model_dir(model_id, revision, cache_dir)
     config = ShardConfig(
@@ -148,10 +148,10 @@ def prepare(
 ) -> None:
     """Resolves (and converts once, for .gguf) the model; prints its local directory last."""
     setup_logging(json_output, "info", "shard")
-    from shard.convert import GGUFError
-    from shard.model_files import resolve_model_dir
+    from shard.checkpoint.convert import GGUFError
+    from shard.checkpoint.model_files import resolve_model_dir
+    from shard.checkpoint.weights import CheckpointError, list_safetensors
     from shard.models.check import check_servable
-    from shard.weights import CheckpointError, list_safetensors
 
     try:
         model_dir = resolve_model_dir(model_id, revision, cache_dir)

@@ -18,14 +18,14 @@ import grpc
 
 from pb import generate_pb2 as pb
 from pb import generate_pb2_grpc as pb_grpc
-from shard.batch import Batch, InvalidRequest, request_from_pb
-from shard.batch_cache import BatchCache
 from shard.config import ShardConfig
-from shard.generator import Generation, Generator, StepTimings
+from shard.engine.batch import Batch, InvalidRequest, request_from_pb
+from shard.engine.batch_cache import BatchCache
+from shard.engine.generator import Generation, Generator, StepTimings
+from shard.engine.warmup import run_warmup
 from shard.native import kernel_build
-from shard.sampler import SamplingParams
+from shard.sampling.sampler import SamplingParams
 from shard.tracing import TracingInterceptor
-from shard.warmup import run_warmup
 
 log = logging.getLogger(__name__)
 

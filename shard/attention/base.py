@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
-from shard.forward_context import AttentionMetadata
-from shard.kv_cache import LayerKV
+from shard.engine.forward_context import AttentionMetadata
+from shard.engine.kv_cache import LayerKV
 
 
 class AttentionBackend(Protocol):

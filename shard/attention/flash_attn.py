@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from shard.forward_context import AttentionMetadata
-from shard.kv_cache import LayerKV
+from shard.engine.forward_context import AttentionMetadata
+from shard.engine.kv_cache import LayerKV
 
 FLASH_BLOCK_MULTIPLE = 256  # flash-attn 2 paged KV: page_block_size % 256 == 0
 

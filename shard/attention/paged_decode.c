@@ -8,7 +8,7 @@
  * included by shard/models/llama_decode.c. The references are the SDPA backend's general path
  * and shard/attention/torch_ref.py; the tests compare all of them with dense attention.
  * Scores, softmax and sums are float32; the cache is float32 or bfloat16 (kv_bf16), laid out
- * [num_blocks, block_size, kv_heads, head_dim] as shard/kv_cache.py; head_dim % 16 == 0.
+ * [num_blocks, block_size, kv_heads, head_dim] as shard/engine/kv_cache.py; head_dim % 16 == 0.
  */
 #include <math.h>
 #include <omp.h>

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from shard.forward_context import AttentionMetadata
-from shard.kv_cache import LayerKV
+from shard.engine.forward_context import AttentionMetadata
+from shard.engine.kv_cache import LayerKV
 from shard.native import SIMD_HEADER, load_library
 from shard.numerics import batch_invariant
 

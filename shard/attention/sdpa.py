@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from shard.attention.paged_decode import paged_decode_kernel
 from shard.attention.torch_ref import TorchReferenceAttention
-from shard.forward_context import AttentionMetadata
-from shard.kv_cache import LayerKV
+from shard.engine.forward_context import AttentionMetadata
+from shard.engine.kv_cache import LayerKV
 from shard.numerics import batch_invariant
 
 WASTE = 2.0  # a group's padded query x key pairs may be this many times its real ones ...

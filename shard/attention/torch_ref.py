@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from shard.forward_context import AttentionMetadata
-from shard.kv_cache import LayerKV
+from shard.engine.forward_context import AttentionMetadata
+from shard.engine.kv_cache import LayerKV
 
 
 def gather_context(cache: LayerKV, block_table: torch.Tensor, seq_len: int):

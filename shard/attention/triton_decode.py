@@ -29,8 +29,8 @@ import torch
 
 from shard.attention.paged_decode import token_layout
 from shard.attention.sdpa import SdpaPagedAttention
-from shard.forward_context import AttentionMetadata
-from shard.kv_cache import LayerKV
+from shard.engine.forward_context import AttentionMetadata
+from shard.engine.kv_cache import LayerKV
 from shard.numerics import batch_invariant
 
 MIN_DOT = 16  # tl.dot's smallest M, N and K

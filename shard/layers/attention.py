@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shard.forward_context import ForwardContext
+from shard.checkpoint.weights import Weights
+from shard.engine.forward_context import ForwardContext
 from shard.layers.layernorm import RMSNorm
 from shard.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shard.layers.rotary import RopeSpec, apply_rotary, apply_rotary_reference
-from shard.weights import Weights
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shard.checkpoint.weights import Matrix, Weights
 from shard.distributed import Dist
 from shard.layers.linear import as_weight, linear
 from shard.quant.weight import QuantizedWeight
-from shard.weights import Matrix, Weights
 
 
 class VocabParallelEmbedding(nn.Module):

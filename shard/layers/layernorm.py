@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shard.checkpoint.weights import Weights
 from shard.layers import triton_invariant
 from shard.layers.fused import fused_ops
 from shard.numerics import batch_invariant
-from shard.weights import Weights
 
 
 class RMSNorm(nn.Module):

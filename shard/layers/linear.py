@@ -16,13 +16,13 @@ import logging
 import torch
 from torch import nn
 
+from shard.checkpoint.weights import Matrix, Weights
 from shard.distributed import Dist
 from shard.layers import triton_invariant
 from shard.layers.dense import dense_kernel
 from shard.numerics import batch_invariant
 from shard.quant.kernels import get_kernels
 from shard.quant.weight import QuantizedWeight
-from shard.weights import Matrix, Weights
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shard.checkpoint.weights import Weights
 from shard.layers.activation import check_activation, gated
 from shard.layers.linear import ColumnParallelLinear, RowParallelLinear
-from shard.weights import Weights
 
 
 @dataclass(frozen=True)

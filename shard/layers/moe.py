@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shard.checkpoint.weights import Weights
 from shard.layers.mlp import MLP, MlpSpec
-from shard.weights import Weights
 
 
 @dataclass(frozen=True)

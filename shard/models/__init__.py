@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from shard.checkpoint.weights import Weights
 from shard.distributed import SINGLE, Dist, check_divisible
 from shard.models import gemma, granite, llama, mixtral, olmo2, phi3, qwen3, smollm3
 from shard.models.config import ModelConfig
@@ -17,7 +18,6 @@ from shard.models.decoder import DecoderForCausalLM, DecoderSpec
 from shard.models.errors import UnsupportedModel
 from shard.models.llama_decode import attach_compiled_decoder
 from shard.quant.loaders import Quantizer
-from shard.weights import Weights
 
 FAMILIES = (llama, qwen3, mixtral, gemma, phi3, olmo2, granite, smollm3)
 NATIVE = {arch: family for family in FAMILIES for arch in family.ARCHITECTURES}

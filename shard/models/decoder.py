@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from shard.forward_context import ForwardContext
+from shard.checkpoint.weights import Weights
+from shard.engine.forward_context import ForwardContext
 from shard.layers.attention import Attention, AttentionSpec, LayerAttention
 from shard.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shard.layers.layernorm import RMSNorm
@@ -25,7 +26,6 @@ from shard.layers.mlp import MLP, MlpSpec
 from shard.layers.moe import MoeSpec, SparseMoE
 from shard.layers.rotary import RopeSpec, RotaryEmbedding, rope_type
 from shard.models.config import ModelConfig, rope_parameters
-from shard.weights import Weights
 
 NORM_NAMES = {  # checkpoint names of each layout's norms, in the order the layer applies them
     "pre": ("input_layernorm", "post_attention_layernorm"),

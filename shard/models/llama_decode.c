@@ -15,7 +15,7 @@
  *
  * Activations and arithmetic are float32 whatever the model's dtype; the KV cache is float32
  * or bfloat16 (kv_bf16), laid out [num_blocks, block_size, kv_heads, head_dim] as
- * shard/kv_cache.py. The T tokens are any step's: a decode step's one token per sequence, or
+ * shard/engine/kv_cache.py. The T tokens are any step's: a decode step's one token per sequence, or
  * prompt chunks (paged->token_seq and token_len say whose each token is and what it sees).
  * Every token is computed on its own, in one order, whatever the others: batch invariance
  * (shard/numerics.py). All the step's K/V are written before any token attends.

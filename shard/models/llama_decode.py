@@ -22,7 +22,7 @@ import torch
 
 from shard.attention.paged_decode import SOURCE as ATTENTION_SOURCE
 from shard.attention.paged_decode import PagedKV, paged_kv
-from shard.forward_context import ForwardContext
+from shard.engine.forward_context import ForwardContext
 from shard.native import SIMD_HEADER, load_library
 from shard.numerics import batch_invariant
 from shard.quant.kernels import KIND_CODES, NativeKernels, get_kernels

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from shard.distributed import Dist
-from shard.forward_context import ForwardContext
+from shard.engine.forward_context import ForwardContext
 from shard.models.config import ModelConfig
 from shard.models.errors import UnsupportedModel
 
@@ -74,7 +74,7 @@ def register_attention() -> None:
 
 
 class TransformersModel(nn.Module):
-    """transformers' model behind the interface the runner drives (shard/model_runner.py)."""
+    """transformers' model behind the interface the runner drives (shard/engine/model_runner.py)."""
 
     implementation = "transformers"
 

@@ -27,7 +27,9 @@ from safetensors import safe_open
 from shard.quant.weight import QuantizedWeight, dequantize, pack_nibbles, quantize
 
 METHODS = ("none", "int8", "eetq", "int4", "gguf", "gptq", "awq")
-GGUF_BLOCKS_FILE = "gguf-blocks.safetensors"  # written by shard.convert next to the dense file
+GGUF_BLOCKS_FILE = (
+    "gguf-blocks.safetensors"  # written by shard.checkpoint.convert next to the dense file
+)
 INT4_GROUP = 32
 LM_HEAD = "lm_head"
 

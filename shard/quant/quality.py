@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shard.forward_context import AttentionMetadata
-from shard.model_runner import ModelRunner
+from shard.engine.forward_context import AttentionMetadata
+from shard.engine.model_runner import ModelRunner
 
 PROMPTS = [
     "What is the capital of France?",
@@ -99,8 +99,8 @@ def compare(runner: ModelRunner, oracle) -> Quality:
 
 def main() -> None:
     from shard.bootstrap import load_generator
+    from shard.checkpoint.model_files import resolve_model_dir
     from shard.config import MemoryBudget, ShardConfig
-    from shard.model_files import resolve_model_dir
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-id", default=None)

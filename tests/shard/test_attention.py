@@ -25,8 +25,8 @@ from shard.attention.flash_attn import FlashPagedAttention
 from shard.attention.paged_decode import paged_decode_kernel
 from shard.attention.sdpa import SdpaPagedAttention, build_step, plan_groups
 from shard.attention.torch_ref import TorchReferenceAttention
-from shard.forward_context import AttentionMetadata
-from shard.kv_cache import LayerKV
+from shard.engine.forward_context import AttentionMetadata
+from shard.engine.kv_cache import LayerKV
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD_DIM = 32

@@ -15,9 +15,9 @@ import torch
 from shard.attention.paged_decode import SOURCE as ATTENTION_SOURCE
 from shard.attention.paged_decode import PagedDecodeKernel
 from shard.attention.sdpa import SdpaPagedAttention
-from shard.convert import default_cache_dir
-from shard.forward_context import AttentionMetadata, ForwardContext
-from shard.kv_cache import KVCache, LayerKV
+from shard.checkpoint.convert import default_cache_dir
+from shard.engine.forward_context import AttentionMetadata, ForwardContext
+from shard.engine.kv_cache import KVCache, LayerKV
 from shard.layers.dense import SOURCE as DENSE_SOURCE
 from shard.layers.dense import DenseKernel
 from shard.layers.fused import fused_ops
@@ -76,12 +76,18 @@ def test_dense_products_give_a_row_the_same_bits_in_any_batch(march, k, w_dtype,
     assert_rows_invariant(lambda rows: kernel.matmul(rows, weight), x)
 
 
-def test_silu_and_multiply_gives_a_row_the_same_bits_in_any_batch():
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_activations_give_a_row_the_same_bits_in_any_batch(gelu):
+    """SiLU (Llama's MLP) and GELU's tanh approximation (Gemma's) times up."""
     ops = fused_ops()
     x = torch.randn(64, 2 * 100) * 4
-    reference = torch.nn.functional.silu(x[:, :100]) * x[:, 100:]
-    torch.testing.assert_close(ops.gated_mul(x), reference, rtol=1e-6, atol=1e-6)
-    assert_rows_invariant(ops.silu_mul, x)
+    gate, up = x[:, :100], x[:, 100:]
+    if gelu:
+        reference = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    else:
+        reference = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(ops.gated_mul(x, gelu), reference, rtol=1e-6, atol=1e-5)
+    assert_rows_invariant(lambda rows: ops.gated_mul(rows, gelu), x)
 
 
 class Attention:

@@ -1,4 +1,4 @@
-"""Tests for shard.convert: GGUF -> HF checkpoint, checked against transformers' GGUF loader."""
+"""Tests for shard.checkpoint.convert: GGUF -> HF checkpoint, checked against transformers' GGUF loader."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shard import convert
-from shard.convert import (
+from shard.checkpoint import convert
+from shard.checkpoint.convert import (
     convert_gguf,
     default_cache_dir,
     default_gguf_path,

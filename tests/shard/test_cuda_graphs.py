@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shard.cuda_graphs import DecodeGraphs, StaticBatch, bucket_for, parse_cuda_graphs
-from shard.forward_context import AttentionMetadata
+from shard.engine.cuda_graphs import DecodeGraphs, StaticBatch, bucket_for, parse_cuda_graphs
+from shard.engine.forward_context import AttentionMetadata
 
 BLOCK = 4
 VOCAB = 7
@@ -133,7 +133,7 @@ def test_steps_no_graph_fits_run_eagerly(query_lens, seq_lens, tables, logit_row
 
 def test_runner_captures_only_where_graphs_can_replay() -> None:
     """On the CPU (and for backends that plan on the host) decode stays eager, with a reason."""
-    from shard.model_runner import ModelRunner
+    from shard.engine.model_runner import ModelRunner
 
     class Backend:
         name = "triton"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from shard.attention import get_backend
-from shard.forward_context import AttentionMetadata, ForwardContext
-from shard.kv_cache import KVCache
+from shard.engine.forward_context import AttentionMetadata, ForwardContext
+from shard.engine.kv_cache import KVCache
 from shard.models import load_model
 from tests.shard.families import FAMILIES, load_reference, save_family
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from shard.convert import llama3_scaling
+from shard.checkpoint.convert import llama3_scaling
 
 LLAMA_CPP = Path(
     os.environ.get("LLAMA_CPP_DIR", Path.home() / ".cache/llama-server/llama.cpp")
@@ -69,7 +69,7 @@ def test_a_gguf_from_llama_cpps_converter_matches_transformers(tmp_path, smollm2
     import transformers
 
     from shard.attention import get_backend
-    from shard.convert import convert_gguf
+    from shard.checkpoint.convert import convert_gguf
     from shard.models import load_model
     from tests.conftest import save_tiny_model
     from tests.shard.test_families import new_cache, reference_logits, sequences, step

@@ -14,9 +14,9 @@ from tokenizers import Tokenizer
 
 from common.grammar import GRAMMAR_JSON, GRAMMAR_REGEX, GrammarError
 from pb import generate_pb2 as pb
-from shard.batch import InvalidRequest, request_from_pb
-from shard.generator import FINISH_EOS, Generator
-from shard.grammar import GrammarCompiler
+from shard.engine.batch import InvalidRequest, request_from_pb
+from shard.engine.generator import FINISH_EOS, Generator
+from shard.sampling.grammar import GrammarCompiler
 
 PERSON = {
     "type": "object",
@@ -153,7 +153,7 @@ def test_mask_kernel_matches_masked_fill(model, vocab):
 def test_a_row_off_the_cpu_never_reaches_the_kernel(model, monkeypatch):
     """On a GPU the logits row is device memory, which the C kernel cannot write: the
     reference masks it there (a meta tensor stands in for a CUDA one)."""
-    from shard import grammar
+    from shard.sampling import grammar
 
     state = model.compiler.state(GRAMMAR_REGEX, "[0-9]+")
     monkeypatch.setattr(grammar, "_mask_kernel", lambda: pytest.fail("kernel called"))

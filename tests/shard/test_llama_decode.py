@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from shard.attention.paged_decode import SOURCE as ATTENTION_SOURCE
-from shard.convert import default_cache_dir
+from shard.checkpoint.convert import default_cache_dir
 from shard.distributed import Dist
-from shard.forward_context import AttentionMetadata
-from shard.kv_cache import KVCache
+from shard.engine.forward_context import AttentionMetadata
+from shard.engine.kv_cache import KVCache
 from shard.models import load_model
 from shard.models.llama_decode import SOURCE, CompiledDecoder, unsupported_reason
 from shard.native import SIMD_HEADER, build_library

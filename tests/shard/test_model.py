@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from shard.attention.torch_ref import TorchReferenceAttention
-from shard.forward_context import AttentionMetadata, ForwardContext
-from shard.kv_cache import KVCache
+from shard.engine.forward_context import AttentionMetadata, ForwardContext
+from shard.engine.kv_cache import KVCache
 from shard.models import load_model
 from tests.conftest import save_tiny_model
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from shard.convert import default_cache_dir
+from shard.checkpoint.convert import default_cache_dir
 from shard.models import load_model
 from shard.native import build_library
 from shard.quant import kernels as quant_kernels

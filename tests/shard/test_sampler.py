@@ -1,4 +1,4 @@
-"""Tests for shard.sampler / shard.logits_processors against transformers' processors."""
+"""Tests for shard.sampling.sampler / shard.sampling.logits_processors against transformers' processors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from shard import logits_processors as lp
-from shard.sampler import RequestSampler, SampleOutput, SamplingParams, sample
+from shard.sampling import logits_processors as lp
+from shard.sampling.sampler import RequestSampler, SampleOutput, SamplingParams, sample
 
 V = 1000
 
@@ -351,7 +351,7 @@ def test_sampling_distribution_across_vocab_blocks() -> None:
 
 
 def test_invert_edges_never_pick_zero_weights() -> None:
-    from shard.draw import invert
+    from shard.sampling.draw import invert
 
     w = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]], dtype=torch.float64).expand(3, -1)
     u = torch.tensor([[0.0], [0.5], [torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))]])
@@ -391,7 +391,7 @@ def test_bf16_logits_and_empty_history() -> None:
 
 
 def test_row_chunking_gives_identical_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    import shard.sampler as sampler_mod
+    import shard.sampling.sampler as sampler_mod
 
     params = [
         SamplingParams(seed=i, do_sample=i % 2 == 0, top_p=0.9 if i % 3 else 1.0) for i in range(11)
@@ -499,7 +499,7 @@ def test_nan_and_inf_logits_rows_spare_the_batch() -> None:
 
 
 def test_draw_never_returns_out_of_range_ids() -> None:
-    from shard.draw import draw
+    from shard.sampling.draw import draw
 
     v = 1500  # two draw blocks, the second padded
     probs = torch.softmax(_logits(4, v=v), -1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard.forward_context import AttentionMetadata
+from shard.engine.forward_context import AttentionMetadata
 from tests.shard.test_attention import CASES, dense_reference, make_case, run
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from shard import warmup
-from shard.warmup import cgroup_free_bytes
+from shard.engine import warmup
+from shard.engine.warmup import cgroup_free_bytes
 
 
 def test_cgroup_v2_limit_minus_usage(tmp_path) -> None:

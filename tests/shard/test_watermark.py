@@ -1,4 +1,4 @@
-"""Tests for shard.watermark and its place in shard.sampler.sample (first processor)."""
+"""Tests for shard.sampling.watermark and its place in shard.sampling.sampler.sample (first processor)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from shard import logits_processors as lp
-from shard.sampler import RequestSampler, SamplingParams, sample
-from shard.watermark import HASH_KEY, Watermark
+from shard.sampling import logits_processors as lp
+from shard.sampling.sampler import RequestSampler, SamplingParams, sample
+from shard.sampling.watermark import HASH_KEY, Watermark
 
 V = 1000
 GREEDY_WM = SamplingParams(watermark=True)
@@ -78,9 +78,7 @@ def test_minus_inf_stays_minus_inf() -> None:
 
 
 def test_green_list_is_the_same_in_another_process() -> None:
-    code = (
-        "from shard.watermark import Watermark;print(Watermark().green_ids(42, 5000)[:16].tolist())"
-    )
+    code = "from shard.sampling.watermark import Watermark;print(Watermark().green_ids(42, 5000)[:16].tolist())"
     other = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from shard.checkpoint.weights import CheckpointError, Weights, list_safetensors
 from shard.config import MemoryBudget
 from shard.models import load_model
-from shard.weights import CheckpointError, Weights, list_safetensors
 from tests.conftest import save_tiny_model
 
 
@@ -59,9 +59,9 @@ def test_model_loads_in_every_dtype(tmp_path, dtype):
 def test_unknown_architecture_is_a_clear_error(tmp_path):
     path = save_tiny_model(tmp_path / "m")
     config = json.loads((path / "config.json").read_text())
-    config["architectures"] = ["GPT2LMHeadModel"]
+    config["architectures"], config["model_type"] = ["FooForCausalLM"], "foo"
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported"):
+    with pytest.raises(ValueError, match="FooForCausalLM: model type 'foo' is unknown to"):
         load_model(path, torch.float32)
 
 

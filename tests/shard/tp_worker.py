@@ -7,8 +7,8 @@ import torch
 
 from shard.attention.torch_ref import TorchReferenceAttention
 from shard.distributed import init_distributed
-from shard.forward_context import AttentionMetadata, ForwardContext
-from shard.kv_cache import KVCache
+from shard.engine.forward_context import AttentionMetadata, ForwardContext
+from shard.engine.kv_cache import KVCache
 from shard.models import load_model
 
 BLOCK_SIZE = 4

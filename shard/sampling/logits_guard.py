@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from shard import logits_processors as lp
+from shard.sampling import logits_processors as lp
 
 _NEG_INF = float("-inf")
 

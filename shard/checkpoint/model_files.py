@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shard.convert import default_cache_dir, default_gguf_path, ensure_converted
+from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shard.batch import Batch, RequestState
-from shard.forward_context import AttentionMetadata
-from shard.grammar import GrammarCompiler
-from shard.model_runner import ModelRunner
-from shard.sampler import sample
-from shard.watermark import Watermark
+from shard.engine.batch import Batch, RequestState
+from shard.engine.forward_context import AttentionMetadata
+from shard.engine.model_runner import ModelRunner
+from shard.sampling.grammar import GrammarCompiler
+from shard.sampling.sampler import sample
+from shard.sampling.watermark import Watermark
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shard.forward_context import AttentionMetadata
+from shard.engine.forward_context import AttentionMetadata
 
 log = logging.getLogger(__name__)
 

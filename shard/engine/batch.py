@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass, field
 
 from common.grammar import GRAMMAR_NONE, GrammarError
-from shard.grammar import GrammarCompiler, GrammarState
-from shard.sampler import RequestSampler, SamplingParams
+from shard.sampling.grammar import GrammarCompiler, GrammarState
+from shard.sampling.sampler import RequestSampler, SamplingParams
 
 
 class InvalidRequest(ValueError):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from shard.batch import Batch, RequestState
 from shard.config import MemoryBudget
-from shard.generator import Generator
-from shard.sampler import RequestSampler, SamplingParams
+from shard.engine.batch import Batch, RequestState
+from shard.engine.generator import Generator
+from shard.sampling.sampler import RequestSampler, SamplingParams
 
 log = logging.getLogger(__name__)
 

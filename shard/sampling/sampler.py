@@ -29,7 +29,7 @@ those rows are rewritten:
   - a row the temperature would overflow becomes its exact limit: its argmax(es) 0.0,
     everything else -inf.
 The warpers then cannot create NaN or +inf (they only write -inf and keep a token), so
-there is no second check after them; the draw (shard/draw.py), the last line of defence,
+there is no second check after them; the draw (shard/sampling/draw.py), the last line of defence,
 takes the argmax of a row whose probabilities are NaN or sum to zero instead of indexing out
 of range.
 Repaired rows have finite or -inf logprobs, never NaN; healthy rows give exactly the same
@@ -46,10 +46,10 @@ from typing import Any
 
 import torch
 
-from shard import logits_processors as lp
-from shard.draw import draw
-from shard.logits_guard import guard_rows
-from shard.watermark import DEFAULT_WATERMARK, Watermark
+from shard.sampling import logits_processors as lp
+from shard.sampling.draw import draw
+from shard.sampling.logits_guard import guard_rows
+from shard.sampling.watermark import DEFAULT_WATERMARK, Watermark
 
 
 @dataclass(frozen=True)

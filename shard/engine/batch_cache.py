@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shard.batch import Batch, InvalidRequest
+from shard.engine.batch import Batch, InvalidRequest
 
 
 class BatchCache:

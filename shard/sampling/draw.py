@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from shard import logits_processors as lp
+from shard.sampling import logits_processors as lp
 
 _DRAW_BLOCK = 1024  # vocabulary block size of the two-level inverse-CDF draw
 

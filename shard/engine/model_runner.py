@@ -2,7 +2,7 @@
 
 The runner turns a step's Python lists into tensors, lets the backend precompute what all
 layers share, runs the model, and computes logits only for the rows that need them. On a GPU,
-decode steps that fit a captured CUDA graph replay it instead (shard/cuda_graphs.py)."""
+decode steps that fit a captured CUDA graph replay it instead (shard/engine/cuda_graphs.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 
 from shard.attention.base import AttentionBackend
-from shard.cuda_graphs import GRAPH_BACKENDS, DecodeGraphs, StaticBatch
-from shard.forward_context import AttentionMetadata, ForwardContext
-from shard.kv_cache import KVCache
+from shard.engine.cuda_graphs import GRAPH_BACKENDS, DecodeGraphs, StaticBatch
+from shard.engine.forward_context import AttentionMetadata, ForwardContext
+from shard.engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 

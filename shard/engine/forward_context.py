@@ -76,7 +76,7 @@ class ForwardContext:
     """Passed down the model for one step: metadata, the KV cache and the attention backend."""
 
     attn: AttentionMetadata
-    kv_cache: "KVCache"  # noqa: F821 (shard.kv_cache.KVCache)
+    kv_cache: "KVCache"  # noqa: F821 (shard.engine.kv_cache.KVCache)
     backend: "AttentionBackend"  # noqa: F821 (shard.attention.base.AttentionBackend)
     # Rotary cos/sin [T, rotary_dim // 2] for this step's positions, computed once per table
     # (shard.layers.rotary.RopeSpec) and shared by every layer that uses it.
