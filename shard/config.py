@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -126,3 +128,10 @@ class ShardConfig:
 
     def socket_url(self, rank: int) -> str:
         return f"unix://{self.uds_path}-{rank}"
+
+
+def default_cache_dir() -> Path:
+    """Where converted models and compiled kernels live: ``$TEXTGEN_CACHE`` if set, else
+    ``~/.cache/textgen``."""
+    env = os.environ.get("TEXTGEN_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "textgen"

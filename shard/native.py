@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common.cpu import cpu_flags
-from shard.checkpoint.convert import default_cache_dir
+from shard.config import default_cache_dir
 
 log = logging.getLogger(__name__)
 

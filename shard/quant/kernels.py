@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from shard.checkpoint.convert import default_cache_dir
+from shard.config import default_cache_dir
 from shard.native import SIMD_HEADER, build_library
 from shard.numerics import batch_invariant
 from shard.quant.weight import QuantizedWeight, dequantize
