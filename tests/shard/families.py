@@ -42,7 +42,9 @@ FAMILIES = {
         num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         norm_topk_prob=True, mlp_only_layers=[1],
     )),
-    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
+    "mixtral": ("MixtralConfig", dict(
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+    )),
     "gemma": ("GemmaConfig", dict()),
     "gemma2": ("Gemma2Config", dict(
         sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,

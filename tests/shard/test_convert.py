@@ -1,4 +1,5 @@
-"""Tests for shard.checkpoint.convert: GGUF -> HF checkpoint, checked against transformers' GGUF loader."""
+"""Tests for shard.checkpoint.convert: GGUF -> HF checkpoint, checked against transformers' GGUF
+loader."""
 
 from __future__ import annotations
 

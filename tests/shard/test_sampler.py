@@ -1,4 +1,5 @@
-"""Tests for shard.sampling.sampler / shard.sampling.logits_processors against transformers' processors."""
+"""Tests for shard.sampling.sampler and shard.sampling.logits_processors against transformers'
+processors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests for shard.sampling.watermark and its place in shard.sampling.sampler.sample (first processor)."""
+"""Tests for shard.sampling.watermark and its place in shard.sampling.sampler.sample (the first
+processor)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,10 @@ def test_minus_inf_stays_minus_inf() -> None:
 
 
 def test_green_list_is_the_same_in_another_process() -> None:
-    code = "from shard.sampling.watermark import Watermark;print(Watermark().green_ids(42, 5000)[:16].tolist())"
+    code = (
+        "from shard.sampling.watermark import Watermark;"
+        "print(Watermark().green_ids(42, 5000)[:16].tolist())"
+    )
     other = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
