@@ -156,10 +156,11 @@ def prepare(
     try:
         model_dir = resolve_model_dir(model_id, revision, cache_dir)
         list_safetensors(model_dir)  # refuses pickle-only checkpoints before any shard starts
-        check_servable(model_dir)  # and architectures nothing here serves
+        implementation = check_servable(model_dir)  # and architectures nothing here serves
     except (CheckpointError, UnsupportedModel, GGUFError) as refused:
         log.error("cannot serve %s: %s", model_id or "the default model", refused)
         raise typer.Exit(1) from None
+    log.info("%s: served by the %s implementation", model_dir.name, implementation)
     print(model_dir, flush=True)
 
 
