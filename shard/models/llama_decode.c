@@ -11,7 +11,9 @@
  * Compiled at run time by shard/models/llama_decode.py, like shard/quant/kernels.c, whose
  * products and activation quantization it includes, as it includes the paged attention of
  * shard/attention/paged_decode.c. The pure-PyTorch reference is the model's
- * own eager forward (shard/models/llama.py); the tests compare the two.
+ * own eager forward (shard/models/decoder.py); the tests compare the two. Besides Llama's
+ * layer it takes what a layer description (DecoderLayer) says: per-head q/k norms, no rotary,
+ * a sliding window, a residual multiplier; the Python side refuses the rest.
  *
  * Activations and arithmetic are float32 whatever the model's dtype; the KV cache is float32
  * or bfloat16 (kv_bf16), laid out [num_blocks, block_size, kv_heads, head_dim] as
@@ -33,12 +35,16 @@ typedef struct {
 typedef struct {
     const float *input_norm, *post_norm; /* [hidden] */
     QMatrix qkv, o, gate_up, down;       /* q|k|v and gate|up fused along their rows */
+    const float *q_norm, *k_norm;        /* [head_dim]: RMSNorm of each head (Qwen3) or NULL */
+    int rope;                            /* 0: no rotary in this layer (SmolLM3's NoPE) */
+    int window;                          /* > 0: attends to the last `window` positions */
 } DecoderLayer;
 
 typedef struct {
     PagedKV paged;                   /* the sequences' blocks; heads and head_dim */
     int T, hidden, intermediate;
     float eps;                       /* RMSNorm epsilon */
+    float residual_scale;            /* each block's output times this (Granite; else 1) */
     const float *cos, *sin;          /* [T, head_dim / 2] at each token's position */
     const int64_t *slots;            /* [T] cache slot of each token's K/V */
     void *const *keys, *const *values; /* [num_layers] the layers' cache tensors */
@@ -169,9 +175,25 @@ static void norm(Residual *r, int kind, const float *w, const DecodeStep *s, Qua
     }
 }
 
+/* RMSNorm of each of `heads` rows of D values, in place (weight w [D]). */
+static void head_norm(float *x, const float *w, int heads, int D, float eps) {
+    for (int h = 0; h < heads; h++, x += D) {
+        float inverse = inverse_rms(x, NULL, D, eps);
+        for (int i = 0; i < D; i++) x[i] = w[i] * (x[i] * inverse);
+    }
+}
+
+static void scale_rows(float *y, long n, float scale) {
+    if (scale == 1.f) return;
+#pragma omp for schedule(static)
+    for (long i = 0; i < n; i++) y[i] *= scale;
+}
+
 static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scratch *m,
                       float *scores, Residual *r) {
-    const PagedKV *paged = &s->paged;
+    PagedKV layer_kv = s->paged;
+    layer_kv.window = w->window;
+    const PagedKV *paged = &layer_kv;
     int T = s->T, D = paged->head_dim;
     int q_width = paged->heads * D, kv_width = paged->kv_heads * D;
     int width = q_width + 2 * kv_width;
@@ -181,8 +203,12 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
     for (int t = 0; t < T; t++) {
         float *q = m->qkv + (long)t * width, *k = q + q_width, *v = k + kv_width;
         const float *cos = s->cos + (long)t * D / 2, *sin = s->sin + (long)t * D / 2;
-        rotary(q, cos, sin, paged->heads, D);
-        rotary(k, cos, sin, paged->kv_heads, D);
+        if (w->q_norm) head_norm(q, w->q_norm, paged->heads, D, s->eps);
+        if (w->k_norm) head_norm(k, w->k_norm, paged->kv_heads, D, s->eps);
+        if (w->rope) {
+            rotary(q, cos, sin, paged->heads, D);
+            rotary(k, cos, sin, paged->kv_heads, D);
+        }
         long at = s->slots[t] * kv_width;
         store_kv(s->keys[layer], at, k, kv_width, paged->kv_bf16);
         store_kv(s->values[layer], at, v, kv_width, paged->kv_bf16);
@@ -205,6 +231,7 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
         }
     quantize_x(w->o.kind, m->attn, T, q_width, &m->xq);
     product(&w->o, &m->xq, T, m->out);
+    scale_rows(m->out, (long)T * s->hidden, s->residual_scale);
     r->delta = m->out;
 }
 
@@ -213,6 +240,7 @@ static void mlp(const DecoderLayer *w, const DecodeStep *s, Scratch *m, Residual
     product(&w->gate_up, &m->xq, s->T, m->gate_up);
     silu_quantize(w->down.kind, m->gate_up, s->T, s->intermediate, &m->xq);
     product(&w->down, &m->xq, s->T, m->out);
+    scale_rows(m->out, (long)s->T * s->hidden, s->residual_scale);
     r->delta = m->out;
 }
 

@@ -47,13 +47,14 @@ class DecoderLayer(ctypes.Structure):  # llama_decode.c's DecoderLayer
     _fields_ = [
         ("input_norm", _ptr), ("post_norm", _ptr),
         ("qkv", QMatrix), ("o", QMatrix), ("gate_up", QMatrix), ("down", QMatrix),
+        ("q_norm", _ptr), ("k_norm", _ptr), ("rope", _int), ("window", _int),
     ]  # fmt: skip
 
 
 class DecodeStep(ctypes.Structure):  # llama_decode.c's DecodeStep
     _fields_ = [
         ("paged", PagedKV), ("T", _int), ("hidden", _int), ("intermediate", _int),
-        ("eps", _float), ("cos", _ptr), ("sin", _ptr), ("slots", _ptr),
+        ("eps", _float), ("residual_scale", _float), ("cos", _ptr), ("sin", _ptr), ("slots", _ptr),
         ("keys", _ptr), ("values", _ptr),
     ]  # fmt: skip
 
@@ -75,18 +76,19 @@ def _qmatrix(w: QuantizedWeight, bias: torch.Tensor | None, keep: list[torch.Ten
 
 
 def unsupported_block(spec) -> str | None:
-    """What in a DecoderSpec the C decoder does not implement (it runs Llama's blocks)."""
+    """What in a DecoderSpec the C decoder does not implement: it runs pre-norm layers of
+    attention (optionally per-head q/k norms, a sliding window, no rotary) and a SiLU MLP, with
+    a residual multiplier; the embedding and logit scalings stay in Python."""
     a = spec.attention
-    ropes = {layer.attention.rope for layer in spec.layers}
+    ropes = {layer.attention.rope for layer in spec.layers} - {None}
     checks = [
-        (spec.norm_layout != "pre" or spec.norm_offset, "its norm layout"),
-        (a.qk_norm is not None or a.softcap is not None, "q/k norms or soft-capping"),
+        (spec.norm_layout != "pre", f"the {spec.norm_layout} norm layout"),
+        (a.qk_norm not in (None, "head") or a.softcap is not None, "q/k norms or soft-capping"),
+        (a.qk_norm == "head" and a.norm_eps != spec.norm_eps, "q/k norms of another epsilon"),
         (spec.mlp.activation not in ("silu", "swish"), f"activation {spec.mlp.activation}"),
         (spec.moe is not None, "experts"),
-        (spec.residual_scale != 1.0, "a residual multiplier"),
-        (any(layer.attention.window for layer in spec.layers), "sliding windows"),
-        (len(ropes) != 1 or None in ropes, "layers without or with other rotary tables"),
-        (next(iter(ropes)).rotary_dim != a.head_dim, "partial rotary"),
+        (len(ropes) != 1, "several rotary tables"),
+        (ropes and next(iter(ropes)).rotary_dim != a.head_dim, "partial rotary"),
     ]
     return next((reason for failed, reason in checks if failed), None)
 
@@ -131,7 +133,7 @@ class CompiledDecoder:
         c, attn = model.config, model.layers[0].self_attn
         self._dims = dict(
             hidden=c.hidden_size, intermediate=model.spec.mlp.intermediate_size,
-            eps=model.spec.norm_eps,
+            eps=model.spec.norm_eps, residual_scale=model.spec.residual_scale,
         )  # fmt: skip
         self._heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
         self._rotary = model.rotary
@@ -147,6 +149,10 @@ class CompiledDecoder:
             _qmatrix(attn.o_proj.weight, attn.o_proj.bias, keep),
             _qmatrix(mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, keep),
             _qmatrix(mlp.down_proj.weight, mlp.down_proj.bias, keep),
+            None if attn.q_norm is None else _float32(attn.q_norm.weight, keep),
+            None if attn.k_norm is None else _float32(attn.k_norm.weight, keep),
+            int(attn.layer.rope is not None),
+            attn.window or 0,
         )
 
     def supports(self, x: torch.Tensor, ctx: ForwardContext) -> bool:

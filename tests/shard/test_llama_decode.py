@@ -177,3 +177,29 @@ def test_every_step_runs_the_compiled_decoder_when_batch_invariant(quantized):
     assert decoder.supports(torch.zeros(more, 64), ctx)
     ctx.attn = AttentionMetadata.build([3, 1], [3, 6], [[1], [2, 3]], [4, 5, 6, 9], 4)  # mixed
     assert decoder.supports(torch.zeros(4, 64), ctx)
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2-yarn", "qwen3", "granite", "smollm3"])
+def test_the_families_it_describes_match_their_eager_layers(tmp_path, name):
+    """Per-head q/k norms (Qwen3), sliding windows (Mistral), NoPE layers (SmolLM3), residual
+    and attention multipliers (Granite), yarn's scaled tables, biases: one C decoder over a
+    layer description, equal to the eager layers of the same family."""
+    from tests.shard.families import save_family
+
+    model = load_model(save_family(name, tmp_path / name), torch.float32, quantize="int4")
+    assert model.decoder is not None, unsupported_reason(model)
+    ours, _ = decode(model, torch.float32, 3, compiled=True)
+    eager, _ = decode(model, torch.float32, 3, compiled=False)
+    assert_close_up_to_rounding_flips(ours, eager)
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [("gemma2", "sandwich"), ("olmo2", "post"), ("mixtral", "experts"),
+     ("phi3-longrope", "partial rotary"), ("llama-gelu", "activation")],
+)  # fmt: skip
+def test_the_families_it_does_not_describe_run_eager(tmp_path, name, reason):
+    from tests.shard.families import save_family
+
+    model = load_model(save_family(name, tmp_path / name), torch.float32, quantize="int4")
+    assert model.decoder is None and reason in unsupported_reason(model)
