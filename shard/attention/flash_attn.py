@@ -103,8 +103,17 @@ class FlashPagedAttention:
         )
 
     def forward(
-        self, q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        cache: LayerKV,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
+        """flash-attn's own sliding window (window_size: the window - 1 positions to the left
+        and none to the right) and soft-capping (flash-attn >= 2.6)."""
+        extra = dict(window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap or 0.0)
         step = meta.prepared.get("flash")
         if step is None:  # prepare was skipped: build it now, once, for every later layer
             self.prepare(meta)
@@ -118,6 +127,7 @@ class FlashPagedAttention:
                 block_table=step.block_tables,
                 softmax_scale=scale,
                 causal=True,
+                **extra,
             )  # [B, 1, H, D]
             return out.squeeze(1)
         return self.varlen_fn(
@@ -131,4 +141,5 @@ class FlashPagedAttention:
             softmax_scale=scale,
             causal=True,
             block_table=step.block_tables,
+            **extra,
         )  # [T, H, D]

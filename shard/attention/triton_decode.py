@@ -29,6 +29,7 @@ import torch
 
 from shard.attention.paged_decode import token_layout
 from shard.attention.sdpa import SdpaPagedAttention
+from shard.attention.torch_ref import TorchReferenceAttention
 from shard.engine.forward_context import AttentionMetadata
 from shard.engine.kv_cache import LayerKV
 from shard.numerics import batch_invariant
@@ -140,8 +141,18 @@ class TritonPagedAttention:
             self.sdpa.prepare(meta)
 
     def forward(
-        self, q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        cache: LayerKV,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
+        """Layers with a sliding window or soft-capping take the torch reference (right, slow:
+        the Triton kernel has neither yet)."""
+        if window is not None or softcap is not None:
+            return TorchReferenceAttention().forward(q, cache, meta, scale, window, softcap)
         if supports(q, cache, meta):
             if meta.is_decode_only:  # a token per sequence already (and what graphs replay)
                 return paged_decode(q, cache, meta.block_tables, meta.seq_lens, scale)

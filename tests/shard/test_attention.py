@@ -212,15 +212,22 @@ def test_sdpa_prepares_lazily_when_prepare_was_skipped(fast_numerics):
 # ---- flash: fakes of flash-attn's documented functions -------------------------------------
 
 
-def _fake_attention(q, k, v, softmax_scale, causal):
+def _fake_attention(q, k, v, softmax_scale, causal, window_size=(-1, -1), softcap=0.0):
     """One sequence, as flash-attn documents it: q [sq, H, D], k/v [sk, KV, D]; head h reads kv
-    head h // (H // KV); causal mask aligned bottom-right; all-masked rows give zeros."""
+    head h // (H // KV); causal mask aligned bottom-right; window_size (left, right): query i
+    sees keys in [i + sk - sq - left, i + sk - sq + right]; softcap: scores -> cap tanh(s / cap);
+    all-masked rows give zeros."""
     sq, num_heads, head_dim = q.shape
     sk, num_kv_heads = k.shape[0], k.shape[1]
     assert num_heads % num_kv_heads == 0
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     kv_head = torch.arange(num_heads) // (num_heads // num_kv_heads)  # [H]
     scores = torch.einsum("qhd,khd->hqk", q.float(), k[:, kv_head].float()) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if window_size[0] >= 0:
+        left = torch.arange(sk)[None, :] >= torch.arange(sq)[:, None] + sk - sq - window_size[0]
+        scores = scores.masked_fill(~left, float("-inf"))
     if causal:
         keep = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + sk - sq  # [sq, sk]
         scores = scores.masked_fill(~keep, float("-inf"))
@@ -257,7 +264,7 @@ def fake_flash_attn_varlen_func(
     (batch_size, max_num_blocks_per_seq) int32 the paged (num_blocks, page_block_size, nheads_k,
     headdim); cu_seqlens_q/k: (batch_size + 1,) int32. Returns (total_q, nheads, headdim)."""
     assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
-    assert dropout_p == 0.0 and window_size == (-1, -1) and not return_attn_probs
+    assert dropout_p == 0.0 and window_size[1] in (-1, 0) and not return_attn_probs
     assert block_table is None or block_table.dtype == torch.int32
     out = torch.empty_like(q)
     for b in range(cu_seqlens_q.numel() - 1):
@@ -268,7 +275,7 @@ def fake_flash_attn_varlen_func(
             kb, vb = k[k0:k1], v[k0:k1]
         else:
             kb, vb = _paged(k, block_table[b], k1 - k0), _paged(v, block_table[b], k1 - k0)
-        out[q0:q1] = _fake_attention(q[q0:q1], kb, vb, softmax_scale, causal)
+        out[q0:q1] = _fake_attention(q[q0:q1], kb, vb, softmax_scale, causal, window_size, softcap)
     return out
 
 
@@ -302,7 +309,7 @@ def fake_flash_attn_with_kvcache(
     for b in range(q.shape[0]):
         length = int(cache_seqlens[b])
         kb, vb = _paged(k_cache, block_table[b], length), _paged(v_cache, block_table[b], length)
-        out[b] = _fake_attention(q[b], kb, vb, softmax_scale, causal)
+        out[b] = _fake_attention(q[b], kb, vb, softmax_scale, causal, window_size, softcap)
     return out
 
 
@@ -326,6 +333,26 @@ def test_flash_with_fake_kernels_matches_dense_reference(dtype, heads, case_name
     assert_close(run(backend, case), case, dtype)
     decode = max(query_lens) == 1
     assert (kvcache.calls, varlen.calls) == ((1, 0) if decode else (0, 1))
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+@pytest.mark.parametrize("window, softcap", [(3, None), (None, 0.5), (5, 1.0)])
+def test_every_backend_honours_windows_and_soft_caps(case_name, window, softcap):
+    """Against the torch reference: flash (fake kernels taking flash-attn's window_size and
+    softcap) and SDPA (which sends such layers to the paged kernel)."""
+    query_lens, seq_lens = CASES[case_name]
+    case = make_case(query_lens, seq_lens, 4, 2, 256, torch.float32)
+    reference = TorchReferenceAttention().forward(
+        case.q, case.cache, case.meta, case.scale, window, softcap
+    )
+    plain = TorchReferenceAttention().forward(case.q, case.cache, case.meta, case.scale)
+    fakes = {"varlen_fn": fake_flash_attn_varlen_func, "kvcache_fn": fake_flash_attn_with_kvcache}
+    for backend in (FlashPagedAttention(block_size=256, **fakes), SdpaPagedAttention()):
+        backend.prepare(case.meta)
+        out = backend.forward(case.q, case.cache, case.meta, case.scale, window, softcap)
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    if max(seq_lens) > (window or 0) or softcap:
+        assert not torch.allclose(plain, reference, atol=1e-4)
 
 
 def test_flash_rejects_block_sizes_flash_attn_cannot_page():
