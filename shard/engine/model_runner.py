@@ -104,6 +104,8 @@ class ModelRunner:
             return f"the model runs on {self.device.type}"
         if self.backend.name not in GRAPH_BACKENDS:
             return f"the {self.backend.name} attention backend plans each step on the host"
+        if getattr(self.model, "implementation", "native") == "transformers":
+            return "the transformers backend runs transformers' model code eagerly"
         if getattr(self.model.rotary, "dynamic_factor", None) is not None:
             return "dynamic RoPE scaling rebuilds its table as sequences grow"
         return None
@@ -116,7 +118,8 @@ class ModelRunner:
         if reason is not None:
             log.info("decode steps run without CUDA graphs: %s", reason)
             return
-        self.model.rotary.ensure(max_positions)  # the table must not move after the capture
+        for rotary in getattr(self.model, "rotaries", {}).values():  # Gemma 3 has two
+            rotary.ensure(max_positions)  # a table must not move after the capture
         max_blocks = math.ceil(max_positions / self.block_size)
         graphs = DecodeGraphs(buckets, max_blocks, self.block_size, self.device, self._replayable)
         graphs.capture_all()

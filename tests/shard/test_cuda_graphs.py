@@ -145,3 +145,6 @@ def test_runner_captures_only_where_graphs_can_replay() -> None:
     runner.device = torch.device("cuda", 0)
     runner.backend.name = "sdpa"
     assert "sdpa" in runner.graphs_unsupported((1, 2))
+    runner.backend.name = "triton"
+    runner.model = type("TransformersModel", (), {"implementation": "transformers"})()
+    assert "transformers backend" in runner.graphs_unsupported((1, 2))
