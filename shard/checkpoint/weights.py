@@ -13,10 +13,12 @@ import torch
 from safetensors import safe_open
 
 from shard.distributed import SINGLE, Dist
-from shard.quant.loaders import GGUF_BLOCKS_FILE, Quantizer
+from shard.quant.ggml import BlockMatrix
+from shard.quant.loaders import Quantizer
 from shard.quant.weight import QuantizedWeight
 
-Matrix = torch.Tensor | QuantizedWeight  # a linear layer's weight [out, in], dense or not
+# A linear layer's weight [out, in]: dense or quantized (q4/q8, or a GGUF file's blocks).
+Matrix = torch.Tensor | QuantizedWeight | BlockMatrix
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -31,8 +33,7 @@ def list_safetensors(model_dir: Path) -> dict[str, Path]:
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: model_dir / file for name, file in weight_map.items()}
-    # The GGUF blocks beside a converted model are not checkpoint tensors (shard.quant).
-    files = sorted(p for p in model_dir.glob("*.safetensors") if p.name != GGUF_BLOCKS_FILE)
+    files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
@@ -105,6 +106,10 @@ class Weights:
         rows = part.get_shape()[0] // num_kv_heads
         head = rank // (world // num_kv_heads)
         return self._cast(part[head * rows : (head + 1) * rows])
+
+    def get_embedding(self, name: str) -> Matrix:
+        """This rank's rows of the token embedding (quantized only where the file is: GGUF)."""
+        return self.get_sharded(name, dim=0)
 
     def get_raw(self, name: str) -> torch.Tensor:
         """The whole tensor as stored (quantized checkpoints' packed integers and scales)."""

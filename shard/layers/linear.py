@@ -4,14 +4,17 @@ ColumnParallelLinear  output features split: each rank computes its slice of the
                       Several checkpoint tensors can be fused into one matmul (q|k|v, gate|up).
 RowParallelLinear     input features split: each rank computes a partial sum, all-reduced.
 
-A weight is dense (an nn.Parameter) or a QuantizedWeight (shard/quant), multiplied by the
-quantized kernels; the layers do not otherwise care which.
+A weight is dense (an nn.Parameter), a QuantizedWeight or a BlockMatrix (shard/quant: q4/q8,
+or a GGUF file's blocks), multiplied by the quantized kernels, or StackedRows where fused parts
+are quantized differently (a Q4_K_M file's Q4_K q and k beside its Q6_K v); the layers do not
+otherwise care which.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,8 +24,24 @@ from shard.distributed import Dist
 from shard.layers import triton_invariant
 from shard.layers.dense import dense_kernel
 from shard.numerics import batch_invariant
+from shard.quant.ggml import BlockMatrix
 from shard.quant.kernels import get_kernels
 from shard.quant.weight import QuantizedWeight
+
+QUANTIZED = (QuantizedWeight, BlockMatrix)
+
+
+@dataclass(frozen=True)
+class StackedRows:
+    """Matrices of different kinds fused along their output rows: each multiplied on its own,
+    the outputs side by side."""
+
+    parts: tuple  # of dense tensors or quantized matrices, [rows_i, in] each
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.shape[0] for p in self.parts), self.parts[0].shape[1])
+
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +51,11 @@ def linear(x: torch.Tensor, weight: Matrix, bias: torch.Tensor | None = None) ->
     kernel in batch-invariant mode (shard/layers/dense.py). Otherwise a single row in 16-bit on
     the CPU goes through matrix-vector product: oneDNN's GEMM reads 16-bit weights at ~2/3 of
     the memory bandwidth GEMV reaches, and one-token decode steps are bandwidth-bound."""
-    if isinstance(weight, QuantizedWeight):
+    if isinstance(weight, QUANTIZED):
         out = get_kernels().matmul(x, weight)
+        return out if bias is None else out + bias
+    if isinstance(weight, StackedRows):
+        out = torch.cat([linear(x, part) for part in weight.parts], dim=-1)
         return out if bias is None else out + bias
     if x.device.type == "cpu" and batch_invariant():
         kernel = dense_kernel()
@@ -55,16 +77,16 @@ def _not_invariant(reason: str) -> None:
     log.warning("batch invariance is not kept for %s: they run torch's GEMM", reason)
 
 
-def as_weight(weight: Matrix) -> nn.Parameter | QuantizedWeight:
+def as_weight(weight: Matrix | StackedRows) -> nn.Parameter | QuantizedWeight | BlockMatrix:
     """A layer's weight, dense ones contiguous: a row-parallel rank's columns are a strided
     slice of the checkpoint's matrix, which the fixed-order kernel does not take."""
-    if isinstance(weight, QuantizedWeight):
+    if isinstance(weight, (*QUANTIZED, StackedRows)):
         return weight
     return nn.Parameter(weight.contiguous(), requires_grad=False)
 
 
 def take_rows(matrix: Matrix, start: int, end: int) -> Matrix:
-    if isinstance(matrix, QuantizedWeight):
+    if isinstance(matrix, QUANTIZED):
         return matrix.rows(start, end)
     return matrix[start:end]
 
@@ -77,11 +99,17 @@ def rank_rows(size: int, dist: Dist) -> tuple[int, int]:
     return dist.rank * block, (dist.rank + 1) * block
 
 
-def cat_rows(parts: list[Matrix]) -> Matrix:
-    """Fuses matrices along their output rows."""
-    if isinstance(parts[0], QuantizedWeight):
-        return QuantizedWeight.cat_rows(parts)
-    return torch.cat(parts, dim=0)
+def cat_rows(parts: list[Matrix]) -> Matrix | StackedRows:
+    """Fuses matrices along their output rows: into one where they are quantized alike."""
+    first = parts[0]
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts, dim=0)
+    if all(isinstance(p, QuantizedWeight) for p in parts):
+        if all(p.kind == first.kind and p.group == first.group for p in parts):
+            return QuantizedWeight.cat_rows(parts)
+    if all(isinstance(p, BlockMatrix) and p.ggml_type == first.ggml_type for p in parts):
+        return BlockMatrix.cat_rows(parts)
+    return StackedRows(tuple(parts))
 
 
 class ColumnParallelLinear(nn.Module):

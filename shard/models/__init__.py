@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from shard.checkpoint.gguf_weights import GGUFWeights, is_gguf_dir
 from shard.checkpoint.weights import Weights
 from shard.distributed import SINGLE, Dist, check_divisible
 from shard.models import gemma, granite, llama, mixtral, olmo2, phi3, qwen3, smollm3
@@ -98,7 +99,8 @@ def load_model(
         raise UnsupportedModel(f"{config.architecture}: config.json cannot be served: {e}") from e
     check_tensor_parallel(spec, config, dist)
     quantizer = None if quantize == "none" else Quantizer(quantize, Path(model_dir), keep_dense)
-    weights = Weights(Path(model_dir), dtype, device, dist, quantizer)
+    reader = GGUFWeights if is_gguf_dir(Path(model_dir)) else Weights
+    weights = reader(Path(model_dir), dtype, device, dist, quantizer)
     with torch.device(device):
         model = DecoderForCausalLM(config, spec, weights)
     weights.close()

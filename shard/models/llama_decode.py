@@ -99,10 +99,10 @@ def unsupported_reason(model) -> str | None:
     block = unsupported_block(model.spec)
     if block is not None:
         return block
-    if model.embed_tokens.weight.device.type != "cpu":
+    if model.norm.weight.device.type != "cpu":
         return "not on the CPU"
-    if model.embed_tokens.weight.dtype not in DTYPES:
-        return f"dtype {model.embed_tokens.weight.dtype}"
+    if model.embed_tokens.dtype not in DTYPES:
+        return f"dtype {model.embed_tokens.dtype}"
     if attn.o_proj.dist.world_size != 1:
         return "tensor parallel"
     if c.head_dim % 16 or attn.num_heads % attn.num_kv_heads:
@@ -111,7 +111,7 @@ def unsupported_reason(model) -> str | None:
         linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj]
         linears += [layer.mlp.gate_up_proj, layer.mlp.down_proj]
         if not all(isinstance(lin.weight, QuantizedWeight) for lin in linears):
-            return "dense weights"
+            return "weights other than q4/q8 (dense, or GGUF blocks other than Q4_0/Q4_1/Q8_0)"
     if not isinstance(get_kernels(), NativeKernels):
         return "no native quantized kernels"
     return None

@@ -25,12 +25,14 @@ from torch.nn import functional as F
 from shard.config import default_cache_dir
 from shard.native import SIMD_HEADER, build_library
 from shard.numerics import batch_invariant
+from shard.quant.ggml import BlockMatrix, dequantize_blocks
 from shard.quant.weight import QuantizedWeight, dequantize
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-INCLUDES = (SIMD_HEADER,)  # what kernels.c #includes
+BLOCK_SOURCE = Path(__file__).with_name("ggml_kernels.c")  # GGML block types (shard/quant/ggml.py)
+INCLUDES = (SIMD_HEADER,)  # what kernels.c and ggml_kernels.c #include
 KIND_CODES = {"q4": 4, "q8": 8}
 _ptr, _int = ctypes.c_void_p, ctypes.c_int
 
@@ -38,7 +40,7 @@ _ptr, _int = ctypes.c_void_p, ctypes.c_int
 class NativeKernels:
     name = "native"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, block_path: Path):
         lib = ctypes.CDLL(str(path))
         self._matmul = lib.quant_matmul
         self._matmul.restype = None
@@ -51,9 +53,32 @@ class NativeKernels:
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
         lib.quant_direct_max_rows.restype = _int
         self.direct_max_rows = lib.quant_direct_max_rows()
+        blocks = ctypes.CDLL(str(block_path))
+        self._block_matmul = blocks.ggml_matmul
+        self._block_matmul.restype = None
+        # type, x, x_bf16, T, K, W, row_bytes, N, y, y_bf16, ldy
+        _long = ctypes.c_long
+        self._block_matmul.argtypes = [
+            _int,
+            _ptr,
+            _int,
+            _int,
+            _int,
+            _ptr,
+            _long,
+            _int,
+            _ptr,
+            _int,
+            _long,
+        ]
+        self._block_rows = blocks.ggml_dequantize_rows
+        self._block_rows.restype = None
+        self._block_rows.argtypes = [_int, _ptr, _long, _int, _ptr, _int, _ptr]
 
-    def matmul(self, x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, w: QuantizedWeight | BlockMatrix) -> torch.Tensor:
         """x [T, K] float32 or bfloat16 -> [T, N] in x's dtype."""
+        if isinstance(w, BlockMatrix):
+            return self.matmul_blocks(x, w)
         if x.dtype not in (torch.float32, torch.bfloat16):
             return self.matmul(x.float(), w).to(x.dtype)
         x = x.contiguous()
@@ -69,6 +94,32 @@ class NativeKernels:
             w.group, y.data_ptr(), is_bf16,
         )  # fmt: skip
         return y
+
+    def matmul_blocks(self, x: torch.Tensor, w: BlockMatrix) -> torch.Tensor:
+        """x [T, K] float32 or bfloat16 -> [T, N] in x's dtype, from W's GGML blocks."""
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            return self.matmul_blocks(x.float(), w).to(x.dtype)
+        x = x.contiguous()
+        rows, n = x.shape[0], w.out_features
+        y = torch.empty(rows, n, dtype=x.dtype)
+        is_bf16 = int(x.dtype == torch.bfloat16)
+        self._block_matmul(
+            int(w.ggml_type), x.data_ptr(), is_bf16, rows, w.in_features, w.blocks.data_ptr(),
+            w.blocks.shape[1], n, y.data_ptr(), is_bf16, n,
+        )  # fmt: skip
+        return y
+
+    def embedding(self, ids: torch.Tensor, w: QuantizedWeight | BlockMatrix, dtype: torch.dtype):
+        """Rows `ids` [T] of the dequantized matrix: [T, K] in dtype (an embedding lookup)."""
+        if isinstance(w, QuantizedWeight):
+            return quantized_rows(w, ids, dtype)
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty(ids.shape[0], w.in_features, dtype=torch.float32)
+        self._block_rows(
+            int(w.ggml_type), w.blocks.data_ptr(), w.blocks.shape[1], w.in_features,
+            ids.data_ptr(), ids.shape[0], out.data_ptr(),
+        )  # fmt: skip
+        return out.to(dtype)
 
     def dequantize(self, w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
         """[N, K] in dtype, in a scratch buffer reused by the next call (one allocation per
@@ -93,11 +144,27 @@ class ReferenceKernels:
     name = "reference"
     direct_max_rows = 0  # every product dequantizes first
 
-    def matmul(self, x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, w: QuantizedWeight | BlockMatrix) -> torch.Tensor:
+        if isinstance(w, BlockMatrix):
+            return F.linear(x, dequantize_blocks(w, x.dtype))
         return F.linear(x, dequantize(w, x.dtype))
+
+    def embedding(self, ids: torch.Tensor, w: QuantizedWeight | BlockMatrix, dtype: torch.dtype):
+        if isinstance(w, QuantizedWeight):
+            return quantized_rows(w, ids, dtype)
+        return dequantize_blocks(w.select_rows(ids.long()), dtype)
 
     def dequantize(self, w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(w, dtype)
+
+
+def quantized_rows(w: QuantizedWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` of a q4/q8 matrix, dequantized (gathered first: only those rows)."""
+    ids = ids.long()
+    rows = QuantizedWeight(
+        w.kind, w.qs[ids], w.scale[ids], None if w.min is None else w.min[ids], w.group
+    )
+    return dequantize(rows, dtype)
 
 
 _kernels: NativeKernels | ReferenceKernels | None = None
@@ -108,8 +175,9 @@ def get_kernels(cache_dir: Path | None = None) -> NativeKernels | ReferenceKerne
     global _kernels
     if _kernels is None:
         try:
-            path = build_library(cache_dir or default_cache_dir() / "kernels", SOURCE, INCLUDES)
-            _kernels = NativeKernels(path)
+            cache_dir = cache_dir or default_cache_dir() / "kernels"
+            path = build_library(cache_dir, SOURCE, INCLUDES)
+            _kernels = NativeKernels(path, build_library(cache_dir, BLOCK_SOURCE, INCLUDES))
         except (OSError, RuntimeError) as err:
             log.warning("quantized kernels unavailable, using the slow reference: %s", err)
             _kernels = ReferenceKernels()

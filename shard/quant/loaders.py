@@ -6,7 +6,8 @@ QuantizedWeight matrices.
               exactly this scheme)
   int4        4-bit asymmetric groups of 32 (as GGUF Q4_1) from a dense checkpoint; the LM head
               is kept at int8 groups of 32, as llama.cpp keeps its output layer at 6-8 bits
-  gguf        a GGUF file's own Q4_0/Q4_1/Q8_0 blocks, kept as they are (the default for a GGUF
+  gguf        a GGUF file's own blocks, kept as they are: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the
+              K-quants Q2_K..Q6_K (shard/checkpoint/gguf_weights.py; the default for a GGUF
               model, the embedded one included); other GGUF types are served dense
   gptq, awq   4-bit checkpoints (`quantization_config` in config.json: detected, so the flag
               is optional); their groups map exactly to the int4 layout
@@ -22,14 +23,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from shard.quant.weight import QuantizedWeight, dequantize, pack_nibbles, quantize
 
 METHODS = ("none", "int8", "eetq", "int4", "gguf", "gptq", "awq")
-GGUF_BLOCKS_FILE = (
-    "gguf-blocks.safetensors"  # written by shard.checkpoint.convert next to the dense file
-)
+GGUF_LINK = "model.gguf"  # a GGUF model directory's link to its file (shard.checkpoint.convert)
 INT4_GROUP = 32
 LM_HEAD = "lm_head"
 
@@ -50,7 +48,7 @@ def resolve_method(requested: str | None, model_dir: Path) -> str:
     """The method to serve with: the request checked against what the checkpoint holds.
     Without a request: the checkpoint's own (GPTQ/AWQ, a GGUF file's blocks), else none."""
     if requested is None:
-        has_blocks = (Path(model_dir) / GGUF_BLOCKS_FILE).exists()
+        has_blocks = (Path(model_dir) / GGUF_LINK).exists()
         requested = "gguf" if has_blocks and checkpoint_quantization(model_dir) is None else "none"
     requested = requested.lower()
     if requested not in METHODS:
@@ -75,7 +73,7 @@ def resolve_method(requested: str | None, model_dir: Path) -> str:
         return method
     if requested in ("gptq", "awq"):
         raise QuantizationError(f"--quantize {requested} needs a {requested} checkpoint")
-    if requested == "gguf" and not (Path(model_dir) / GGUF_BLOCKS_FILE).exists():
+    if requested == "gguf" and not (Path(model_dir) / GGUF_LINK).exists():
         raise QuantizationError("--quantize gguf needs a model converted from a .gguf file")
     return "eetq" if requested == "int8" else requested
 
@@ -105,9 +103,6 @@ class Quantizer:
     keep_dense: bool = False
 
     def __post_init__(self):
-        self._blocks = None
-        if self.method == "gguf":
-            self._blocks = safe_open(self.model_dir / GGUF_BLOCKS_FILE, framework="pt")
         config = checkpoint_quantization(self.model_dir) or {}
         self._checkpoint_format = config.get("checkpoint_format", "gptq")
 
@@ -122,21 +117,11 @@ class Quantizer:
                 return quantize(dense, "q8", dense.shape[1])
             lm_head = prefix == LM_HEAD or prefix.endswith(".embed_tokens")
             return quantize(dense, "q8" if lm_head else "q4", INT4_GROUP)
-        if self.method == "gguf":
-            return self._gguf(prefix)
+        if self.method == "gguf":  # weights: a GGUFWeights
+            return weights.file_matrix(prefix)
         if self.method in ("gptq", "awq") and weights.has(f"{prefix}.qweight"):
             return self._int4_checkpoint(weights, prefix)
         return None
-
-    def _gguf(self, prefix: str) -> QuantizedWeight | None:
-        if f"{prefix}.qs" not in self._blocks.keys():
-            return None
-        qs = self._blocks.get_tensor(f"{prefix}.qs")
-        scale = self._blocks.get_tensor(f"{prefix}.scale")
-        has_min = f"{prefix}.min" in self._blocks.keys()
-        kind = "q4" if qs.dtype == torch.uint8 else "q8"
-        low = self._blocks.get_tensor(f"{prefix}.min") if has_min else None
-        return QuantizedWeight(kind, qs, scale, low, 32)
 
     def _int4_checkpoint(self, weights, prefix: str) -> QuantizedWeight:
         qweight = weights.get_raw(f"{prefix}.qweight")

@@ -23,7 +23,7 @@ from shard.layers.dense import DenseKernel
 from shard.layers.fused import fused_ops
 from shard.models import load_model
 from shard.native import SIMD_HEADER, build_library
-from shard.quant.kernels import INCLUDES, SOURCE, NativeKernels
+from shard.quant.kernels import BLOCK_SOURCE, INCLUDES, SOURCE, NativeKernels
 from shard.quant.weight import quantize
 from tests.conftest import OLDER_MARCHES, skip_unless_runnable
 
@@ -54,7 +54,7 @@ def assert_rows_invariant(product, x: torch.Tensor) -> None:
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_quantized_products_give_a_row_the_same_bits_in_any_batch(march, kind, group, k, dtype):
-    kernels = NativeKernels(build(SOURCE, INCLUDES, march))
+    kernels = NativeKernels(build(SOURCE, INCLUDES, march), build(BLOCK_SOURCE, INCLUDES, march))
     torch.manual_seed(0)
     weight = quantize(torch.randn(83, k), kind, group)  # 83: threads' shares not multiples of 4
     x = torch.randn(64, k).to(dtype)

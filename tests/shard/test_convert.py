@@ -44,7 +44,13 @@ def gguf_path() -> Path:
 
 @pytest.fixture(scope="module")
 def converted(gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert_gguf(gguf_path, tmp_path_factory.mktemp("converted"), progress=False)
+    return convert_gguf(gguf_path, tmp_path_factory.mktemp("converted"), progress=False, dense=True)
+
+
+@pytest.fixture(scope="module")
+def served(gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory a server prepares: metadata, and a link to the file."""
+    return convert_gguf(gguf_path, tmp_path_factory.mktemp("served"), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +128,22 @@ def test_tensors_match_transformers_gguf_loader(converted: Path, hf_gguf_model) 
 
 
 @pytest.mark.slow
+def test_served_directory_reads_every_tensor_from_the_file(served: Path, hf_gguf_model) -> None:
+    """No tensor is copied into the directory; read from the file (Q/K rows restored, blocks
+    dequantized), every tensor equals transformers' loader's, bit for bit."""
+    from shard.checkpoint.gguf_weights import GGUFWeights
+
+    assert not list(served.glob("*.safetensors"))
+    assert (served / "model.gguf").resolve() == default_gguf_path().resolve()
+    weights = GGUFWeights(served, torch.float32)
+    reference = hf_gguf_model.state_dict()
+    assert set(weights.tensors) == set(reference) - {"lm_head.weight"}
+    for name in weights.tensors:
+        assert torch.equal(weights.get(name), reference[name]), name
+    weights.close()
+
+
+@pytest.mark.slow
 def test_config_loads_and_matches(converted: Path, hf_gguf_model) -> None:
     from transformers import AutoConfig, GenerationConfig
 
@@ -186,7 +208,7 @@ def test_plain_tokenizers_library_agrees(converted: Path, hf_gguf_tokenizer) -> 
 @pytest.mark.slow
 def test_output_is_safetensors_only(converted: Path) -> None:
     names = {p.name for p in converted.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors"} <= names
+    assert {"config.json", "generation_config.json", "model.safetensors", "model.gguf"} <= names
     assert {"tokenizer.json", "tokenizer_config.json"} <= names
     pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
     assert pickles == []
@@ -198,8 +220,8 @@ def test_ensure_converted_is_idempotent(
 ) -> None:
     first = ensure_converted(gguf_path, tmp_path, progress=False)
     assert first.parent == tmp_path and first.name.startswith(gguf_path.stem + "-")
-    assert (first / "model.safetensors").is_file()
-    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    assert (first / "model.gguf").is_symlink() and (first / "config.json").is_file()
+    mtime = (first / "config.json").stat().st_mtime_ns
 
     def fail(*args, **kwargs):
         raise AssertionError("second ensure_converted call must not convert again")
@@ -207,7 +229,7 @@ def test_ensure_converted_is_idempotent(
     monkeypatch.setattr(convert, "convert_gguf", fail)
     second = ensure_converted(gguf_path, tmp_path, progress=False)
     assert second == first
-    assert (second / "model.safetensors").stat().st_mtime_ns == mtime
+    assert (second / "config.json").stat().st_mtime_ns == mtime
     leftovers = [p.name for p in tmp_path.iterdir() if p.is_dir() and p != first]
     assert leftovers == []  # temp dir was renamed into place, nothing else left behind
 
@@ -216,7 +238,7 @@ def test_ensure_converted_is_idempotent(
 def test_ensure_converted_cleans_up_on_failure(
     gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def boom(gguf: Path, out_dir: Path, progress: bool = True) -> Path:
+    def boom(gguf: Path, out_dir: Path, progress: bool = True, dense: bool = False) -> Path:
         (Path(out_dir) / "partial").write_text("x")
         raise RuntimeError("boom")
 
@@ -237,7 +259,7 @@ def test_ensure_converted_concurrent_callers_convert_once(
     gguf.write_bytes(b"not really gguf")
     calls: list[Path] = []
 
-    def fake_convert(path: Path, out_dir: Path, progress: bool = True) -> Path:
+    def fake_convert(path: Path, out_dir: Path, progress: bool = True, dense: bool = False) -> Path:
         calls.append(Path(out_dir))
         time.sleep(0.2)  # give the other threads time to pile up on the lock
         (Path(out_dir) / "config.json").write_text("{}")

@@ -151,7 +151,7 @@ def test_biases_and_a_single_kv_head(tmp_path):
 
 
 def test_other_steps_and_models_stay_eager(tiny_llama_dir, quantized, fast_numerics):
-    assert unsupported_reason(load_model(tiny_llama_dir, torch.float32)) == "dense weights"
+    assert "dense" in unsupported_reason(load_model(tiny_llama_dir, torch.float32))
     tp = load_model(tiny_llama_dir, torch.float32, dist=Dist(0, 2), quantize="int4")
     assert unsupported_reason(tp) == "tensor parallel" and tp.decoder is None
 

@@ -14,10 +14,17 @@ from shard.checkpoint.convert import default_cache_dir
 from shard.models import load_model
 from shard.native import build_library
 from shard.quant import kernels as quant_kernels
-from shard.quant.kernels import INCLUDES, SOURCE, NativeKernels, ReferenceKernels, get_kernels
+from shard.quant.kernels import (
+    BLOCK_SOURCE,
+    INCLUDES,
+    SOURCE,
+    NativeKernels,
+    ReferenceKernels,
+    get_kernels,
+)
 from shard.quant.loaders import (
     AWQ_ORDER,
-    GGUF_BLOCKS_FILE,
+    GGUF_LINK,
     QuantizationError,
     resolve_method,
     unpack_int32,
@@ -55,7 +62,11 @@ def test_older_instruction_sets_match_the_reference(march):
     """The kernels' AVX2 and plain-C paths (and AVX-512 without VNNI), which CI machines may
     run natively, built for those instruction sets and run on this CPU."""
     skip_unless_runnable(march)
-    kernels = NativeKernels(build_library(default_cache_dir() / "kernels", SOURCE, INCLUDES, march))
+    cache = default_cache_dir() / "kernels"
+    kernels = NativeKernels(
+        build_library(cache, SOURCE, INCLUDES, march),
+        build_library(cache, BLOCK_SOURCE, INCLUDES, march),
+    )
     kernels.direct_max_rows = 16  # every product below takes the direct path
     for kind, group, k in [("q4", 32, 160), ("q4", 64, 192), ("q8", 32, 160), ("q8", 192, 192)]:
         weight = quantize(torch.randn(40, k), kind, group)
@@ -104,19 +115,24 @@ def test_shards_split_on_groups():
 
 
 def test_gguf_blocks_are_the_dequantized_checkpoint(smollm2_dir):
+    """Each matrix read from the file's blocks equals its dequantized copy, bit for bit."""
     from safetensors import safe_open
 
-    blocks = safe_open(smollm2_dir / GGUF_BLOCKS_FILE, "pt")
+    from shard.checkpoint.gguf_weights import GGUFWeights
+    from shard.quant.loaders import Quantizer
+
+    weights = GGUFWeights(smollm2_dir, torch.float32, quantizer=Quantizer("gguf", smollm2_dir))
     dense = safe_open(smollm2_dir / "model.safetensors", "pt")
-    names = {k.rsplit(".", 1)[0] for k in blocks.keys()}
-    assert len(names) == 30 * 7 + 1  # every Q4_1 matrix, and the Q8_0 embedding (tied head)
+    prefixes = {name.rsplit(".", 1)[0] for name in weights.tensors}
+    quantized = {p: weights.file_matrix(p) for p in prefixes}
+    quantized = {p: m for p, m in quantized.items() if m is not None}
+    assert len(quantized) == 30 * 7 + 1  # every Q4_1 matrix, and the Q8_0 embedding (tied head)
     for prefix in ("model.layers.0.self_attn.q_proj", "model.layers.7.self_attn.k_proj",
                    "model.layers.29.mlp.down_proj", "model.embed_tokens"):  # fmt: skip
-        qs = blocks.get_tensor(f"{prefix}.qs")
-        low = blocks.get_tensor(f"{prefix}.min") if f"{prefix}.min" in blocks.keys() else None
-        kind = "q4" if qs.dtype == torch.uint8 else "q8"
-        w = QuantizedWeight(kind, qs, blocks.get_tensor(f"{prefix}.scale"), low, 32)
+        w = quantized[prefix]
+        assert w.kind == ("q8" if prefix == "model.embed_tokens" else "q4")
         assert torch.equal(dequantize(w), dense.get_tensor(f"{prefix}.weight"))  # bit for bit
+    weights.close()
 
 
 # --- GPTQ / AWQ: packed here as their tools pack them ---------------------------------
@@ -227,7 +243,7 @@ def test_method_resolution_and_refusals(tmp_path):
     with pytest.raises(QuantizationError, match="cannot apply"):
         resolve_method("int8", awq)
     blocks = write_config(tmp_path / "blocks")
-    save_file({"x.qs": torch.zeros(1, 16, dtype=torch.uint8)}, blocks / GGUF_BLOCKS_FILE)
+    (blocks / GGUF_LINK).write_bytes(b"")
     assert resolve_method(None, blocks) == "gguf"
     assert resolve_method("none", blocks) == "none"
 
