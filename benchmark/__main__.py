@@ -158,6 +158,10 @@ class Measured:
     grammar_reports: dict[int, Report] = field(default_factory=dict)  # ours, with LONG_JSON_SCHEMA
     prefix_ttfts: list[float] = field(default_factory=list)  # first, second
     stall: StallReport | None = None
+    startup_s: float = 0.0  # until /health answered
+    loaded_mib: float = 0.0  # resident memory of all its processes once healthy
+    loading_peak_mib: float = 0.0  # ... and its peak until then
+    peak_mib: float = 0.0  # ... and its peak over the whole run
 
 
 @dataclass(frozen=True)
@@ -202,8 +206,25 @@ def measure(
             if grammar is not None:
                 measured.grammar_reports[n] = load_at(server.url, spec, n, work, grammar)
     finally:
+        measured.startup_s, measured.loaded_mib = server.startup_s, server.loaded_mib
+        measured.loading_peak_mib = server.loading_peak_mib
         server.stop()
+        measured.peak_mib = server.memory.peak_mib
     return measured
+
+
+def memory_table(measured: dict[str, Measured]) -> str:
+    rows = [
+        "| server | start-up | memory once loaded | peak while loading | peak while serving |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in measured.items():
+        if m.startup_s:
+            rows.append(
+                f"| {name} | {m.startup_s:.1f} s | {m.loaded_mib:,.0f} MiB | "
+                f"{m.loading_peak_mib:,.0f} MiB | {m.peak_mib:,.0f} MiB |"
+            )
+    return "\n".join(rows)
 
 
 def load_at(
@@ -333,10 +354,22 @@ def main(
     grammar: bool = typer.Option(
         False, help="Also load ours with a JSON-schema grammar on every request"
     ),
+    model_size: str = typer.Option(
+        "",
+        help="A random-weight model of a real shape (benchmark/model_sizes.py: llama3-1b, "
+        "llama3-8b), made by llama.cpp's converter and llama-quantize; both servers serve "
+        "that GGUF (ours with --model-id set to it)",
+    ),
+    model_type: str = typer.Option("Q4_K_M", help="llama-quantize type of --model-size"),
 ) -> None:
     """Runs every server at every concurrency and prints the table."""
     from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted
 
+    if model_size:
+        from benchmark.model_sizes import build_gguf
+
+        gguf = str(build_gguf(model_size, model_type))
+        ours_args = [f"--model-id {gguf} {a}".strip() for a in ours_args]
     gguf_path = gguf or str(default_gguf_path())
     model_dir = Path(model_id) if model_id else ensure_converted(gguf_path, default_cache_dir())
     levels = [int(n) for n in streams.split(",")]
@@ -401,6 +434,8 @@ def print_report(
         print("\n" + stall_table(stalls, work.long_tokens, work.stall_streams))
     if work.grammar:
         print("\n" + grammar_table(measured, levels))
+    print("\nResident memory of each server's processes (all of them: launcher, router, shards):")
+    print(memory_table(measured))
 
 
 if __name__ == "__main__":

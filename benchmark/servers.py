@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +86,48 @@ def llama_server(binary: str, gguf: str, slots: int, context: int) -> ServerSpec
     return ServerSpec("llama.cpp llama-server (2 threads)", "llama", argv)
 
 
+def group_rss_mib(pgid: int) -> float:
+    """Resident memory of every process in the process group (launcher, router, shards: all
+    of a server), in MiB, from /proc."""
+    total_kib = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            status = (entry / "status").read_text()
+        except (OSError, ProcessLookupError):
+            continue  # exited meanwhile
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total_kib += int(line.split()[1])
+    return total_kib / 1024
+
+
+class MemorySampler:
+    """The process group's resident memory every 0.1 s: its peak and its latest value."""
+
+    def __init__(self, pgid: int):
+        self.pgid, self.peak_mib, self.last_mib = pgid, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.last_mib = group_rss_mib(self.pgid)
+            self.peak_mib = max(self.peak_mib, self.last_mib)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class Running:
-    """A started server: `url`, and `stop()` (SIGTERM to its process group, then SIGKILL)."""
+    """A started server: `url`, and `stop()` (SIGTERM to its process group, then SIGKILL).
+    `startup_s`: until /health answered; `memory`: its resident memory as it runs;
+    `loaded_mib`: the memory once healthy, `loading_peak_mib`: the peak until then."""
 
     def __init__(self, spec: ServerSpec, log_dir: Path, startup_timeout: float = 600.0):
         self.spec = spec
@@ -95,10 +136,15 @@ class Running:
         argv = [a.replace("{port}", str(self.port)) for a in spec.argv]
         log_name = "".join(c if c.isalnum() else "_" for c in spec.name)
         self.log = open(log_dir / f"{log_name}.log", "w")
+        started = time.monotonic()
         self.process = subprocess.Popen(
             argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        self.memory = MemorySampler(self.process.pid)
         self._wait_healthy(startup_timeout)
+        self.startup_s = time.monotonic() - started
+        self.loading_peak_mib = self.memory.peak_mib
+        self.loaded_mib = group_rss_mib(self.process.pid)
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -115,6 +161,7 @@ class Running:
         raise TimeoutError(f"{self.spec.name} did not become healthy in {timeout:.0f} s")
 
     def stop(self) -> None:
+        self.memory.stop()
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:

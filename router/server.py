@@ -40,6 +40,7 @@ async def connect_shards(config: RouterConfig) -> tuple[ShardClient, RouterConfi
         max_prefill_tokens=config.max_batch_prefill_tokens,
         max_total_tokens=config.max_total_tokens,
         max_batch_size=config.max_batch_size,
+        max_batch_total_tokens=config.max_batch_total_tokens,
     )
     # Block 0 is reserved (health checks, padding): requests can use the rest.
     usable = answer.max_supported_total_tokens - info.block_size
@@ -55,8 +56,13 @@ async def connect_shards(config: RouterConfig) -> tuple[ShardClient, RouterConfi
             f"Not enough memory to handle `max_total_tokens={answer.max_total_tokens}`: "
             f"the KV cache holds {usable} tokens for requests"
         )
-    if config.max_batch_total_tokens is not None:
-        log.warning("--max-batch-total-tokens is ignored: the KV cache size comes from warmup")
+    if config.max_batch_total_tokens is not None and config.max_batch_total_tokens != usable:
+        log.warning(
+            "--max-batch-total-tokens %d: the KV cache holds %d (a CPU sizes it to the flag, "
+            "within 30%% of free memory; a GPU by its memory)",
+            config.max_batch_total_tokens,
+            usable,
+        )
     config = config.with_limits(answer.max_input_tokens, answer.max_total_tokens, usable)
     config = config.with_model(
         info.dtype,

@@ -24,10 +24,14 @@ _SIZE_UNITS = {
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """KV cache budget: an absolute size, or a fraction of the memory free after warmup."""
+    """KV cache budget: an absolute size, or a fraction of the memory free after warmup.
+    `sized_to_need` (the CPU's default): what the token limits need (run_warmup:
+    `--max-batch-total-tokens`, else DEFAULT_KV_TOKENS or two requests of --max-total-tokens),
+    with the fraction only as a ceiling, as llama.cpp sizes its cache by its context."""
 
     bytes: int | None = None
     fraction: float | None = None
+    sized_to_need: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "MemoryBudget":
@@ -89,7 +93,8 @@ class ShardConfig:
     device: str = "auto"  # cuda:{rank % GPUs} where CUDA is available, else cpu
     attention: str = "auto"
     block_size: int | None = None  # None: the attention backend's (16, flash-attn 256)
-    kv_cache_memory: MemoryBudget | None = None  # None: 30% of free memory (CPU), 90% (GPU)
+    # None: what the token limits need, at most 30% of free memory (CPU); 90% (GPU)
+    kv_cache_memory: MemoryBudget | None = None
     cuda_memory_fraction: float = 1.0  # share of the GPU this process may use, as TGI
     cuda_graphs: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # decode batch sizes captured on a GPU
     batch_invariant: bool | None = None  # None: on for the CPU, off for a GPU (placement.py)

@@ -6,8 +6,10 @@ None: ours to choose) and the machine:
   checkpoint), on the CPU bfloat16 where it computes it natively (AVX512-BF16, AMX), else
   float32 (emulated bfloat16 is slower);
 - block size: what the attention backend pages best (flash-attn 2 needs 256, ours 16);
-- KV cache budget: 30% of the memory free after warmup on the CPU (the OS and the router share
-  it), 90% on a GPU (TGI's wiggle room), within `--cuda-memory-fraction` of the GPU;
+- KV cache budget: on the CPU what the token limits need (`--max-batch-total-tokens`, else
+  16,384 tokens or two requests of `--max-total-tokens`), as llama.cpp sizes its cache by
+  its context, at most 30% of the memory free after warmup (the OS and the router share it);
+  90% on a GPU (TGI's wiggle room), within `--cuda-memory-fraction` of the GPU;
 - batch invariance (shard/numerics.py): on for the CPU, where our own kernels give it at
   little cost; off for a GPU unless asked (`--batch-invariant true`, as vLLM's opt-in mode),
   which then takes the triton attention backend.
@@ -53,7 +55,9 @@ def default_block_size(backend: str) -> int:
 
 
 def default_kv_budget(device: torch.device) -> MemoryBudget:
-    return MemoryBudget(fraction=GPU_KV_FRACTION if device.type == "cuda" else CPU_KV_FRACTION)
+    if device.type == "cuda":
+        return MemoryBudget(fraction=GPU_KV_FRACTION)
+    return MemoryBudget(fraction=CPU_KV_FRACTION, sized_to_need=True)
 
 
 def resolve_placement(

@@ -169,6 +169,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             request.max_total_tokens if request.HasField("max_total_tokens") else None,
             self.config.cuda_memory_fraction,
             self.config.cuda_graphs,
+            request.max_batch_total_tokens if request.HasField("max_batch_total_tokens") else None,
         )
         return pb.WarmupResponse(
             max_supported_total_tokens=result.max_supported_total_tokens,

@@ -188,15 +188,18 @@ class ShardClient:
         max_prefill_tokens: int,
         max_total_tokens: int | None,
         max_batch_size: int | None,
+        max_batch_total_tokens: int | None = None,
     ) -> WarmupResult:
         """The most constrained answer over the ranks. Limits left None are the shards' to
-        choose (from the model and the KV cache)."""
+        choose (from the model and the KV cache); `max_batch_total_tokens` sizes a CPU
+        shard's KV cache."""
         longest = max_input_tokens or max_prefill_tokens
         request = pb.WarmupRequest(
             batch=_warmup_batch(longest, max_prefill_tokens, max_batch_size),
             max_input_tokens=max_input_tokens,
             max_prefill_tokens=max_prefill_tokens,
             max_total_tokens=max_total_tokens,
+            max_batch_total_tokens=max_batch_total_tokens,
         )
         answers = await self._all("Warmup", request)
         worst = min(

@@ -20,6 +20,9 @@ from shard.sampling.sampler import RequestSampler, SamplingParams
 log = logging.getLogger(__name__)
 
 
+DEFAULT_KV_TOKENS = 16384  # the CPU's KV cache without token limits (1 GiB for Llama 3.2 1B)
+
+
 @dataclass(frozen=True)
 class WarmupResult:
     max_supported_total_tokens: int
@@ -101,6 +104,7 @@ def run_warmup(
     max_total: int | None,
     cuda_fraction: float = 1.0,
     cuda_graphs: Sequence[int] = (),
+    max_batch_total: int | None = None,
 ) -> WarmupResult:
     runner = generator.runner
     bs = runner.block_size
@@ -116,6 +120,9 @@ def run_warmup(
         torch.cuda.empty_cache()  # the profile's activations go back to the device
     free = free_memory_bytes(runner.device, cuda_fraction)
     cache_bytes = budget.resolve(free)
+    if budget.sized_to_need:
+        need = max_batch_total or max(DEFAULT_KV_TOKENS, 2 * (max_total or 0))
+        cache_bytes = min(cache_bytes, (1 + -(-need // bs)) * runner.bytes_per_block())
     num_blocks = max(cache_bytes // runner.bytes_per_block(), 2)
     num_blocks = min(num_blocks, (2**32 - 1) // bs)
     runner.allocate_cache(num_blocks)

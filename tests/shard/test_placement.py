@@ -71,7 +71,7 @@ def test_a_cpu_machine_resolves_everything_to_the_cpu() -> None:
     config = resolve_placement(ShardConfig(model_dir="/m", model_id="m"), "bfloat16", 0)
     assert config.device == "cpu" and config.attention == "sdpa" and config.block_size == 16
     assert config.dtype == default_dtype(CPU, "bfloat16", cpu_flags())
-    assert config.kv_cache_memory == MemoryBudget(fraction=0.3)
+    assert config.kv_cache_memory == MemoryBudget(fraction=0.3, sized_to_need=True)
 
 
 def test_a_gpu_rank_takes_its_gpu_the_checkpoint_dtype_and_flash_blocks(monkeypatch) -> None:
