@@ -1,6 +1,7 @@
 """Where a decode step's time goes, in the shard's own process layout (one model thread).
 
-    .venv/bin/python scripts/profile_decode.py [--dtype float32] [--batch 1,16] [--steps 30]
+    .venv/bin/python scripts/profile_decode.py [--model-id X.gguf] [--dtype float32]
+        [--batch 1,16] [--steps 30]
 
 Loads the model as a shard does, prefills B requests, then times decode steps: wall time per
 step, the part spent in the forward and in sampling, and torch.profiler's top operators by
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from pb import generate_pb2 as pb  # noqa: E402
 from shard.bootstrap import load_generator  # noqa: E402
 from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted  # noqa: E402
+from shard.checkpoint.model_files import resolve_model_dir  # noqa: E402
 from shard.config import MemoryBudget, ShardConfig  # noqa: E402
 from shard.engine.batch import Batch, request_from_pb  # noqa: E402
 
@@ -53,12 +55,16 @@ def requests(batch: int, prompt: int, new: int, block_size: int) -> list[pb.Requ
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model-id", default=None, help="as the launcher's (default: SmolLM2)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantize", default=None, help="as the shard's --quantize")
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
-    model_dir = ensure_converted(default_gguf_path(), default_cache_dir())
+    if args.model_id:
+        model_dir = resolve_model_dir(args.model_id)
+    else:
+        model_dir = ensure_converted(default_gguf_path(), default_cache_dir())
     config = ShardConfig(
         model_dir=str(model_dir),
         model_id=str(model_dir),

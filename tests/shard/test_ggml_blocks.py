@@ -43,14 +43,22 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got - expected).norm() / expected.norm())
 
 
-def int8_rounded(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernels see it: int8 blocks of 32, dx = max|x| / 127, halves away from zero."""
+def int8_rounded(x: torch.Tensor, ggml_type: GGMLQuantizationType) -> torch.Tensor:
+    """x as the kernels see it: each chunk of 256 in the type's block order (Q4_K and Q5_K
+    hold blocks 0 2 1 3 4 6 5 7), int8 groups of 64 there, dx = max|x| / 127, halves away
+    from zero; returned in x's own order."""
     rows, k = x.shape
-    blocks = x.float().view(rows, k // 32, 32)
-    dx = blocks.abs().amax(-1, keepdim=True) / 127
-    scaled = blocks * torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))
+    padded = -(-k // 256) * 256
+    order = [0, 2, 1, 3, 4, 6, 5, 7] if ggml_type.name in ("Q4_K", "Q5_K") else list(range(8))
+    blocks = torch.nn.functional.pad(x.float(), (0, padded - k)).view(rows, -1, 8, 32)
+    groups = blocks[:, :, order].reshape(rows, -1, 64)
+    dx = groups.abs().amax(-1, keepdim=True) / 127
+    scaled = groups * torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))
     q = torch.trunc(scaled + torch.copysign(torch.full_like(scaled, 0.5), scaled))
-    return (q * dx).view(rows, k)
+    arranged = (q * dx).view(rows, -1, 8, 32)
+    restored = torch.empty_like(arranged)
+    restored[:, :, order] = arranged
+    return restored.reshape(rows, padded)[:, :k]
 
 
 def shapes(ggml_type: GGMLQuantizationType) -> list[int]:
@@ -82,12 +90,12 @@ def test_products_match_the_dense_reference(ggml_type):
         for rows in (1, 3, 70):  # 70: more than one tile of 64 rows of x
             x = torch.randn(rows, k)
             got = kernels.matmul(x, w).double()
-            assert relative_error(got, int8_rounded(x).double() @ dense.T) < 1e-5
+            assert relative_error(got, int8_rounded(x, ggml_type).double() @ dense.T) < 1e-5
             assert relative_error(got, x.double() @ dense.T) < 0.02
         x = torch.randn(5, k).bfloat16()
         got = kernels.matmul(x, w)
         assert got.dtype == torch.bfloat16
-        assert relative_error(got.double(), int8_rounded(x).double() @ dense.T) < 0.01
+        assert relative_error(got.double(), int8_rounded(x, ggml_type).double() @ dense.T) < 0.01
 
 
 @pytest.mark.parametrize("march", sorted(OLDER_MARCHES))
@@ -103,7 +111,7 @@ def test_older_instruction_sets_match_the_reference(march):
         k = shapes(ggml_type)[-1]
         w = random_blocks(ggml_type, 9, k)
         x = torch.randn(3, k)
-        expected = int8_rounded(x).double() @ dequantize_blocks(w).double().T
+        expected = int8_rounded(x, ggml_type).double() @ dequantize_blocks(w).double().T
         assert relative_error(kernels.matmul(x, w).double(), expected) < 1e-5
 
 
