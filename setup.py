@@ -1,9 +1,16 @@
-"""The build's one step beyond pyproject.toml: the gRPC stubs (`pb/`, never committed) are
-generated from proto/generate.proto before setuptools looks for packages, so that `pip install
-.` and a wheel built from a clean clone hold the `pb` package, as `make proto` does for a
-checkout. grpcio-tools is a build requirement (pyproject.toml's [build-system])."""
+"""The build's two steps beyond pyproject.toml, before setuptools looks for packages:
 
+- the gRPC stubs (`pb/`, never committed) are generated from proto/generate.proto, so that `pip
+  install .` and a wheel built from a clean clone hold the `pb` package, as `make proto` does
+  for a checkout (grpcio-tools is a build requirement: pyproject.toml's [build-system]);
+- the shard's C kernels are compiled, one library per instruction-set variant, into
+  shard/_kernels/ (shard/native_build.py), so that serving needs no compiler. Without one the
+  install still succeeds, and the shard says at start-up what it does instead.
+"""
+
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -31,5 +38,19 @@ def generate_stubs() -> None:
     (ROOT / "pb" / "__init__.py").touch()
 
 
+def build_kernels() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "native_build", ROOT / "shard" / "native_build.py"
+    )
+    native_build = importlib.util.module_from_spec(spec)
+    sys.modules["native_build"] = native_build  # dataclasses look their module up
+    spec.loader.exec_module(native_build)
+    try:
+        native_build.build_all(ROOT / "shard" / "_kernels")
+    except RuntimeError as err:
+        print(f"warning: the C kernels were not built ({err})", file=sys.stderr)
+
+
 generate_stubs()
+build_kernels()
 setup()

@@ -133,6 +133,3 @@ def main(
 
 if __name__ == "__main__":
     typer.run(main)
-
-
-

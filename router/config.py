@@ -48,6 +48,7 @@ class RouterConfig:
     quantize: str = ""
     batch_invariant: bool = False
     model_implementation: str = ""  # Info's: "native" or "transformers"
+    kernels: str = ""  # Info's: how the CPU kernels were loaded
     system_fingerprint: str = ""  # OpenAI's: changes with what changes the numbers
 
     def __post_init__(self):
@@ -88,11 +89,13 @@ class RouterConfig:
         batch_invariant: bool = False,
         kernel_build: str = "",
         model_implementation: str = "",
+        kernels: str = "",
     ) -> RouterConfig:
         """The config once Info has told what the shards serve."""
         return replace(
             self,
             model_implementation=model_implementation,
+            kernels=kernels,
             model_dtype=dtype,
             model_device_type=device_type,
             quantize=quantize,

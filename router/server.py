@@ -71,8 +71,11 @@ async def connect_shards(config: RouterConfig) -> tuple[ShardClient, RouterConfi
         info.batch_invariant,
         info.kernel_build,
         info.model_implementation,
+        info.kernels,
     )
     log.info("the model runs its %s implementation", info.model_implementation or "native")
+    if info.kernels:
+        log.info("CPU kernels: %s", info.kernels)
     log.info("serving %s weights in %s on %s", info.quantize, info.dtype, info.device_type)
     log.info("prefix caching: %s", "on" if info.use_prefix_caching else "off")
     return client, config, info

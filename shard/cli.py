@@ -149,13 +149,15 @@ def prepare(
     """Resolves (and converts once, for .gguf) the model; prints its local directory last."""
     setup_logging(json_output, "info", "shard")
     from shard.checkpoint.convert import GGUFError
+    from shard.checkpoint.gguf_weights import is_gguf_dir
     from shard.checkpoint.model_files import resolve_model_dir
     from shard.checkpoint.weights import CheckpointError, list_safetensors
     from shard.models.check import check_servable
 
     try:
         model_dir = resolve_model_dir(model_id, revision, cache_dir)
-        list_safetensors(model_dir)  # refuses pickle-only checkpoints before any shard starts
+        if not is_gguf_dir(model_dir):  # a GGUF's tensors are read from its file
+            list_safetensors(model_dir)  # refuses pickle-only checkpoints before shards start
         implementation = check_servable(model_dir)  # and architectures nothing here serves
     except (CheckpointError, UnsupportedModel, GGUFError) as refused:
         log.error("cannot serve %s: %s", model_id or "the default model", refused)

@@ -1,7 +1,16 @@
-"""Compiles the shard's C kernels for this CPU: with the system's C compiler (`$CC`, else gcc)
-and `-march=native`, so AVX-512, AVX2 or plain code is chosen where it runs, into a shared
-library cached under the model cache (keyed by the sources, the flags, the compiler and the
-CPU) so later starts load it at once. The libraries link the OpenMP runtime torch already
+"""Loads the shard's C kernels for this CPU.
+
+The kernels are compiled when the package is installed (shard/native_build.py, run by
+setup.py), once per instruction-set variant, into shard/_kernels/. At start-up the best variant
+this CPU runs is loaded, after checking that the libraries were built from these sources
+(the manifest's digest) and that nobody else can have written them (owned by root or this
+user, not writable by group or others, nor is their directory).
+
+Where no installed variant fits (a checkout whose C sources changed since `make install`, an
+install without a compiler), that is an error in the log, and the kernel is compiled at
+start-up instead, with `-march=native`, into a private cache directory under the model cache;
+without a compiler the callers' PyTorch fallbacks run. What happened to each kernel is in
+`kernel_status()`, which /info reports. The libraries link the OpenMP runtime torch already
 loaded (same soname), so they and torch share one thread pool.
 """
 
@@ -10,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -22,11 +32,14 @@ import torch
 
 from common.cpu import cpu_flags
 from shard.config import default_cache_dir
+from shard.native_build import MANIFEST, library_name, sources_digest, variants
 
 log = logging.getLogger(__name__)
 
 CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # and -march=<march>
 SIMD_HEADER = Path(__file__).with_name("simd.h")  # vector helpers the kernels #include
+INSTALLED = Path(__file__).with_name("_kernels")  # what setup.py built (native_build.py)
+_status: dict[str, str] = {}  # kernel name -> how it was loaded (kernel_status)
 
 
 def custom_kernels_disabled() -> bool:
@@ -79,17 +92,87 @@ def build_library(
     return target
 
 
+def unsafe_reason(path: Path) -> str | None:
+    """Why `path` (a library, or the directory it is in) may have been written by someone
+    other than root or this user, or None."""
+    for p in (path, path.parent):
+        st = p.stat()
+        if st.st_uid not in (0, os.getuid()):
+            return f"{p} is owned by uid {st.st_uid}"
+        if st.st_mode & 0o022 and not (p.is_dir() and st.st_mode & 0o1000):
+            return f"{p} is writable by its group or others (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def installed_library(source: Path, installed: Path | None = None) -> tuple[Path | None, str]:
+    """The installed library of `source` for this CPU (in `installed`, default INSTALLED) and
+    the variant's name, or None and why none can be loaded."""
+    installed = installed or INSTALLED
+    try:
+        manifest = json.loads((installed / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None, f"no kernels were built at install ({installed / MANIFEST} is missing)"
+    if manifest.get("sources") != sources_digest():
+        return None, "the installed kernels were built from other sources (reinstall the package)"
+    flags = cpu_flags()
+    for variant in variants():
+        if variant.needs <= flags:
+            path = installed / library_name(source.name, variant.name)
+            if not path.exists():
+                return None, f"{path.name} is missing from {installed}"
+            unsafe = unsafe_reason(path)
+            return (None, f"refused: {unsafe}") if unsafe else (path, variant.name)
+    return None, "no installed variant runs on this CPU"
+
+
+def private_cache_dir() -> Path:
+    """Where kernels compiled at start-up go: this user's own directory (mode 0700)."""
+    directory = default_cache_dir() / "kernels" / f"uid-{os.getuid()}"
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    return directory
+
+
+def library_path(source: Path, includes: tuple[Path, ...] = ()) -> Path:
+    """The library of `source` to load: the installed variant, else compiled at start-up (an
+    error in the log: the installed ones should have fitted)."""
+    if custom_kernels_disabled():
+        raise RuntimeError("custom kernels are disabled (DISABLE_CUSTOM_KERNELS)")
+    path, how = installed_library(source)
+    if path is not None:
+        _status[source.stem] = f"installed {how}"
+        return path
+    log.error("%s: %s; compiling it at start-up", source.name, how)
+    path = build_library(private_cache_dir(), source, includes)
+    _status[source.stem] = f"compiled at start-up ({how})"
+    return path
+
+
 @functools.cache
 def load_library(
     source: Path, includes: tuple[Path, ...] = (), fallback: str = ""
 ) -> ctypes.CDLL | None:
-    """`source` built for this CPU (under the model cache) and loaded, once per process; None,
-    with a warning saying what runs instead (`fallback`), where it cannot be built."""
+    """`source`'s library for this CPU (library_path), loaded once per process; None, with an
+    error saying what runs instead (`fallback`), where there is none."""
     try:
-        return ctypes.CDLL(str(build_library(default_cache_dir() / "kernels", source, includes)))
+        return ctypes.CDLL(str(library_path(source, includes)))
     except (OSError, RuntimeError) as err:
-        log.warning("%s unavailable, %s: %s", source.name, fallback, err)
+        log.error("%s unavailable, %s: %s", source.name, fallback, err)
+        mark_unavailable(source, f"{fallback}: {err}")
         return None
+
+
+def mark_unavailable(source: Path, what_runs: str) -> None:
+    _status[source.stem] = f"unavailable, {what_runs}"
+
+
+def kernel_status() -> str:
+    """How the kernels loaded so far were found: `installed avx512vnni` where all of them are
+    installed ones of one variant, else each kernel's own line."""
+    states = set(_status.values())
+    if len(states) == 1:
+        return states.pop()
+    return "; ".join(f"{name}: {state}" for name, state in sorted(_status.items()))
 
 
 def kernel_build(device: torch.device) -> str:

@@ -23,7 +23,7 @@ from shard.engine.batch import Batch, InvalidRequest, request_from_pb
 from shard.engine.batch_cache import BatchCache
 from shard.engine.generator import Generation, Generator, StepTimings
 from shard.engine.warmup import run_warmup
-from shard.native import kernel_build
+from shard.native import kernel_build, kernel_status
 from shard.sampling.sampler import SamplingParams
 from shard.tracing import TracingInterceptor
 
@@ -128,6 +128,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             kernel_build=kernel_build(self.runner.device),
             model_implementation=self.runner.model.implementation,
             window_size=self.runner.window_size,
+            kernels=kernel_status() if self.runner.device.type == "cpu" else "",
         )
 
     async def Health(self, request, context):

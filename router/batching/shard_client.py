@@ -65,6 +65,7 @@ class ShardInfo:
     batch_invariant: bool = False  # same bits whatever the batch, prefix cache and chunking
     kernel_build: str = ""  # what the numbers depend on besides the model (shard/native.py)
     model_implementation: str = ""  # "native" or "transformers" (shard/models/)
+    kernels: str = ""  # how the CPU kernels were loaded (shard/native.py: kernel_status)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class ShardClient:
             answer.batch_invariant,
             answer.kernel_build,
             answer.model_implementation,
+            answer.kernels,
         )
 
     async def health(self, timeout: float = 5.0) -> None:

@@ -127,6 +127,7 @@ async def info(request: web.Request) -> web.Response:
             "quantize": c.quantize,  # not in TGI: none, eetq, int4, gguf, gptq or awq
             "batch_invariant": c.batch_invariant,  # not in TGI (README: what it covers)
             "model_implementation": c.model_implementation,  # not in TGI: native/transformers
+            "kernels": c.kernels,  # not in TGI: how the CPU kernels were loaded
             "system_fingerprint": c.system_fingerprint,  # not in TGI: OpenAI's, as there
             "max_concurrent_requests": c.max_concurrent_requests,
             "max_best_of": c.max_best_of,

@@ -296,6 +296,12 @@ def info() -> Schema:
             description="Not in TGI: the code that serves the model: native (its family's "
             "implementation) or transformers (transformers' model over the paged KV cache).",
         ),
+        "kernels": string(
+            example="installed avx512vnni",
+            description="Not in TGI: how the CPU kernels were loaded: the variant built at "
+            "install, compiled at start-up (and why), or unavailable (and what runs instead); "
+            "empty on a GPU.",
+        ),
         "system_fingerprint": string(
             example="fp_3f2a9c1b7d",
             description="Not in TGI: OpenAI's; changes only with the model, dtype, "

@@ -1,6 +1,6 @@
-"""Builds the C kernels of kernels.c for this CPU on first use (shard/native.py) and calls them
-through ctypes. Without a compiler the reference (dequantize, then a dense product) runs
-instead, with a warning: correct, several times slower.
+"""Loads the C kernels of kernels.c and ggml_kernels.c for this CPU (shard/native.py: built at
+install) and calls them through ctypes. Without them the reference (dequantize, then a dense
+product) runs instead, with an error in the log and in /info: correct, several times slower.
 
 In batch-invariant mode (the default, shard/numerics.py) every product reads the quantized
 weight directly, whatever its rows: each row of x is quantized on its own and its sums run in
@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from shard.config import default_cache_dir
-from shard.native import SIMD_HEADER, build_library
+from shard.native import SIMD_HEADER, library_path, mark_unavailable
 from shard.numerics import batch_invariant
 from shard.quant.ggml import BlockMatrix, dequantize_blocks
 from shard.quant.weight import QuantizedWeight, dequantize
@@ -170,15 +169,15 @@ def quantized_rows(w: QuantizedWeight, ids: torch.Tensor, dtype: torch.dtype) ->
 _kernels: NativeKernels | ReferenceKernels | None = None
 
 
-def get_kernels(cache_dir: Path | None = None) -> NativeKernels | ReferenceKernels:
-    """The process's kernels, built on first call (only CPU tensors reach them)."""
+def get_kernels() -> NativeKernels | ReferenceKernels:
+    """The process's kernels, loaded on first call (only CPU tensors reach them)."""
     global _kernels
     if _kernels is None:
         try:
-            cache_dir = cache_dir or default_cache_dir() / "kernels"
-            path = build_library(cache_dir, SOURCE, INCLUDES)
-            _kernels = NativeKernels(path, build_library(cache_dir, BLOCK_SOURCE, INCLUDES))
+            path = library_path(SOURCE, INCLUDES)
+            _kernels = NativeKernels(path, library_path(BLOCK_SOURCE, INCLUDES))
         except (OSError, RuntimeError) as err:
-            log.warning("quantized kernels unavailable, using the slow reference: %s", err)
+            log.error("quantized kernels unavailable, using the slow reference: %s", err)
+            mark_unavailable(SOURCE, f"the PyTorch reference runs: {err}")
             _kernels = ReferenceKernels()
     return _kernels
