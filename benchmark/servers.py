@@ -86,37 +86,43 @@ def llama_server(binary: str, gguf: str, slots: int, context: int) -> ServerSpec
     return ServerSpec("llama.cpp llama-server (2 threads)", "llama", argv)
 
 
-def group_rss_mib(pgid: int) -> float:
-    """Resident memory of every process in the process group (launcher, router, shards: all
-    of a server), in MiB, from /proc."""
-    total_kib = 0
+def tree_rss_mib(root: int) -> float:
+    """Resident memory of a process and all its descendants (launcher, router, shards: all of
+    a server, whatever sessions they start), in MiB, from /proc."""
+    parents, rss = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if os.getpgid(int(entry.name)) != pgid:
-                continue
+            stat = (entry / "stat").read_text()
             status = (entry / "status").read_text()
-        except (OSError, ProcessLookupError):
+        except OSError:
             continue  # exited meanwhile
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total_kib += int(line.split()[1])
-    return total_kib / 1024
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        rss[int(entry.name)] = next(
+            (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0
+        )
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [p for p, parent in parents.items() if parent == pid and p not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(rss.get(p, 0) for p in tree) / 1024
 
 
 class MemorySampler:
-    """The process group's resident memory every 0.1 s: its peak and its latest value."""
+    """The server's resident memory (tree_rss_mib) every 0.1 s: its peak and latest value."""
 
-    def __init__(self, pgid: int):
-        self.pgid, self.peak_mib, self.last_mib = pgid, 0.0, 0.0
+    def __init__(self, root: int):
+        self.root, self.peak_mib, self.last_mib = root, 0.0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            self.last_mib = group_rss_mib(self.pgid)
+            self.last_mib = tree_rss_mib(self.root)
             self.peak_mib = max(self.peak_mib, self.last_mib)
 
     def stop(self) -> None:
@@ -144,7 +150,7 @@ class Running:
         self._wait_healthy(startup_timeout)
         self.startup_s = time.monotonic() - started
         self.loading_peak_mib = self.memory.peak_mib
-        self.loaded_mib = group_rss_mib(self.process.pid)
+        self.loaded_mib = tree_rss_mib(self.process.pid)
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from shard.checkpoint.convert import ROPE_FREQS, hf_tensor_name, unpermute_rope_rows
@@ -47,6 +50,87 @@ LEGACY_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # the types QuantizedWeight
 
 def is_gguf_dir(model_dir: Path) -> bool:
     return (Path(model_dir) / GGUF_LINK).exists()
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where a tensor lies in a GGUF file. `shape` as GGUF lists it (innermost first)."""
+
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+    data_offset: int  # from the start of the file
+    n_bytes: int
+
+
+# GGUF metadata value types: struct formats of the fixed-size ones; 8 string, 9 array.
+_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+
+
+def read_tensor_index(path: Path) -> dict[str, TensorEntry]:
+    """The tensors of a GGUF file, from its header alone (GGUF v2/v3, little-endian).
+
+    gguf-py's GGUFReader builds a numpy view of every metadata value: 9.4 s for a Llama 3
+    file (128k vocabulary strings, 300k fields) before one tensor is read; the loader needs
+    only the tensor table, so the metadata is skipped here in a fraction of a second."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", m, 0)
+        if magic != b"GGUF" or version < 2:
+            raise CheckpointError(f"{path} is not a GGUF file of version 2 or later")
+        at, alignment = 24, 32
+
+        def string(at: int) -> tuple[str, int]:
+            (size,) = struct.unpack_from("<Q", m, at)
+            return m[at + 8 : at + 8 + size].decode("utf-8", "replace"), at + 8 + size
+
+        def skip(kind: int, at: int) -> int:
+            if kind in _SCALARS:
+                return at + struct.calcsize(_SCALARS[kind])
+            if kind == 8:
+                return at + 8 + struct.unpack_from("<Q", m, at)[0]
+            if kind == 9:
+                inner, count = struct.unpack_from("<IQ", m, at)
+                at += 12
+                if inner in _SCALARS:
+                    return at + count * struct.calcsize(_SCALARS[inner])
+                for _ in range(count):
+                    at = skip(inner, at)
+                return at
+            raise CheckpointError(f"{path}: unknown GGUF metadata type {kind}")
+
+        for _ in range(n_kv):
+            key, at = string(at)
+            (kind,) = struct.unpack_from("<I", m, at)
+            if key == "general.alignment":
+                (alignment,) = struct.unpack_from("<I", m, at + 4)
+            at = skip(kind, at + 4)
+        infos = []
+        for _ in range(n_tensors):
+            name, at = string(at)
+            (n_dims,) = struct.unpack_from("<I", m, at)
+            shape = struct.unpack_from(f"<{n_dims}Q", m, at + 4)
+            kind, offset = struct.unpack_from("<IQ", m, at + 4 + 8 * n_dims)
+            at += 4 + 8 * n_dims + 12
+            infos.append((name, GGMLQuantizationType(kind), tuple(shape), offset))
+    data_start = -(-at // alignment) * alignment
+    index = {}
+    for name, kind, shape, offset in infos:
+        weights, nbytes = GGML_QUANT_SIZES[kind]
+        count = int(np.prod(shape)) if shape else 1
+        index[name] = TensorEntry(name, kind, shape, data_start + offset, count // weights * nbytes)
+    return index
 
 
 class _DenseSlice:
@@ -79,8 +163,8 @@ class GGUFWeights(Weights):
             quantizer,
         )
         self.path = (self.model_dir / GGUF_LINK).resolve()
-        reader = GGUFReader(self.path)  # maps the file for its header; tensors are read below
-        self.tensors = {hf_tensor_name(t.name): t for t in reader.tensors if t.name != ROPE_FREQS}
+        index = read_tensor_index(self.path)  # the header; each tensor is read when asked for
+        self.tensors = {hf_tensor_name(t.name): t for t in index.values() if t.name != ROPE_FREQS}
         self.routing = {name: self.path for name in self.tensors}
         config = json.loads((self.model_dir / "config.json").read_text())
         # the (query, KV) head counts, to restore Q and K's row order

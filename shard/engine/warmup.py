@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_KV_TOKENS = 16384  # the CPU's KV cache without token limits (1 GiB for Llama 3.2 1B)
+PROFILE_TOKENS = 16  # the CPU's warmup prefill where the cache is sized by tokens
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,10 @@ def run_warmup(
 ) -> WarmupResult:
     runner = generator.runner
     bs = runner.block_size
+    if budget.sized_to_need and runner.device.type == "cpu":
+        # The cache is sized by tokens, not by what a profile leaves free: a short prefill
+        # runs every code path once, where the longest would take minutes on a large model.
+        prompt_lens, params = [min(n, PROFILE_TOKENS) for n in prompt_lens[:1]], params[:1]
     blocks_needed = 1 + sum((n + 1 + bs - 1) // bs for n in prompt_lens)
     runner.allocate_cache(blocks_needed)
     batch = profile_batch(prompt_lens, params, bs, runner.config.vocab_size)

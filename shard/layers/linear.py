@@ -105,7 +105,7 @@ def cat_rows(parts: list[Matrix]) -> Matrix | StackedRows:
     if all(isinstance(p, torch.Tensor) for p in parts):
         return torch.cat(parts, dim=0)
     if all(isinstance(p, QuantizedWeight) for p in parts):
-        if all(p.kind == first.kind and p.group == first.group for p in parts):
+        if all(first.fuses_with(p) for p in parts):
             return QuantizedWeight.cat_rows(parts)
     if all(isinstance(p, BlockMatrix) and p.ggml_type == first.ggml_type for p in parts):
         return BlockMatrix.cat_rows(parts)

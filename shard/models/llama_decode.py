@@ -112,6 +112,8 @@ def unsupported_reason(model) -> str | None:
         linears += [layer.mlp.gate_up_proj, layer.mlp.down_proj]
         if not all(isinstance(lin.weight, QuantizedWeight) for lin in linears):
             return "weights other than q4/q8 (dense, or GGUF blocks other than Q4_0/Q4_1/Q8_0)"
+        if any(lin.weight.perm is not None for lin in linears):
+            return "act-order GPTQ (permuted input columns)"
     if not isinstance(get_kernels(), NativeKernels):
         return "no native quantized kernels"
     return None

@@ -80,11 +80,13 @@ class NativeKernels:
             return self.matmul_blocks(x, w)
         if x.dtype not in (torch.float32, torch.bfloat16):
             return self.matmul(x.float(), w).to(x.dtype)
-        x = x.contiguous()
         rows = x.shape[0]
         if rows > self.direct_max_rows and not batch_invariant():
             dense = w.dense if w.dense is not None and w.dense.dtype == x.dtype else None
-            return F.linear(x, dense if dense is not None else self.dequantize(w, x.dtype))
+            if dense is None:  # in qs's column order, x's where there is no act-order
+                dense = self.dequantize(w, x.dtype) if w.perm is None else dequantize(w, x.dtype)
+            return F.linear(x, dense)
+        x = x.contiguous() if w.perm is None else x.index_select(1, w.perm)  # qs's column order
         y = torch.empty(rows, w.out_features, dtype=x.dtype)
         is_bf16 = int(x.dtype == torch.bfloat16)
         self._matmul(
@@ -161,8 +163,9 @@ def quantized_rows(w: QuantizedWeight, ids: torch.Tensor, dtype: torch.dtype) ->
     """Rows `ids` of a q4/q8 matrix, dequantized (gathered first: only those rows)."""
     ids = ids.long()
     rows = QuantizedWeight(
-        w.kind, w.qs[ids], w.scale[ids], None if w.min is None else w.min[ids], w.group
-    )
+        w.kind, w.qs[ids], w.scale[ids], None if w.min is None else w.min[ids], w.group,
+        perm=w.perm,
+    )  # fmt: skip
     return dequantize(rows, dtype)
 
 

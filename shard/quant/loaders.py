@@ -81,8 +81,11 @@ def resolve_method(requested: str | None, model_dir: Path) -> str:
 def _check_int4_config(config: dict) -> None:
     bits = config.get("bits", config.get("w_bit", 4))
     group = config.get("group_size", config.get("q_group_size", 128))
-    if bits != 4:
-        raise QuantizationError(f"only 4-bit GPTQ/AWQ checkpoints are supported, not {bits}-bit")
+    method = config.get("quant_method")
+    if bits not in (4, 8) or (bits == 8 and method != "gptq"):
+        raise QuantizationError(
+            f"{method} checkpoints of {bits} bits cannot be served (GPTQ: 4 or 8, AWQ: 4)"
+        )
     if group != -1 and group % 32:
         raise QuantizationError(f"group size {group} is not a multiple of 32")
     if config.get("quant_method") == "awq" and config.get("version", "gemm").lower() != "gemm":
@@ -105,6 +108,7 @@ class Quantizer:
     def __post_init__(self):
         config = checkpoint_quantization(self.model_dir) or {}
         self._checkpoint_format = config.get("checkpoint_format", "gptq")
+        self._bits = config.get("bits", 4)
 
     def finish(self, matrix: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
         """A layer's final matrix (after fusing and sharding), with its dense copy if kept."""
@@ -120,50 +124,70 @@ class Quantizer:
         if self.method == "gguf":  # weights: a GGUFWeights
             return weights.file_matrix(prefix)
         if self.method in ("gptq", "awq") and weights.has(f"{prefix}.qweight"):
-            return self._int4_checkpoint(weights, prefix)
+            return self._int_checkpoint(weights, prefix)
         return None
 
-    def _int4_checkpoint(self, weights, prefix: str) -> QuantizedWeight:
+    def _int_checkpoint(self, weights, prefix: str) -> QuantizedWeight:
+        """A GPTQ (4 or 8 bits, act-order too) or AWQ (4 bits) matrix, w = (q - zero) scale."""
         qweight = weights.get_raw(f"{prefix}.qweight")
         qzeros = weights.get_raw(f"{prefix}.qzeros")
         scales = weights.get_raw(f"{prefix}.scales").float()  # [K / group, N]
+        bits = 4 if self.method == "awq" else self._bits
+        perm = None
         if self.method == "gptq":
-            q = unpack_int32(qweight, dim=0)  # [K, N]
-            zeros = unpack_int32(qzeros, dim=1)  # [K / group, N]
+            q = unpack_int32(qweight, dim=0, bits=bits)  # [K, N]
+            zeros = unpack_int32(qzeros, dim=1, bits=bits)  # [K / group, N]
             if self._checkpoint_format != "gptq_v2":
                 zeros = zeros + 1  # GPTQ v1 stores zero - 1
-            _check_trivial_g_idx(weights, prefix, q.shape[0], scales.shape[0])
+            perm = _act_order(weights, prefix, q.shape[0], scales.shape[0])
+            if perm is not None:  # the groups' columns side by side: x[:, perm] meets them
+                q = q[perm]
         else:
             q = unpack_int32(qweight, dim=1, order=AWQ_ORDER)  # [K, N]
             zeros = unpack_int32(qzeros, dim=1, order=AWQ_ORDER)
         k = q.shape[0]
         group = k // scales.shape[0]
         scale = scales.t().half().contiguous()  # [N, K / group]
+        if bits == 8:  # symmetric only: q - 128 is the int8 value, scale its step
+            if not bool((zeros == 128).all()):
+                raise QuantizationError(
+                    f"{prefix}: asymmetric 8-bit GPTQ (zero points other than 128) cannot be "
+                    "served; quantize with sym=True"
+                )
+            q8 = (q - 128).to(torch.int8).t().contiguous()
+            return QuantizedWeight("q8", q8, scale, None, group, perm=perm)
         # -zero * scale needs up to 15 significant bits: float16 rounds it by at most 2^-11
         # of 15 * scale, under a 270th of a quantization step.
         low = (-zeros.float() * scales).t().half().contiguous()
-        return QuantizedWeight("q4", pack_nibbles(q.t().contiguous()), scale, low, group)
+        return QuantizedWeight("q4", pack_nibbles(q.t().contiguous()), scale, low, group, perm=perm)
 
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's GEMM kernels interleave the 8 nibbles of a word
 
 
-def unpack_int32(packed: torch.Tensor, dim: int, order=tuple(range(8))) -> torch.Tensor:
-    """int32 words of 8 4-bit values along `dim` -> the values [.., 8x, ..] (int32 0..15).
-    Nibble i of a word (bits 4i..4i+3) holds value order[i] of its 8."""
-    shifts = torch.arange(8, dtype=torch.int32) * 4
-    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [..., 8]: nibble i
-    values = nibbles[..., torch.tensor(order).argsort()]  # [..., 8]: value j
-    if dim == 0:  # [K/8, N, 8] -> [K, N]
+def unpack_int32(
+    packed: torch.Tensor, dim: int, order: tuple[int, ...] | None = None, bits: int = 4
+) -> torch.Tensor:
+    """int32 words of 32 / bits values along `dim` -> the values [.., x, ..] (int32 0..2^bits-1).
+    Field i of a word (bits bits*i ..) holds value order[i] of its 32 / bits."""
+    per_word = 32 // bits
+    order = tuple(range(per_word)) if order is None else order
+    shifts = torch.arange(per_word, dtype=torch.int32) * bits
+    fields = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., per_word]: field i
+    values = fields[..., torch.tensor(order).argsort()]  # [..., per_word]: value j
+    if dim == 0:  # [K / per_word, N, per_word] -> [K, N]
         return values.permute(0, 2, 1).reshape(-1, packed.shape[1])
-    return values.reshape(packed.shape[0], -1)  # [R, N/8, 8] -> [R, N]
+    return values.reshape(packed.shape[0], -1)  # [R, N / per_word, per_word] -> [R, N]
 
 
-def _check_trivial_g_idx(weights, prefix: str, k: int, groups: int) -> None:
+def _act_order(weights, prefix: str, k: int, groups: int) -> torch.Tensor | None:
+    """GPTQ's act-order (desc_act): g_idx [K] gives each input column's group. None where the
+    groups are the columns in order; else the permutation that sorts the columns by group."""
     if not weights.has(f"{prefix}.g_idx"):
-        return
+        return None
     g_idx = weights.get_raw(f"{prefix}.g_idx").long()
-    if not torch.equal(g_idx, torch.arange(k) // (k // groups)):
-        raise QuantizationError(
-            f"{prefix}: act-order GPTQ (desc_act with a permuted g_idx) is not supported"
-        )
+    if torch.equal(g_idx, torch.arange(k) // (k // groups)):
+        return None
+    if not torch.equal(torch.bincount(g_idx, minlength=groups), torch.full((groups,), k // groups)):
+        raise QuantizationError(f"{prefix}: g_idx does not give every group {k // groups} columns")
+    return torch.argsort(g_idx, stable=True)

@@ -36,6 +36,9 @@ class QuantizedWeight:
     # The same matrix dequantized [N, K], kept only where memory is traded for speed: products
     # with many rows use it instead of dequantizing into scratch each time (Quantizer.keep_dense).
     dense: torch.Tensor | None = None
+    # GPTQ's act-order: the input columns in the order they were grouped ([K] int64): column j
+    # of qs is input feature perm[j], so a product multiplies x[:, perm]. None: in order.
+    perm: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.kind not in ("q4", "q8"):
@@ -75,6 +78,12 @@ class QuantizedWeight:
 
     def columns(self, start: int, end: int) -> "QuantizedWeight":
         """Input columns [start, end): a row-parallel shard; bounds must fall on groups."""
+        if self.perm is not None:
+            if (start, end) == (0, self.in_features):
+                return self
+            raise ValueError(
+                "act-order GPTQ matrices cannot be split by input columns (tensor parallel)"
+            )
         if start % self.group or end % self.group:
             raise ValueError(
                 f"columns [{start}, {end}) do not fall on quantization groups of {self.group}"
@@ -89,11 +98,18 @@ class QuantizedWeight:
             min=None if self.min is None else self.min[:, g0:g1].contiguous(),
         )
 
+    def fuses_with(self, other: "QuantizedWeight") -> bool:
+        """Whether the two can be one matrix (cat_rows): the same layout and column order."""
+        same_perm = (self.perm is None and other.perm is None) or (
+            self.perm is not None and other.perm is not None and torch.equal(self.perm, other.perm)
+        )
+        return self.kind == other.kind and self.group == other.group and same_perm
+
     @staticmethod
     def cat_rows(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
         """Fuses matrices along the output rows (q|k|v, gate|up)."""
         first = parts[0]
-        if any(p.kind != first.kind or p.group != first.group for p in parts):
+        if any(not first.fuses_with(p) for p in parts):
             raise ValueError("cannot fuse matrices quantized differently")
         return replace(
             first,
@@ -126,7 +142,10 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.
     dense = q * w.scale.float().unsqueeze(-1)
     if w.min is not None:
         dense = dense + w.min.float().unsqueeze(-1)
-    return dense.view(n, k).to(dtype)
+    dense = dense.view(n, k)
+    if w.perm is not None:  # back to the input features' order
+        dense = torch.empty_like(dense).index_copy_(1, w.perm, dense)
+    return dense.to(dtype)
 
 
 def quantize(weight: torch.Tensor, kind: str, group: int) -> QuantizedWeight:

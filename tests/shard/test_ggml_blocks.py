@@ -140,3 +140,23 @@ def test_rows_columns_and_fusing_keep_the_blocks():
     other = random_blocks(GGMLQuantizationType.Q6_K, 2, 512)
     with pytest.raises(ValueError, match="different GGML types"):
         BlockMatrix.cat_rows([w, other])
+
+
+def test_the_tensor_index_is_gguf_pys(smollm2_dir):
+    """The header reader finds every tensor where gguf-py's reader does."""
+    from gguf import GGUFReader
+
+    from shard.checkpoint.gguf_weights import read_tensor_index
+
+    path = (smollm2_dir / "model.gguf").resolve()
+    ours = read_tensor_index(path)
+    theirs = GGUFReader(path).tensors
+    assert len(ours) == len(theirs)
+    for t in theirs:
+        entry = ours[t.name]
+        assert (entry.tensor_type, entry.data_offset, entry.n_bytes) == (
+            t.tensor_type,
+            t.data_offset,
+            t.n_bytes,
+        )
+        assert entry.shape == tuple(int(d) for d in t.shape)

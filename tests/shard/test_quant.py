@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from shard.checkpoint.convert import default_cache_dir
+from shard.engine.kv_cache import KVCache
 from shard.models import load_model
 from shard.native import build_library
 from shard.quant import kernels as quant_kernels
@@ -138,13 +139,15 @@ def test_gguf_blocks_are_the_dequantized_checkpoint(smollm2_dir):
 # --- GPTQ / AWQ: packed here as their tools pack them ---------------------------------
 
 
-def pack_int32(values: torch.Tensor, dim: int, order=tuple(range(8))) -> torch.Tensor:
-    """values 0..15 -> int32 words of 8 along dim; nibble i holds value order[i]."""
+def pack_int32(values: torch.Tensor, dim: int, order=None, bits: int = 4) -> torch.Tensor:
+    """values 0..2^bits-1 -> int32 words of 32/bits along dim; field i holds value order[i]."""
+    per_word = 32 // bits
+    order = tuple(range(per_word)) if order is None else order
     v = values.to(torch.int64)
     if dim == 0:
         v = v.t()
-    v = v.reshape(v.shape[0], -1, 8)
-    words = sum(v[..., order[i]] << (4 * i) for i in range(8))
+    v = v.reshape(v.shape[0], -1, per_word)
+    words = sum(v[..., order[i]] << (bits * i) for i in range(per_word))
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words.t().contiguous() if dim == 0 else words
 
@@ -216,6 +219,86 @@ def test_int4_checkpoints_load_as_their_dense_equivalent(tmp_path, method):
     assert torch.allclose(dequantize(layer), expected, atol=15 * 0.021 * 2**-11, rtol=0)
 
 
+def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """One prefill of ids [1, T] through a fresh paged cache: the logits of every token."""
+    from tests.shard.test_model import NUM_BLOCKS, PagedSequence, run_step
+
+    cache = KVCache(
+        model.config.num_layers, NUM_BLOCKS, 4, model.num_kv_heads, model.head_dim, torch.float32
+    )
+    seq = PagedSequence(ids[0].tolist(), list(range(1, 9)))
+    return run_step(model, cache, [seq], [ids.shape[1]])
+
+
+def gptq_layer(k: int, n: int, group: int, bits: int, act_order: bool, seed: int):
+    """A GPTQ v1 layer's tensors and its dense equivalent [N, K], as AutoGPTQ packs them:
+    with act-order, g_idx gives each input column the group of its rank in a random order."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (k, n), generator=gen)
+    if bits == 8:  # sym=True: every zero point is 128
+        zeros = torch.full((k // group, n), 128)
+    else:
+        zeros = torch.randint(1, 16, (k // group, n), generator=gen)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.001).half().float()
+    rank = torch.randperm(k, generator=gen) if act_order else torch.arange(k)
+    g_idx = rank // group  # [K]: column c is in group g_idx[c]
+    tensors = {
+        "qweight": pack_int32(q, dim=0, bits=bits),
+        "qzeros": pack_int32(zeros - 1, dim=1, bits=bits),  # v1 stores zero - 1
+        "scales": scales.half(),
+        "g_idx": g_idx.to(torch.int32),
+    }
+    dense = ((q - zeros[g_idx]) * scales[g_idx]).t().contiguous()
+    return tensors, dense
+
+
+@pytest.mark.parametrize("bits,act_order", [(4, True), (8, False), (8, True)])
+def test_gptq_act_order_and_8_bit_load_as_their_dense_equivalent(tmp_path, bits, act_order):
+    """desc_act checkpoints (a permuted g_idx) and 8-bit ones serve the weights they store:
+    the dequantized matrix equals the dense one, and the model's logits agree with it."""
+    dense_dir = save_tiny_model(tmp_path / "dense")
+    from safetensors import safe_open
+
+    tensors, reference_tensors = {}, {}
+    with safe_open(dense_dir / "model.safetensors", "pt") as f:
+        for i, name in enumerate(f.keys()):
+            t = f.get_tensor(name)
+            if name.endswith("proj.weight"):
+                n, k = t.shape
+                packed, t = gptq_layer(k, n, 32, bits, act_order, seed=i)
+                prefix = name.removesuffix(".weight")
+                tensors.update({f"{prefix}.{key}": v for key, v in packed.items()})
+            else:
+                tensors[name] = t
+            reference_tensors[name] = t
+    config = json.loads((dense_dir / "config.json").read_text())
+    quant_dir, ref_dir = write_config(tmp_path / "quant"), write_config(tmp_path / "ref")
+    quant_config = {"quant_method": "gptq", "bits": bits, "group_size": 32, "desc_act": act_order}
+    (quant_dir / "config.json").write_text(
+        json.dumps({**config, "quantization_config": quant_config})
+    )
+    (ref_dir / "config.json").write_text(json.dumps(config))
+    save_file(tensors, quant_dir / "model.safetensors")
+    save_file(reference_tensors, ref_dir / "model.safetensors")
+    quantized = load_model(quant_dir, torch.float32, quantize="gptq")
+    reference = load_model(ref_dir, torch.float32)
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        w = quantized.layers[0].get_submodule(name).weight
+        expected = reference.layers[0].get_submodule(name).weight
+        if act_order:  # each layer its own order: q | k | v and gate | up stay apart
+            parts = w.parts if hasattr(w, "parts") else (w,)
+            got = torch.cat([dequantize(p) for p in parts])
+            assert all(p.perm is not None for p in parts)
+        else:
+            assert w.kind == ("q8" if bits == 8 else "q4")
+            got = dequantize(w)
+        assert torch.allclose(got, expected, atol=15 * 0.021 * 2**-11, rtol=0), name
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    torch.testing.assert_close(
+        forward_logits(quantized, ids), forward_logits(reference, ids), rtol=0.05, atol=0.05
+    )
+
+
 def write_config(path, **extra):
     path.mkdir(exist_ok=True)
     (path / "config.json").write_text(json.dumps({"model_type": "llama", **extra}))
@@ -236,8 +319,8 @@ def test_method_resolution_and_refusals(tmp_path):
     fp8 = write_config(tmp_path / "fp8", quantization_config={"quant_method": "fp8"})
     with pytest.raises(QuantizationError, match="'fp8', which cannot be served"):
         resolve_method(None, fp8)
-    gptq = write_config(tmp_path / "gptq", quantization_config={"quant_method": "gptq", "bits": 8})
-    with pytest.raises(QuantizationError, match="only 4-bit"):
+    gptq = write_config(tmp_path / "gptq", quantization_config={"quant_method": "gptq", "bits": 3})
+    with pytest.raises(QuantizationError, match="of 3 bits cannot be served"):
         resolve_method(None, gptq)
     awq = write_config(tmp_path / "awq", quantization_config={"quant_method": "awq", "bits": 4})
     with pytest.raises(QuantizationError, match="cannot apply"):
