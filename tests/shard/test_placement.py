@@ -63,7 +63,7 @@ def test_default_dtype(device, checkpoint, flags, expected) -> None:
 def test_block_size_and_kv_budget_per_backend_and_device() -> None:
     assert default_block_size("flash") == 256  # flash-attn 2's paged KV
     assert default_block_size("sdpa") == default_block_size("torch") == 16
-    assert default_kv_budget(CPU) == MemoryBudget(fraction=0.3)
+    assert default_kv_budget(CPU) == MemoryBudget(fraction=0.3, sized_to_need=True)
     assert default_kv_budget(GPU) == MemoryBudget(fraction=0.9)
 
 
