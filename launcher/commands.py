@@ -55,6 +55,7 @@ def shard_command(config: LauncherConfig, model_dir: str, rank: int) -> Command:
         config.attention,
         *_optional("--block-size", config.block_size),
         *_optional("--kv-cache-memory", config.kv_cache_memory),
+        *_optional("--kv-cache-dtype", config.kv_cache_dtype),
         *_optional("--cuda-graphs", config.cuda_graphs),
         *_optional(
             "--batch-invariant",

@@ -80,6 +80,7 @@ class LauncherConfig:
     tokenizer_config_path: str | None = None
     compute_type: str = "1-cpu"  # x-compute-type: COMPUTE_TYPE, else {num_shard}-{device}
     kv_cache_memory: str | None = None  # bytes ("2GiB") or a fraction; None: the shards'
+    kv_cache_dtype: str | None = None  # float32, bfloat16 or float16; None: the model's dtype
     attention: str = "auto"
     block_size: int | None = None  # None: the attention backend's
     cuda_memory_fraction: float = 1.0
@@ -261,6 +262,20 @@ def resolve_attention(value: str) -> str:
     return value
 
 
+FP8_KV_NOTE = "the cache keeps the model's dtype"
+
+
+def resolve_kv_cache_dtype(value: str | None) -> str | None:
+    """TGI's fp8 cache dtypes are CUDA kernels of its own: logged, and the cache keeps the
+    model's dtype; auto is None."""
+    if value is not None and value.startswith("fp8"):
+        log.warning(
+            "`--kv-cache-dtype %s` is not built here: the cache keeps the model's dtype", value
+        )
+        return None
+    return None if value in (None, "auto") else value
+
+
 def set_aside_tgi_only(flags: dict[str, Any]) -> None:
     """Removes the NOT_APPLICABLE and REFUSED flags from `flags`: logs the first kind where set,
     raises ConfigError for the second."""
@@ -293,6 +308,7 @@ def resolve_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Laun
             "quantize": flags["quantize"].lower() if flags["quantize"] else None,
             "cors_allow_origin": tuple(flags["cors_allow_origin"] or ()),
             "attention": resolve_attention(flags["attention"]),
+            "kv_cache_dtype": resolve_kv_cache_dtype(flags["kv_cache_dtype"]),
             "batch_invariant": parse_bool("batch-invariant", flags["batch_invariant"]),
         },
         num_shard=num_shard,

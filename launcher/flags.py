@@ -58,6 +58,7 @@ class Flag:
 
 
 OURS, NA, R = Support.OURS, Support.NOT_APPLICABLE, Support.REFUSED
+KV_CACHE_DTYPES = ["auto", "float32", "bfloat16", "float16", "fp8_e4m3fn", "fp8_e5m2"]
 QUANTIZE_HELP = (
     "int8 (= eetq, per channel), int4 (groups of 32), gguf (a GGUF file's own blocks), gptq, awq "
     "or none. Default: the checkpoint's own (GGUF blocks, GPTQ/AWQ), else none"
@@ -80,8 +81,10 @@ TGI_FLAGS: tuple[Flag, ...] = (
     Flag("dtype", None, str, "float32, bfloat16 or float16",
          here="Default: on a GPU the checkpoint's (bfloat16 for a float32 one); on the CPU "
          "bfloat16 where it computes it natively (AVX512-BF16 or AMX), float32 elsewhere"),
-    Flag("kv-cache-dtype", None, click.Choice(["fp8_e4m3fn", "fp8_e5m2"]), "KV cache dtype", NA,
-         "FP8 KV caches are CUDA-only in TGI: the cache keeps the model's dtype"),
+    Flag("kv-cache-dtype", None, click.Choice(KV_CACHE_DTYPES), "KV cache dtype",
+         here="auto (the model's dtype), float32, bfloat16 or float16 (halves a float32 "
+         "model's cache on the CPU, as llama.cpp's f16 cache); TGI's fp8_e4m3fn/fp8_e5m2 are "
+         "logged and keep the model's dtype"),
     Flag("trust-remote-code", False, bool, "Run the Hub repo's modelling code", R,
          "This server runs only its own model code, never a repo's: drop --trust-remote-code",
          is_flag=True),

@@ -111,7 +111,10 @@ def load_generator(config: ShardConfig) -> tuple[Generator, str]:
         implementation=config.model_impl,
     )
     backend = get_backend(config.attention, device, block_size=config.block_size)
-    runner = ModelRunner(model, backend, config.block_size, device, config.torch_dtype, quantize)
+    runner = ModelRunner(
+        model, backend, config.block_size, device, config.torch_dtype, quantize,
+        kv_dtype=config.torch_kv_dtype,
+    )  # fmt: skip
     watermark = Watermark(config.watermark_gamma, config.watermark_delta)
     eos = model.config.eos_token_ids
     tokenizer_file = Path(config.model_dir) / "tokenizer.json"

@@ -44,6 +44,9 @@ def serve(
     dtype: Optional[str] = typer.Option(
         None, help="float32, bfloat16 or float16; default: the checkpoint's on a GPU, else by CPU"
     ),
+    kv_cache_dtype: Optional[str] = typer.Option(
+        None, help="float32, bfloat16 or float16 (the CPU only); default: the model's dtype"
+    ),
     quantize: Optional[str] = typer.Option(
         None,
         envvar="QUANTIZE",
@@ -109,6 +112,7 @@ def serve(
         rank=rank,
         world_size=world_size,
         dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
         quantize=quantize,
         device=device,
         attention=attention,

@@ -89,6 +89,7 @@ class ShardConfig:
     world_size: int = 1
     # None / "auto": decided at start-up for this rank and machine (shard/placement.py)
     dtype: str | None = None
+    kv_cache_dtype: str | None = None  # of the stored K/V; None: the model's dtype
     quantize: str | None = None  # None: the checkpoint's own (GGUF blocks, GPTQ/AWQ) or dense
     device: str = "auto"  # cuda:{rank % GPUs} where CUDA is available, else cpu
     attention: str = "auto"
@@ -113,6 +114,10 @@ class ShardConfig:
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(DTYPES)}, not {self.kv_cache_dtype!r}"
+            )
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         if self.block_size is not None and self.block_size < 1:
@@ -126,6 +131,11 @@ class ShardConfig:
         if self.dtype is None:
             raise ValueError("dtype is not resolved yet")
         return DTYPES[self.dtype]
+
+    @property
+    def torch_kv_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: --kv-cache-dtype, else the model's."""
+        return DTYPES[self.kv_cache_dtype] if self.kv_cache_dtype else self.torch_dtype
 
     @property
     def socket_path(self) -> str:

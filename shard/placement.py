@@ -60,6 +60,16 @@ def default_kv_budget(device: torch.device) -> MemoryBudget:
     return MemoryBudget(fraction=CPU_KV_FRACTION, sized_to_need=True)
 
 
+def check_kv_dtype(kv_dtype: str | None, dtype: str, device: torch.device) -> None:
+    """A cache dtype other than the model's is read by the CPU's paged kernel only: the GPU
+    backends (flash-attn, Triton) attend over a cache of q's own dtype."""
+    if device.type == "cuda" and kv_dtype not in (None, dtype):
+        raise ValueError(
+            f"--kv-cache-dtype {kv_dtype} runs on the CPU only: on a GPU the KV cache keeps "
+            f"the model's dtype ({dtype})"
+        )
+
+
 def resolve_placement(
     config: ShardConfig, checkpoint_dtype: str | None, cuda_count: int | None = None
 ) -> ShardConfig:
@@ -72,10 +82,12 @@ def resolve_placement(
     if invariant and device.type == "cuda" and attention == "auto":
         attention = "triton"  # the invariant backend there (flash-attn's split work varies)
     backend = resolve_backend_name(attention, device, config.block_size)
+    dtype = config.dtype or default_dtype(device, checkpoint_dtype, cpu_flags())
+    check_kv_dtype(config.kv_cache_dtype, dtype, device)
     return replace(
         config,
         device=str(device),
-        dtype=config.dtype or default_dtype(device, checkpoint_dtype, cpu_flags()),
+        dtype=dtype,
         attention=backend,
         block_size=config.block_size or default_block_size(backend),
         kv_cache_memory=config.kv_cache_memory or default_kv_budget(device),

@@ -152,3 +152,17 @@ static inline float f16_to_f32(f16 h) {
     return f;
 #endif
 }
+
+static inline f16 f32_to_f16(float f) { /* round to nearest even, as torch's .half() */
+#if defined(__F16C__)
+    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    _Float16 h = (_Float16)f;
+    f16 bits;
+    memcpy(&bits, &h, 2);
+    return bits;
+#endif
+}
+
+/* How a KV cache stores its values (shard/attention/paged_decode.py KV_TYPES). */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };

@@ -7,7 +7,7 @@
  * Compiled at run time by shard/attention/paged_decode.py (as shard/quant/kernels.c), and
  * included by shard/models/llama_decode.c. The references are the SDPA backend's general path
  * and shard/attention/torch_ref.py; the tests compare all of them with dense attention.
- * Scores, softmax and sums are float32; the cache is float32 or bfloat16 (kv_bf16), laid out
+ * Scores, softmax and sums are float32; the cache is float32, bfloat16 or float16 (kv_type), laid out
  * [num_blocks, block_size, kv_heads, head_dim] as shard/engine/kv_cache.py; head_dim % 16 == 0.
  */
 #include <math.h>
@@ -18,7 +18,7 @@
 
 /* Where the step's sequences live in a layer's cache. */
 typedef struct {
-    int heads, kv_heads, head_dim, block_size, max_blocks, kv_bf16;
+    int heads, kv_heads, head_dim, block_size, max_blocks, kv_type; /* KV_F32, ... */
     float scale;                 /* of the scores, head_dim^-0.5 for Llama */
     const int32_t *block_tables; /* [B, max_blocks]: each sequence's blocks */
     const int32_t *token_seq;    /* [T] the sequence (row of block_tables) of each query token */
@@ -27,22 +27,24 @@ typedef struct {
     float softcap;               /* > 0: scores -> softcap * tanh(score / softcap) */
 } PagedKV;
 
-static inline v16f load16_kv(const void *cache, long i, int bf16) {
-    if (!bf16) return load16((const float *)cache + i);
+static inline v16f load16_kv(const void *cache, long i, int type) {
+    if (type == KV_F32) return load16((const float *)cache + i);
+    const uint16_t *h = (const uint16_t *)cache + i;
 #if defined(__AVX512F__)
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)cache + i));
-    return (v16f)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    __m256i bits = _mm256_loadu_si256((const __m256i *)h);
+    if (type == KV_F16) return (v16f)_mm512_cvtph_ps(bits);
+    return (v16f)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 #else
     v16f v;
-    for (int j = 0; j < 16; j++) v[j] = bf16_to_f32(((const uint16_t *)cache)[i + j]);
+    for (int j = 0; j < 16; j++) v[j] = type == KV_F16 ? f16_to_f32(h[j]) : bf16_to_f32(h[j]);
     return v;
 #endif
 }
 
 /* The 16 lanes of q . k for the key at `at` (D / 16 multiply-adds in order). */
-static inline v16f dot_lanes(const float *q, const void *key, long at, int D, int bf16) {
+static inline v16f dot_lanes(const float *q, const void *key, long at, int D, int type) {
     v16f acc = splat(0.f);
-    for (int i = 0; i < D; i += 16) acc = fma16(load16(q + i), load16_kv(key, at + i, bf16), acc);
+    for (int i = 0; i < D; i += 16) acc = fma16(load16(q + i), load16_kv(key, at + i, type), acc);
     return acc;
 }
 
@@ -65,7 +67,7 @@ static inline __attribute__((always_inline)) void attend_d(const PagedKV *s, int
                                                            int kv_head, int heads,
                                                            const float *const *q,
                                                            float *const *out, float *scores) {
-    int bf16 = s->kv_bf16, size = s->block_size, n[RUN_MAX], st[RUN_MAX], longest = 0;
+    int type = s->kv_type, size = s->block_size, n[RUN_MAX], st[RUN_MAX], longest = 0;
     int earliest = 1 << 30;
     for (int i = 0; i < tokens; i++) {
         n[i] = s->token_len[t[i]];
@@ -90,7 +92,7 @@ static inline __attribute__((always_inline)) void attend_d(const PagedKV *s, int
                 for (int h = 0; h < heads; h++) {
                     v16f lanes[4] = {splat(0.f), splat(0.f), splat(0.f), splat(0.f)};
                     for (int j = 0; j < count; j++)
-                        lanes[j] = dot_lanes(q[i] + h * D, key, at + j * stride, D, bf16);
+                        lanes[j] = dot_lanes(q[i] + h * D, key, at + j * stride, D, type);
                     float four[4];
                     reduce16x4(lanes, four);
                     float *row = scores + (i * heads + h) * width;
@@ -142,7 +144,7 @@ static inline __attribute__((always_inline)) void attend_d(const PagedKV *s, int
                 for (int p = begin; p < end; p++, at += stride) {
                     v16f a = splat(w0[p]), b = splat(w1[p]);
                     for (int k = 0; k < D / 16; k++) {
-                        v16f v = load16_kv(value, at + k * 16, bf16);
+                        v16f v = load16_kv(value, at + k * 16, type);
                         acc0[k] = fma16(a, v, acc0[k]);
                         acc1[k] = fma16(b, v, acc1[k]);
                     }

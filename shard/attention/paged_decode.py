@@ -21,14 +21,15 @@ from shard.native import SIMD_HEADER, load_library
 from shard.numerics import batch_invariant
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16)  # of q and the output
+KV_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # simd.h's KV_F32, ...
 _ptr, _int, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
 class PagedKV(ctypes.Structure):  # paged_decode.c's PagedKV
     _fields_ = [
         ("heads", _int), ("kv_heads", _int), ("head_dim", _int), ("block_size", _int),
-        ("max_blocks", _int), ("kv_bf16", _int), ("scale", _float),
+        ("max_blocks", _int), ("kv_type", _int), ("scale", _float),
         ("block_tables", _ptr), ("token_seq", _ptr), ("token_len", _ptr),
         ("window", _int), ("softcap", _float),
     ]  # fmt: skip
@@ -64,7 +65,7 @@ def paged_kv(
     seqs, lens = token_layout(meta)
     return PagedKV(
         heads, kv_heads, head_dim, meta.block_size, meta.block_tables.shape[1],
-        int(cache.key.dtype is torch.bfloat16), scale, meta.block_tables.data_ptr(),
+        KV_TYPES[cache.key.dtype], scale, meta.block_tables.data_ptr(),
         seqs.data_ptr(), lens.data_ptr(), window or 0, softcap or 0.0,
     )  # fmt: skip
 
@@ -80,12 +81,12 @@ class PagedDecodeKernel:
         q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, any_step: bool = False
     ) -> bool:
         """A step on the CPU (any step in batch-invariant mode or with any_step, else a decode
-        step), q and the cache in one of DTYPES, heads of 16k floats."""
+        step), q in one of DTYPES and the cache in one of KV_TYPES, heads of 16k floats."""
         return (
             (meta.is_decode_only or batch_invariant() or any_step)
             and q.is_cpu
             and q.dtype in DTYPES
-            and cache.key.dtype is q.dtype
+            and cache.key.dtype in KV_TYPES
             and q.shape[-1] % 16 == 0
             and q.shape[1] % cache.key.shape[2] == 0
         )

@@ -29,6 +29,7 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         quantize: str = "none",
+        kv_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.quantize = quantize  # the resolved --quantize method, for Info and logs
@@ -37,6 +38,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # of the stored K/V (--kv-cache-dtype)
         self.kv_cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None  # captured once the cache is final
         self.allocate_cache(num_blocks=1)  # block 0 only, until Warmup sizes the real cache
@@ -53,7 +55,7 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         c = self.config
         return KVCache.bytes_per_block(
-            c.num_layers, self.block_size, self.num_kv_heads, self.model.head_dim, self.dtype
+            c.num_layers, self.block_size, self.num_kv_heads, self.model.head_dim, self.kv_dtype
         )
 
     def allocate_cache(self, num_blocks: int) -> None:
@@ -66,7 +68,7 @@ class ModelRunner:
             self.block_size,
             self.num_kv_heads,
             self.model.head_dim,
-            self.dtype,
+            self.kv_dtype,
             self.device,
         )
 

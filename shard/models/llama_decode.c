@@ -16,7 +16,7 @@
  * a sliding window, a residual multiplier; the Python side refuses the rest.
  *
  * Activations and arithmetic are float32 whatever the model's dtype; the KV cache is float32
- * or bfloat16 (kv_bf16), laid out [num_blocks, block_size, kv_heads, head_dim] as
+ * bfloat16 or float16 (kv_type), laid out [num_blocks, block_size, kv_heads, head_dim] as
  * shard/engine/kv_cache.py. The T tokens are any step's: a decode step's one token per sequence, or
  * prompt chunks (paged->token_seq and token_len say whose each token is and what it sees).
  * Every token is computed on its own, in one order, whatever the others: batch invariance
@@ -135,10 +135,12 @@ static void rotary(float *x, const float *cos, const float *sin, int heads, int 
     }
 }
 
-static void store_kv(void *cache, long i, const float *x, int n, int bf16) {
+static void store_kv(void *cache, long i, const float *x, int n, int type) {
     for (int j = 0; j < n; j++) {
-        if (bf16)
+        if (type == KV_BF16)
             ((uint16_t *)cache)[i + j] = f32_to_bf16(x[j]);
+        else if (type == KV_F16)
+            ((uint16_t *)cache)[i + j] = f32_to_f16(x[j]);
         else
             ((float *)cache)[i + j] = x[j];
     }
@@ -210,8 +212,8 @@ static void attention(const DecoderLayer *w, const DecodeStep *s, int layer, Scr
             rotary(k, cos, sin, paged->kv_heads, D);
         }
         long at = s->slots[t] * kv_width;
-        store_kv(s->keys[layer], at, k, kv_width, paged->kv_bf16);
-        store_kv(s->values[layer], at, v, kv_width, paged->kv_bf16);
+        store_kv(s->keys[layer], at, k, kv_width, paged->kv_type);
+        store_kv(s->values[layer], at, v, kv_width, paged->kv_type);
     }
     int units = group_units(paged), runs = m->runs;
 #pragma omp for collapse(2) schedule(static, 1) /* prompt tokens' lengths grow: interleave */

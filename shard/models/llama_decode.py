@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from shard.attention.paged_decode import KV_TYPES, PagedKV, paged_kv
 from shard.attention.paged_decode import SOURCE as ATTENTION_SOURCE
-from shard.attention.paged_decode import PagedKV, paged_kv
 from shard.engine.forward_context import ForwardContext
 from shard.native import SIMD_HEADER, load_library
 from shard.numerics import batch_invariant
@@ -32,7 +32,7 @@ from shard.quant.weight import QuantizedWeight
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("llama_decode.c")
-DTYPES = (torch.float32, torch.bfloat16)  # of the model's activations and of the KV cache
+DTYPES = (torch.float32, torch.bfloat16)  # of the model's activations
 _ptr, _int, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
@@ -158,9 +158,9 @@ class CompiledDecoder:
         )
 
     def supports(self, x: torch.Tensor, ctx: ForwardContext) -> bool:
-        """Over a float32 or bfloat16 cache: any step in batch-invariant mode, else a decode
+        """Over a cache of one of KV_TYPES: any step in batch-invariant mode, else a decode
         step of at most max_rows sequences."""
-        if ctx.kv_cache[0].key.dtype not in DTYPES:
+        if ctx.kv_cache[0].key.dtype not in KV_TYPES:
             return False
         if batch_invariant():
             return True

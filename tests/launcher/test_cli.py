@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from launcher import cli
 from launcher.cli import ConfigError, LauncherConfig, app, is_memory_budget
+from launcher.config import resolve_kv_cache_dtype
 
 PY = sys.executable
 OPTIONS = [p for p in app.params if p.opts[0].startswith("--") and p.envvar]
@@ -513,3 +514,13 @@ def test_batch_invariance_reaches_the_shards_only_when_asked(captured) -> None:
     argv = cli.shard_command(LauncherConfig(batch_invariant=False), "/models/m", rank=0).argv
     assert argv[argv.index("--batch-invariant") + 1] == "false"
     assert "--batch-invariant" not in cli.shard_command(LauncherConfig(), "/m", rank=0).argv
+
+
+def test_kv_cache_dtype_reaches_the_shards_and_tgis_fp8_keeps_the_models() -> None:
+    flags = {"kv_cache_dtype": "float16"}
+    argv = cli.shard_command(LauncherConfig(**flags), "/models/m", rank=0).argv
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "float16"
+    assert "--kv-cache-dtype" not in cli.shard_command(LauncherConfig(), "/m", rank=0).argv
+    assert resolve_kv_cache_dtype("auto") is None and resolve_kv_cache_dtype(None) is None
+    assert resolve_kv_cache_dtype("fp8_e4m3fn") is None
+    assert resolve_kv_cache_dtype("bfloat16") == "bfloat16"

@@ -67,14 +67,17 @@ def make_case(
     dtype: torch.dtype,
     seed: int = 0,
     layout_seed: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> Case:
-    """layout_seed picks the block ids, seed the data (same layout_seed = same step)."""
+    """layout_seed picks the block ids, seed the data (same layout_seed = same step); the
+    cache is kv_dtype (default dtype), the reference's K/V its rounded values."""
+    kv_dtype = kv_dtype or dtype
     gen = torch.Generator().manual_seed(seed)
     needed = [math.ceil(n / block_size) for n in seq_lens]
     num_blocks = sum(needed) + 4
     shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
-    key_garbage = (torch.randn(shape, generator=gen) * 10).to(dtype)  # finite, never attended
-    value_garbage = (torch.randn(shape, generator=gen) * 10).to(dtype)
+    key_garbage = (torch.randn(shape, generator=gen) * 10).to(kv_dtype)  # finite, never attended
+    value_garbage = (torch.randn(shape, generator=gen) * 10).to(kv_dtype)
     cache = LayerKV(key_garbage, value_garbage)
     layout = torch.Generator().manual_seed(layout_seed)
     ids = (torch.randperm(num_blocks - 1, generator=layout) + 1).tolist()  # never block 0
@@ -84,8 +87,8 @@ def make_case(
         slots = torch.tensor(
             [table[p // block_size] * block_size + p % block_size for p in range(length)]
         )
-        k = torch.randn(length, num_kv_heads, HEAD_DIM, generator=gen).to(dtype)
-        v = torch.randn(length, num_kv_heads, HEAD_DIM, generator=gen).to(dtype)
+        k = torch.randn(length, num_kv_heads, HEAD_DIM, generator=gen).to(kv_dtype)
+        v = torch.randn(length, num_kv_heads, HEAD_DIM, generator=gen).to(kv_dtype)
         cache.write(k, v, slots)  # cached context and this step's new tokens alike
         tables.append(table)
         keys.append(k)
@@ -145,6 +148,25 @@ def test_backend_matches_dense_reference(
     numerics.configure(batch_invariant=invariant)
     try:
         assert_close(run(backend_cls(), case), case, dtype)
+    finally:
+        numerics.configure(batch_invariant=True)
+
+
+@pytest.mark.parametrize("case_name", ["decode", "mixed", "long"])
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "backend_cls", [TorchReferenceAttention, SdpaPagedAttention], ids=lambda c: c.name
+)
+@pytest.mark.parametrize("invariant", [True, False], ids=["invariant", "fast"])
+def test_a_16_bit_cache_under_float32_queries(backend_cls, kv_dtype, case_name, invariant):
+    """--kv-cache-dtype: the paged kernel and the SDPA path read a bfloat16 or float16 cache
+    under float32 queries, as exactly as the float32 reference over the same stored values."""
+    query_lens, seq_lens = CASES[case_name]
+    case = make_case(query_lens, seq_lens, 8, 2, 16, torch.float32, kv_dtype=kv_dtype)
+    assert case.cache.key.dtype is kv_dtype
+    numerics.configure(batch_invariant=invariant)
+    try:
+        assert_close(run(backend_cls(), case), case, torch.float32)
     finally:
         numerics.configure(batch_invariant=True)
 

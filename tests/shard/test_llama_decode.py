@@ -43,14 +43,14 @@ def sequences(n: int, seed: int) -> list[PagedSequence]:
     ]  # fmt: skip
 
 
-def decode(model, dtype: torch.dtype, batch: int, compiled: bool, steps: int = 8):
+def decode(model, dtype: torch.dtype, batch: int, compiled: bool, steps: int = 8, kv_dtype=None):
     """Prefills `batch` sequences eagerly, then decodes `steps` tokens each (with the compiled
     decoder or without); returns every decode step's logits and the cache. The eager decode
     steps take the quantized kernels' direct path, which quantizes activations as the compiled
     decoder does, however many rows they have (past direct_max_rows they would not)."""
     decoder, kernels = model.decoder, get_kernels()
     direct_max_rows = kernels.direct_max_rows
-    cache = new_cache(model, dtype)
+    cache = new_cache(model, kv_dtype or dtype)
     seqs = sequences(batch, seed=batch)
     prompt = [len(s.token_ids) - steps for s in seqs]
     run_step(model, cache, seqs, prompt)
@@ -124,9 +124,26 @@ def test_bfloat16_steps_stay_close_to_the_eager_layers(quantized):
     assert_same_tokens_unless_tied(ours, reference, (eager - reference).abs().amax(-1))
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_16_bit_cache_matches_the_eager_layers(quantized, kv_dtype):
+    """--kv-cache-dtype under a float32 model: the decoder rounds what it stores as torch's
+    .to() does (to nearest even), so both paths stay as close as over a float32 cache."""
+    model = quantized[torch.float32]
+    ours, our_cache = decode(model, torch.float32, 3, compiled=True, kv_dtype=kv_dtype)
+    eager, eager_cache = decode(model, torch.float32, 3, compiled=False, kv_dtype=kv_dtype)
+    assert our_cache.layers[0].key.dtype is kv_dtype
+    assert_close_up_to_rounding_flips(ours, eager)
+    assert_same_tokens_unless_tied(ours, eager, (ours - eager).abs().amax(-1))
+    for a, b in zip(our_cache.layers, eager_cache.layers):
+        assert_close_up_to_rounding_flips(a.key.float(), b.key.float())
+        assert_close_up_to_rounding_flips(a.value.float(), b.value.float())
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("march", sorted(OLDER_MARCHES))
-def test_older_instruction_sets_match_the_eager_layers(quantized, march):
-    """The decoder built for the AVX2 and plain-C paths, which CI machines may run natively."""
+def test_older_instruction_sets_match_the_eager_layers(quantized, march, kv_dtype):
+    """The decoder built for the AVX2 and plain-C paths, which CI machines may run natively,
+    over a float32 and a float16 cache (their conversions are their own)."""
     skip_unless_runnable(march)
     includes = (KERNELS_SOURCE, ATTENTION_SOURCE, SIMD_HEADER)
     lib = ctypes.CDLL(str(build_library(default_cache_dir() / "kernels", SOURCE, includes, march)))
@@ -134,10 +151,10 @@ def test_older_instruction_sets_match_the_eager_layers(quantized, march):
     native = model.decoder
     try:
         model.decoder = CompiledDecoder(lib, model, max_rows=3)
-        ours, _ = decode(model, torch.float32, 3, compiled=True)
+        ours, _ = decode(model, torch.float32, 3, compiled=True, kv_dtype=kv_dtype)
     finally:
         model.decoder = native
-    eager, _ = decode(model, torch.float32, 3, compiled=False)
+    eager, _ = decode(model, torch.float32, 3, compiled=False, kv_dtype=kv_dtype)
     assert_close_up_to_rounding_flips(ours, eager)
     assert_same_tokens_unless_tied(ours, eager, (ours - eager).abs().amax(-1))
 

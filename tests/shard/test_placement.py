@@ -4,6 +4,8 @@ they are checked here on the CPU."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -130,3 +132,20 @@ def test_batch_invariance_on_a_gpu_takes_the_triton_backend() -> None:
     resolved = resolve_placement(asked, "bfloat16", 1)
     assert resolved.batch_invariant and resolved.attention == "triton"
     assert resolved.block_size == 16
+
+
+def test_a_kv_cache_dtype_of_its_own_on_the_cpu_only() -> None:
+    """The CPU's paged kernel reads a 16-bit cache under float32 queries; the GPU backends
+    attend over a cache of q's dtype, so another one there is refused at start-up."""
+    config = ShardConfig(model_dir="/m", model_id="m", dtype="float32", kv_cache_dtype="float16")
+    resolved = resolve_placement(config, None, 0)
+    assert resolved.torch_dtype is torch.float32 and resolved.torch_kv_dtype is torch.float16
+    assert resolve_placement(replace(config, kv_cache_dtype=None), None, 0).torch_kv_dtype is (
+        torch.float32
+    )
+    with pytest.raises(ValueError, match="runs on the CPU only"):
+        resolve_placement(config, None, 1)
+    same = replace(config, dtype="float16")
+    assert resolve_placement(same, None, 1).torch_kv_dtype is torch.float16
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        ShardConfig(model_dir="/m", model_id="m", kv_cache_dtype="fp8")

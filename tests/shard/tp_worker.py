@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from shard.attention.torch_ref import TorchReferenceAttention
@@ -49,6 +51,14 @@ def run_steps(model, prompts: list[list[int]]) -> torch.Tensor:
     return torch.cat(outputs)
 
 
+def leave() -> None:
+    """Ends the rank once every rank has saved its results. The process exits without running
+    gloo's destructors: tearing the group down while a peer exits at the same moment now and then
+    aborts a rank ("terminate called without an active exception") on a loaded machine."""
+    torch.distributed.barrier()
+    os._exit(0)
+
+
 def worker(rank: int, world_size: int, port: int, model_dir: str, prompts, out_path: str) -> None:
     torch.set_num_threads(1)
     dist = init_distributed(rank, world_size, "127.0.0.1", port, torch.device("cpu"), 60)
@@ -56,8 +66,7 @@ def worker(rank: int, world_size: int, port: int, model_dir: str, prompts, out_p
     logits = run_steps(model, prompts)
     torch.save(logits, f"{out_path}.{rank}")
     torch.save(run_steps(model, prompts[:1]), f"{out_path}.{rank}.alone")  # batch invariance
-    torch.distributed.barrier()
-    dist.close()
+    leave()
 
 
 def families_worker(rank: int, world_size: int, port: int, paths: list[str], prompts, out: str):
@@ -68,5 +77,4 @@ def families_worker(rank: int, world_size: int, port: int, paths: list[str], pro
         torch.save(
             run_steps(load_model(path, torch.float32, "cpu", dist), prompts), f"{out}.{i}.{rank}"
         )
-    torch.distributed.barrier()
-    dist.close()
+    leave()
