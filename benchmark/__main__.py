@@ -27,7 +27,7 @@ from benchmark.loadgen import (
     sequential_ttfts,
     stall_under_long_prompt,
 )
-from benchmark.servers import Running, ServerSpec, llama_server, naive, ours
+from benchmark.servers import Running, ServerSpec, llama_kv_args, llama_server, naive, ours
 
 PROMPTS = [
     "What is the capital of France?",
@@ -361,6 +361,11 @@ def main(
         "that GGUF (ours with --model-id set to it)",
     ),
     model_type: str = typer.Option("Q4_K_M", help="llama-quantize type of --model-size"),
+    match_kv: bool = typer.Option(
+        True,
+        help="Give ours llama-server's KV cache (its -c tokens, float16) where a configuration "
+        "does not size its own, so that the memory table compares like with like",
+    ),
 ) -> None:
     """Runs every server at every concurrency and prints the table."""
     from shard.checkpoint.convert import default_cache_dir, default_gguf_path, ensure_converted
@@ -373,12 +378,15 @@ def main(
     gguf_path = gguf or str(default_gguf_path())
     model_dir = Path(model_id) if model_id else ensure_converted(gguf_path, default_cache_dir())
     levels = [int(n) for n in streams.split(",")]
-    specs: list[tuple[ServerSpec, list[int]]] = [(ours(a), levels) for a in ours_args]
+    per_slot = max(512, shared_prefix_tokens + 256, long_prompt_tokens + 256)  # llama's -c is
+    slots = max(*levels, stall_streams + 1)  # shared by its slots
+    context = slots * per_slot
+    has_llama = Path(llama_server_bin).exists()
+    kv = {a: llama_kv_args(a, context) if has_llama and match_kv else "" for a in ours_args}
+    specs: list[tuple[ServerSpec, list[int]]] = [(ours(a, kv[a]), levels) for a in ours_args]
     llama_name = baseline_name = None
-    if Path(llama_server_bin).exists():
-        per_slot = max(512, shared_prefix_tokens + 256, long_prompt_tokens + 256)  # -c is
-        slots = max(*levels, stall_streams + 1)  # shared by the slots
-        spec = llama_server(llama_server_bin, gguf_path, slots, slots * per_slot)
+    if has_llama:
+        spec = llama_server(llama_server_bin, gguf_path, slots, context)
         specs.append((spec, levels))
         llama_name = spec.name
     else:
@@ -408,7 +416,8 @@ def main(
         )
         for spec, spec_levels in specs
     }
-    print_report(measured, work, levels, ours_names, llama_name, baseline_name)
+    notes = tuple(f"{ours(a).name}: KV cache as llama-server's, {e}" for a, e in kv.items() if e)
+    print_report(measured, work, levels, ours_names, llama_name, baseline_name, notes)
 
 
 def print_report(
@@ -418,6 +427,7 @@ def print_report(
     ours_names: list[str],
     llama_name: str | None,
     baseline_name: str | None,
+    notes: tuple[str, ...] = (),
 ) -> None:
     print(f"\nCPU: {cpu_description()}")
     print(
@@ -436,6 +446,8 @@ def print_report(
         print("\n" + grammar_table(measured, levels))
     print("\nResident memory of each server's processes (all of them: launcher, router, shards):")
     print(memory_table(measured))
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ class ServerSpec:
     argv: tuple[str, ...]  # {port} is replaced by the port
 
 
-def ours(args: str) -> ServerSpec:
-    """This server through its launcher, with extra launcher flags (e.g. "--dtype bfloat16")."""
+def ours(args: str, kv_args: str = "") -> ServerSpec:
+    """This server through its launcher, with extra launcher flags (e.g. "--dtype bfloat16"),
+    named by them; kv_args (the KV cache sized as llama-server's) go after them unnamed."""
     name = f"ours {args}".strip() if args else "ours (defaults)"
     uds = f"/tmp/textgen-bench-{os.getpid()}-{abs(hash(args)) % 10_000}"
     argv = (
@@ -48,8 +49,20 @@ def ours(args: str) -> ServerSpec:
         "--master-port",
         str(free_port()),
         *shlex.split(args),
+        *shlex.split(kv_args),
     )
     return ServerSpec(name, "tgi", argv)
+
+
+def llama_kv_args(args: str, context: int) -> str:
+    """The launcher flags that give ours llama-server's KV cache: `-c` tokens in float16 (its
+    default f16 cache), each unless `args` sets it already."""
+    extra = []
+    if "--max-batch-total-tokens" not in args and "--kv-cache-memory" not in args:
+        extra += ["--max-batch-total-tokens", str(context)]
+    if "--kv-cache-dtype" not in args:
+        extra += ["--kv-cache-dtype", "float16"]
+    return shlex.join(extra)
 
 
 def naive(model_dir: str, dtype: str) -> ServerSpec:
