@@ -74,17 +74,13 @@ def our_kernels(k: int, n: int) -> list[Kernel]:
     for name in ("Q4_K", "Q6_K"):
         ggml_type = GGMLQuantizationType[name]
         first = random_blocks(ggml_type, n, k, rng)
-        ws = copies_of(lambda t=ggml_type: random_blocks(t, n, k, rng), first.nbytes)
-        out.append(
-            Kernel(f"ours {name}", first.nbytes, lambda i, x, ws=ws: kernels.matmul(x, ws[i]))
-        )
+        ws = copies_of(lambda t=ggml_type: random_blocks(t, n, k, rng), first.nbytes())
+        out.append(Kernel(f"ours {name}", first.nbytes(), product(kernels, ws)))
     dense = torch.randn(n, k) * 0.02
     for name, kind in (("q4 (Q4_1)", "q4"), ("q8 (Q8_0)", "q8")):
         first = quantize(dense, kind, 32)
-        ws = copies_of(lambda kind=kind: quantize(dense, kind, 32), first.nbytes)
-        out.append(
-            Kernel(f"ours {name}", first.nbytes, lambda i, x, ws=ws: kernels.matmul(x, ws[i]))
-        )
+        ws = copies_of(lambda kind=kind: quantize(dense, kind, 32), first.nbytes())
+        out.append(Kernel(f"ours {name}", first.nbytes(), product(kernels, ws)))
     return out
 
 
@@ -134,9 +130,12 @@ def median_ms(kernel: Kernel, x: torch.Tensor, repeats: int) -> float:
     return statistics.median(times)
 
 
-def llama_cpp_ms(binary: Path, name: str, k: int, n: int, rows: int, repeats: int) -> float:
-    argv = [str(binary), GGML_NAMES[name], str(k), str(n), str(rows), "2", str(repeats)]
-    return float(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+def llama_cpp_ms(binary: Path, name: str, k: int, n: int, rows: list[int], repeats: int):
+    """llama.cpp's median ms at each of `rows`."""
+    levels = ",".join(map(str, rows))
+    argv = [str(binary), GGML_NAMES[name], str(k), str(n), levels, "2", str(repeats)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return [float(line) for line in out.split()]
 
 
 def build_ggml_bench(llama_cpp: Path) -> Path | None:
@@ -173,9 +172,8 @@ def main(
                 results.setdefault(kernel.name, []).append(f"{ms:.2f} ms ({gbs:.0f} GB/s)")
             del kernel
         for name in GGML_NAMES if ggml_bench else ():
-            for r in levels:
-                ms = llama_cpp_ms(ggml_bench, name, k, n, r, repeats)
-                results.setdefault(f"llama.cpp {name}", []).append(f"{ms:.2f} ms")
+            times = llama_cpp_ms(ggml_bench, name, k, n, levels, repeats)
+            results[f"llama.cpp {name}"] = [f"{ms:.2f} ms" for ms in times]
         for name, cells in results.items():
             print(f"| {model} {matrix} ({k}×{n}) | {name} | {' | '.join(cells)} |", flush=True)
 
